@@ -1,0 +1,1 @@
+"""mapkd-jax: MapKD Teacher-Coach-Student distillation for online HD map construction."""

@@ -1,0 +1,1 @@
+"""Input data: shard schema and the tf.data pipeline."""
