@@ -56,9 +56,16 @@ def get_config(arg=None):
       synthetic=dict(scenes=12, samples_per_scene=40, seed=0),
   )
 
+  # One sub-dict per shared block (DESIGN.md section 2); models read only their own.
   config.model = dict(
-      image_encoder='efficientnet_b0',   # or 'resnet_small'
-      camera_channels=64,
+      camera=dict(image_encoder='efficientnet_b0', channels=64),  # image encoder + view transform
+      lss=dict(),        # lift-splat simulated LiDAR (coach)
+      neck=dict(),       # stride-2 convs to `bev_small` and back
+      decoder=dict(),    # BEV decoder + semantic/embedding/direction heads
+      student=dict(),    # student-only blocks (feature expansion)
+      lidar=dict(),      # PointPillars (teacher)
+      sd=dict(),         # SD-prior encoder + BEV->SD cross-attention (teacher, coach)
+      hd=dict(),         # HD-prior ViT refinement / MAE (teacher, coach, hd_pretrain)
   )
 
   config.kd = dict(
@@ -79,5 +86,5 @@ def get_config(arg=None):
     config.data.max_points = 4096
     config.data.num_shards = 2
     config.data.synthetic = dict(scenes=3, samples_per_scene=8, seed=0)
-    config.model.image_encoder = 'resnet_small'
+    config.model.camera.image_encoder = 'resnet_small'
   return config
