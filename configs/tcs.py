@@ -63,9 +63,17 @@ def get_config(arg=None):
       neck=dict(),       # stride-2 convs to `bev_small` and back
       decoder=dict(),    # BEV decoder + semantic/embedding/direction heads
       student=dict(),    # student-only blocks (feature expansion)
-      lidar=dict(),      # PointPillars (teacher)
-      sd=dict(),         # SD-prior encoder + BEV->SD cross-attention (teacher, coach)
-      hd=dict(),         # HD-prior ViT refinement / MAE (teacher, coach, hd_pretrain)
+      lidar=dict(        # PointPillars (teacher); HDMapNet model/pointpillar.py sizes
+          z_range=(-10.0, 10.0), pointnet_channels=64, block_channels=(64, 128, 256),
+          block_layers=(2, 3, 3), block_strides=(1, 2, 2), head_channels=(256, 128),
+          out_channels=128),
+      sd=dict(           # SD-prior encoder + BEV->SD cross-attention (teacher, coach)
+          encoder_channels=(32, 64, 64), d_model=64, num_heads=8, num_layers=2,
+          ffn_dim=192, dropout=0.1, pos_temperature=10000.0),
+      hd=dict(           # HD-prior ViT refinement / MAE (teacher, coach, hd_pretrain); ViT-B/8
+          patch_size=8, width=768, depth=12, num_heads=12, mlp_ratio=4, dropout=0.0,
+          decoder_channels=64, mask_ratio=0.5,
+          coach_refine=True),   # coach variant with (True) or without the HD refinement
   )
 
   config.kd = dict(
@@ -78,6 +86,17 @@ def get_config(arg=None):
   config.loss = dict(semantic_pos_weight=2.13, instance_weight=0.1, direction_weight=0.1,
                      delta_v=0.5, delta_d=3.0)
 
+  # Durations in steps. Reference recipe: 10 epochs of nuScenes train (28k samples, batch 8).
+  config.train = dict(steps=35000, batch_size=8, log_every=50, checkpoint_every=1000,
+                      eval_every=5000, keep_checkpoints=3,
+                      eval_batches=0)             # 0 = the whole val split
+  config.optim = dict(learning_rate=5e-4, decay_steps=35000, decay_factor=0.1, grad_clip=5.0,
+                      b1=0.9, b2=0.999)
+  config.mixed_precision = False                  # bf16 compute, f32 params
+  # Checkpoint dirs of earlier stages; '' = WORKDIR/<stage>/checkpoints.
+  config.frozen = dict(teacher='', coach='')
+  config.init = dict(hd_prior='')                 # hd_pretrain ckpt for the teacher's HD module
+
   if arg.tiny:
     config.data.image_size = (64, 176)
     config.data.bev_x = (-30.0, 30.0, 0.6)
@@ -87,4 +106,10 @@ def get_config(arg=None):
     config.data.num_shards = 2
     config.data.synthetic = dict(scenes=3, samples_per_scene=8, seed=0)
     config.model.camera.image_encoder = 'resnet_small'
+    config.train.update(steps=6, batch_size=8, log_every=1, checkpoint_every=3, eval_every=6)
+    config.optim.decay_steps = 6
+    config.model.lidar.update(pointnet_channels=16, block_channels=(16, 32, 64),
+                              block_layers=(1, 1, 1), head_channels=(32,), out_channels=32)
+    config.model.sd.update(encoder_channels=(8, 16, 16), d_model=16, num_heads=2, ffn_dim=32)
+    config.model.hd.update(patch_size=10, width=32, depth=2, num_heads=2, decoder_channels=16)
   return config
