@@ -53,6 +53,11 @@ def get_config(arg=None):
       shuffle_buffer=256,
       num_shards=8,               # TFRecord shards per split when creating data
       prep_workers=2,             # processes for data prep
+      jpeg_quality=95,            # camera JPEGs re-encoded at image_size
+      boundary_clip_margin=1.0,   # metres; road polygons are clipped to the patch grown by this
+      sd_road_classes=('trunk', 'primary', 'secondary', 'tertiary', 'unclassified', 'residential',
+                       'trunk_link', 'primary_link', 'secondary_link', 'tertiary_link',
+                       'living_street', 'road'),  # OSM `type`s kept for the SD prior (P-MapNet)
       synthetic=dict(scenes=12, samples_per_scene=40, seed=0),
   )
 

@@ -1,0 +1,84 @@
+"""SD prior: an OpenStreetMap road skeleton rasterized on the BEV canvas (DESIGN.md section 1).
+
+OSM shapefiles (WGS84 lon/lat LineStrings, one per location, `<osm_dir>/<location>.shp`, as
+P-MapNet ships them) are converted to the nuScenes map frame with `data_prep.geo`, filtered to
+the road classes of `config.data.sd_road_classes` (shapefile column `type`), cropped and rotated
+to the ego patch and drawn as lines `line_width_px` thick. The raster is uint8 0 (no road) /
+255 (road); the reader maps it to -1 / +1.
+"""
+import os
+
+import numpy as np
+import shapefile
+import shapely
+from shapely import affinity
+from shapely import geometry
+
+from data_prep import geo
+from data_prep import labels
+
+# Shapefile attribute holding the OSM highway class.
+ROAD_CLASS_FIELD = 'type'
+
+
+def osm_path(osm_dir, location):
+  """`<osm_dir>/<location>.shp`, or FileNotFoundError listing the shapefiles that exist."""
+  path = os.path.join(osm_dir, f'{location}.shp')
+  if not os.path.isfile(path):
+    found = sorted(f for f in os.listdir(osm_dir) if f.endswith('.shp')) if os.path.isdir(
+        osm_dir) else []
+    raise FileNotFoundError(f'{path}: no OSM shapefile for map {location!r} (--osm-dir '
+                            f'{osm_dir!r} holds {found})')
+  return path
+
+
+def load_osm_roads(path, location, road_classes):
+  """Map-frame LineStrings of the kept road classes in one shapefile, with an STRtree.
+
+  Args:
+    path: .shp file (WGS84 lon/lat polylines).
+    location: nuScenes map name, selects the map origin.
+    road_classes: OSM highway classes to keep (column `type`).
+
+  Returns:
+    (tuple of LineStrings, shapely.STRtree over them).
+  """
+  reader = shapefile.Reader(path)
+  fields = [f[0] for f in reader.fields[1:]]
+  if ROAD_CLASS_FIELD not in fields:
+    raise ValueError(f'{path}: no column {ROAD_CLASS_FIELD!r}; columns: {fields}')
+  keep = set(road_classes)
+  lines = []
+  for shape_record in reader.iterShapeRecords():
+    if shape_record.record[ROAD_CLASS_FIELD] not in keep:
+      continue
+    shape = shape_record.shape
+    points = np.asarray(shape.points, dtype=np.float64)
+    if len(points) < 2:
+      continue
+    east, north = geo.lonlat_to_map(points[:, 0], points[:, 1], location)
+    bounds = list(shape.parts) + [len(points)]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+      if stop - start >= 2:
+        lines.append(geometry.LineString(np.stack([east[start:stop], north[start:stop]], 1)))
+  reader.close()
+  lines = tuple(lines)
+  return lines, shapely.STRtree(lines)
+
+
+def sd_polylines(roads, ego_xy, ego_yaw, bev_x, bev_y):
+  """OSM road polylines inside the ego patch, in the ego frame ([N, 2] arrays)."""
+  lines, tree = roads
+  patch = labels.ego_patch(bev_x, bev_y)
+  patch_map = affinity.affine_transform(patch, labels.ego_to_map_params(ego_xy, ego_yaw))
+  to_ego = labels.map_to_ego_params(ego_xy, ego_yaw)
+  clipped = [affinity.affine_transform(lines[i], to_ego).intersection(patch)
+             for i in tree.query(patch_map, predicate='intersects')]
+  return [line for g in clipped for line in labels.geometry_to_polylines(g)]
+
+
+def sd_raster(roads, ego_xy, ego_yaw, bev_x, bev_y, *, line_width):
+  """[H, W] uint8 SD prior: 255 on OSM roads drawn `line_width` px thick, else 0."""
+  mask = labels.rasterize_lines(sd_polylines(roads, ego_xy, ego_yaw, bev_x, bev_y), bev_x,
+                                bev_y, line_width=line_width)
+  return np.where(mask, 255, 0).astype(np.uint8)
