@@ -63,11 +63,28 @@ def get_config(arg=None):
 
   # One sub-dict per shared block (DESIGN.md section 2); models read only their own.
   config.model = dict(
-      camera=dict(image_encoder='efficientnet_b0', channels=64),  # image encoder + view transform
-      lss=dict(),        # lift-splat simulated LiDAR (coach)
-      neck=dict(),       # stride-2 convs to `bev_small` and back
-      decoder=dict(),    # BEV decoder + semantic/embedding/direction heads
-      student=dict(),    # student-only blocks (feature expansion)
+      camera=dict(       # image encoder + HDMapNet view transform (models/camera.py)
+          image_encoder='efficientnet_b0',   # or 'resnet_small'
+          channels=64,                       # 1/16 feature and BEV output channels
+          fusion_channels=512,               # EfficientNet 1/16 + 1/32 fusion width
+          resnet_widths=(32, 64, 128, 256),  # resnet_small stem + 3 stages
+          patch_shape=(40, 80),              # view-MLP BEV patch (forward, lateral) cells
+          patch_margin=2.0,                  # metres added to the canvas reach of the patch
+          view_mlp_layers=2,
+          ipm_stride=2,                      # IPM on the canvas / stride, then upsampled
+          ground_height=0.0),                # ego z of the ground plane, metres
+      lss=dict(          # lift-splat simulated LiDAR (coach; models/lss.py)
+          image_encoder='efficientnet_b0', fusion_channels=512,
+          resnet_widths=(32, 64, 128, 256),
+          depth_bins=(4.0, 45.0, 1.0),       # (min, max, step) metres -> 41 bins
+          context_channels=64,
+          z_range=(-10.0, 10.0),             # ego z kept by the splat, metres
+          out_channels=128),                 # = lidar.out_channels: takes the LiDAR's slot
+      neck=dict(channels=192, num_layers=3),   # stride-2 convs to `bev_small` and back
+      decoder=dict(      # ResNet-18-style BEV decoder + semantic/embedding/direction heads
+          stem_channels=64, layer_channels=(64, 128, 256), blocks_per_layer=2,
+          up_channels=256, head_channels=128, embedding_dim=16),
+      student=dict(expand_channels=(96, 192)),   # feature expansion after the camera branch
       lidar=dict(        # PointPillars (teacher); HDMapNet model/pointpillar.py sizes
           z_range=(-10.0, 10.0), pointnet_channels=64, block_channels=(64, 128, 256),
           block_layers=(2, 3, 3), block_strides=(1, 2, 2), head_channels=(256, 128),
@@ -110,7 +127,14 @@ def get_config(arg=None):
     config.data.max_points = 4096
     config.data.num_shards = 2
     config.data.synthetic = dict(scenes=3, samples_per_scene=8, seed=0)
-    config.model.camera.image_encoder = 'resnet_small'
+    config.model.camera.update(image_encoder='resnet_small', channels=16,
+                               resnet_widths=(8, 16, 24, 32), patch_shape=(8, 16))
+    config.model.lss.update(image_encoder='resnet_small', resnet_widths=(8, 16, 24, 32),
+                            depth_bins=(4.0, 44.0, 4.0), context_channels=16, out_channels=32)
+    config.model.neck.update(channels=32, num_layers=1)
+    config.model.decoder.update(stem_channels=16, layer_channels=(16, 24, 32),
+                                blocks_per_layer=1, up_channels=32, head_channels=16)
+    config.model.student.update(expand_channels=(24, 32))
     config.train.update(steps=6, batch_size=8, log_every=1, checkpoint_every=3, eval_every=6)
     config.optim.decay_steps = 6
     config.model.lidar.update(pointnet_channels=16, block_channels=(16, 32, 64),
