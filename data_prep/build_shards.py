@@ -1,0 +1,477 @@
+"""nuScenes-format dataroot -> sharded TFRecords of `tf.train.Example`s (mapkd_jax/data/schema.py).
+
+  python -m data_prep.build_shards --dataroot DIR --version v1.0-trainval --out SHARDS \
+      [--bev 60x30] [--image-size 128x352] [--num-shards 8] [--workers 2] [--skip-bad] \
+      [--osm-dir DIR/osm] [--splits train,val] [--limit N]
+
+Writes SHARDS/{split}-NNNNN-of-MMMMM.tfrecord and, last, SHARDS/dataset_info.json. Defaults come
+from `configs/tcs.py` (config.data). Real nuScenes and the synthetic world share this code path.
+
+Splits: `DIR/<version>/splits.json` ({split: [scene names]}) if present; else the devkit's
+official split (v1.0-mini: mini_train -> train, mini_val -> val; v1.0-test: test; any other
+version, e.g. v1.0-trainval or an extract: train/val). Scenes in no split go to `val` and are
+listed under `unassigned_scenes` in dataset_info.json.
+
+Bad input: a missing keyframe file (camera or LIDAR_TOP) raises FileNotFoundError naming the
+file, channel and sample; with --skip-bad the sample is left out and listed, with the reason,
+under `skipped` in dataset_info.json. Missing *sweep* files (previous LiDAR sweeps) are not an
+error: the sample keeps the sweeps that exist and the missing ones are counted
+(`lidar_missing_sweep_files`), because public extracts often ship keyframes only.
+
+Resume: each shard is written to a temp file and renamed when complete, then a small record of
+it lands in SHARDS/_progress/; a rerun (e.g. after kill -9) skips shards whose record matches
+the current build settings and redoes the rest.
+"""
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import multiprocessing
+import os
+
+import cv2
+import numpy as np
+from PIL import Image
+from pyquaternion import Quaternion
+import tqdm
+
+from data_prep import labels
+from data_prep import sd_prior
+from mapkd_jax.data import schema
+
+PROGRESS_DIR = '_progress'
+INFO_FILENAME = 'dataset_info.json'
+LIDAR_CHANNEL = 'LIDAR_TOP'
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+  """Everything that determines the content of a shard (compared on resume)."""
+  bev_x: tuple
+  bev_y: tuple
+  image_size: tuple          # (H, W)
+  cameras: tuple
+  line_width: int
+  direction_bins: int
+  lidar_sweeps: int          # keyframe included
+  lidar_min_range: float
+  jpeg_quality: int
+  boundary_clip_margin: float
+  sd_road_classes: tuple
+  osm_dir: str
+
+
+def open_nuscenes(dataroot, version):
+  """NuScenes tables, or ValueError/FileNotFoundError naming what exists."""
+  if not os.path.isdir(dataroot):
+    raise FileNotFoundError(f'--dataroot {dataroot!r} is not a directory')
+  table_dir = os.path.join(dataroot, version)
+  if not os.path.isfile(os.path.join(table_dir, 'scene.json')):
+    found = sorted(d for d in os.listdir(dataroot)
+                   if os.path.isfile(os.path.join(dataroot, d, 'scene.json')))
+    raise ValueError(f'--version {version!r}: no tables at {table_dir}; versions in '
+                     f'{dataroot}: {found}')
+  from nuscenes.nuscenes import NuScenes  # pylint: disable=g-import-not-at-top
+  return NuScenes(version=version, dataroot=dataroot, verbose=False)
+
+
+def scene_splits(nusc, dataroot, version):
+  """({split: [scene names in table order]}, [unassigned scene names]); see module docstring."""
+  path = os.path.join(dataroot, version, 'splits.json')
+  if os.path.isfile(path):
+    with open(path) as f:
+      wanted = json.load(f)
+    if not isinstance(wanted, dict) or not all(isinstance(v, list) for v in wanted.values()):
+      raise ValueError(f'{path}: expected {{split: [scene names]}}')
+  else:
+    from nuscenes.utils import splits as devkit_splits  # pylint: disable=g-import-not-at-top
+    official = devkit_splits.create_splits_scenes()
+    if version == 'v1.0-mini':
+      wanted = {'train': official['mini_train'], 'val': official['mini_val']}
+    elif version == 'v1.0-test':
+      wanted = {'test': official['test']}
+    else:
+      wanted = {'train': official['train'], 'val': official['val']}
+  names = [scene['name'] for scene in nusc.scene]
+  split_of = {name: split for split, members in wanted.items() for name in members}
+  unassigned = [name for name in names if name not in split_of]
+  result = {split: [n for n in names if split_of.get(n) == split] for split in wanted}
+  result.setdefault('val', []).extend(unassigned)
+  return result, unassigned
+
+
+def split_samples(nusc, scene_names):
+  """Sample tokens of the scenes, in scene order then time order."""
+  by_name = {scene['name']: scene for scene in nusc.scene}
+  tokens = []
+  for name in scene_names:
+    token = by_name[name]['first_sample_token']
+    while token:
+      tokens.append(token)
+      token = nusc.get('sample', token)['next']
+  return tokens
+
+
+def _pose_matrix(record):
+  """4x4 of a calibrated_sensor or ego_pose record (child frame -> parent frame)."""
+  matrix = np.eye(4)
+  matrix[:3, :3] = Quaternion(record['rotation']).rotation_matrix
+  matrix[:3, 3] = record['translation']
+  return matrix
+
+
+def _require_file(nusc, sample_data, sample_token):
+  path = os.path.join(nusc.dataroot, sample_data['filename'])
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: {sample_data["channel"]} keyframe file missing for '
+                            f'sample {sample_token}')
+  return path
+
+
+def read_camera(nusc, sample_data, sample_token, image_size, jpeg_quality):
+  """(JPEG bytes at image_size, intrinsics 3x3 scaled to it, rotation 3x3, translation 3)."""
+  path = _require_file(nusc, sample_data, sample_token)
+  height, width = image_size
+  with Image.open(path) as image:
+    source_w, source_h = image.size
+    image.draft('RGB', (width, height))  # JPEG DCT downscaling: decode only what we need.
+    image = image.convert('RGB').resize((width, height), Image.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format='JPEG', quality=jpeg_quality)
+  calib = nusc.get('calibrated_sensor', sample_data['calibrated_sensor_token'])
+  intrinsics = np.array(calib['camera_intrinsic'], dtype=np.float64)
+  intrinsics[0] *= width / source_w
+  intrinsics[1] *= height / source_h
+  return (buffer.getvalue(), intrinsics, Quaternion(calib['rotation']).rotation_matrix,
+          np.array(calib['translation'], dtype=np.float64))
+
+
+def read_lidar(nusc, keyframe, sample_token, num_sweeps, min_range):
+  """Keyframe + previous sweeps in the keyframe's ego frame.
+
+  Returns:
+    (points [N, 5] float32 (x, y, z, intensity, dt seconds), number of missing sweep files).
+  """
+  from nuscenes.utils.data_classes import LidarPointCloud  # pylint: disable=g-import-not-at-top
+  _require_file(nusc, keyframe, sample_token)
+  key_pose = _pose_matrix(nusc.get('ego_pose', keyframe['ego_pose_token']))
+  ego_from_global = np.linalg.inv(key_pose)
+  merged, missing, record = [], 0, keyframe
+  for _ in range(num_sweeps):
+    path = os.path.join(nusc.dataroot, record['filename'])
+    if os.path.isfile(path):
+      cloud = LidarPointCloud.from_file(path).points  # [4, N] sensor frame
+      transform = (ego_from_global @ _pose_matrix(nusc.get('ego_pose', record['ego_pose_token']))
+                   @ _pose_matrix(nusc.get('calibrated_sensor',
+                                           record['calibrated_sensor_token'])))
+      xyz = transform[:3, :3] @ cloud[:3] + transform[:3, 3:]
+      dt = np.full((1, cloud.shape[1]), 1e-6 * (keyframe['timestamp'] - record['timestamp']))
+      merged.append(np.concatenate([xyz, cloud[3:4], dt], axis=0).T)
+    else:
+      missing += 1
+    if not record['prev']:
+      break
+    record = nusc.get('sample_data', record['prev'])
+  points = np.concatenate(merged, axis=0)
+  points = points[np.hypot(points[:, 0], points[:, 1]) >= min_range]
+  return points.astype(np.float32), missing
+
+
+class Source:
+  """Tables, map layers and OSM roads of one dataroot, loaded once per process."""
+
+  def __init__(self, dataroot, version, options):
+    self.nusc = open_nuscenes(dataroot, version)
+    self.options = options
+    self._maps, self._osm = {}, {}
+
+  def location(self, sample):
+    scene = self.nusc.get('scene', sample['scene_token'])
+    return self.nusc.get('log', scene['log_token'])['location']
+
+  def map_layers(self, location):
+    if location not in self._maps:
+      map_dir = os.path.join(self.nusc.dataroot, 'maps', 'expansion')
+      if not os.path.isfile(os.path.join(map_dir, f'{location}.json')):
+        found = sorted(os.listdir(map_dir)) if os.path.isdir(map_dir) else []
+        raise FileNotFoundError(f'{map_dir}/{location}.json: no map for location {location!r}; '
+                                f'maps there: {found}')
+      from nuscenes.map_expansion.map_api import NuScenesMap  # pylint: disable=g-import-not-at-top
+      self._maps[location] = labels.load_map_layers(
+          NuScenesMap(dataroot=self.nusc.dataroot, map_name=location))
+    return self._maps[location]
+
+  def osm_roads(self, location):
+    if location not in self._osm:
+      path = sd_prior.osm_path(self.options.osm_dir, location)
+      self._osm[location] = sd_prior.load_osm_roads(path, location,
+                                                    self.options.sd_road_classes)
+    return self._osm[location]
+
+
+def read_sample(source, sample_token):
+  """All shard fields of one keyframe, keyed by schema constants, plus `polylines` (per class
+  id, ego-frame [N, 2] arrays) and `missing_sweeps`. Images stay JPEG bytes."""
+  nusc, opts = source.nusc, source.options
+  sample = nusc.get('sample', sample_token)
+  for channel in tuple(opts.cameras) + (LIDAR_CHANNEL,):
+    if channel not in sample['data']:
+      raise ValueError(f'sample {sample_token}: no {channel} sample_data in the tables')
+  cams = [read_camera(nusc, nusc.get('sample_data', sample['data'][cam]), sample_token,
+                      opts.image_size, opts.jpeg_quality) for cam in opts.cameras]
+  keyframe = nusc.get('sample_data', sample['data'][LIDAR_CHANNEL])
+  points, missing = read_lidar(nusc, keyframe, sample_token, opts.lidar_sweeps,
+                               opts.lidar_min_range)
+  ego_pose = _pose_matrix(nusc.get('ego_pose', keyframe['ego_pose_token']))
+  ego_xy = ego_pose[:2, 3]
+  ego_yaw = float(np.arctan2(ego_pose[1, 0], ego_pose[0, 0]))
+  location = source.location(sample)
+  polylines = labels.extract_polylines(source.map_layers(location), ego_xy, ego_yaw, opts.bev_x,
+                                       opts.bev_y, clip_margin=opts.boundary_clip_margin)
+  semantic, instance, direction = labels.rasterize_polylines(
+      polylines, opts.bev_x, opts.bev_y, line_width=opts.line_width,
+      num_direction_bins=opts.direction_bins)
+  sd = sd_prior.sd_raster(source.osm_roads(location), ego_xy, ego_yaw, opts.bev_x, opts.bev_y,
+                          line_width=opts.line_width)
+  vectors = [(c, line) for c in sorted(polylines) for line in polylines[c]]
+  return {
+      schema.SAMPLE_TOKEN: sample_token.encode(),
+      schema.SCENE_TOKEN: sample['scene_token'].encode(),
+      schema.CAMERA_JPEG: [c[0] for c in cams],
+      schema.CAMERA_INTRINSICS: np.stack([c[1] for c in cams]),
+      schema.CAMERA_ROTATION: np.stack([c[2] for c in cams]),
+      schema.CAMERA_TRANSLATION: np.stack([c[3] for c in cams]),
+      schema.EGO_POSE: ego_pose,
+      schema.LIDAR_POINTS: points,
+      schema.SD_PRIOR: sd,
+      schema.LABEL_SEMANTIC: semantic,
+      schema.LABEL_INSTANCE: instance,
+      schema.LABEL_DIRECTION: direction,
+      schema.VECTOR_CLASS: np.array([c for c, _ in vectors], np.int64),
+      schema.VECTOR_NUM_POINTS: np.array([len(line) for _, line in vectors], np.int64),
+      schema.VECTOR_POINTS: (np.concatenate([line for _, line in vectors]) if vectors
+                             else np.zeros((0, 2))),
+      'polylines': polylines,
+      'missing_sweeps': missing,
+  }
+
+
+def _png(array):
+  ok, data = cv2.imencode('.png', array)
+  if not ok:
+    raise ValueError(f'PNG encoding failed for an array of shape {array.shape}')
+  return data.tobytes()
+
+
+def to_example(fields):
+  """`tf.train.Example` of a `read_sample` dict, exactly as schema.py documents."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def floats(x):
+    return tf.train.Feature(float_list=tf.train.FloatList(value=np.ravel(x).astype(np.float32)))
+
+  def ints(x):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=np.ravel(x).astype(np.int64)))
+
+  def byte_list(values):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+
+  feature = {
+      schema.SAMPLE_TOKEN: byte_list([fields[schema.SAMPLE_TOKEN]]),
+      schema.SCENE_TOKEN: byte_list([fields[schema.SCENE_TOKEN]]),
+      schema.CAMERA_JPEG: byte_list(fields[schema.CAMERA_JPEG]),
+      schema.SD_PRIOR: byte_list([_png(fields[schema.SD_PRIOR])]),
+      schema.LABEL_SEMANTIC: byte_list([_png(fields[schema.LABEL_SEMANTIC])]),
+      schema.LABEL_INSTANCE: byte_list([_png(fields[schema.LABEL_INSTANCE])]),
+      schema.LABEL_DIRECTION: byte_list([_png(fields[schema.LABEL_DIRECTION])]),
+      schema.VECTOR_CLASS: ints(fields[schema.VECTOR_CLASS]),
+      schema.VECTOR_NUM_POINTS: ints(fields[schema.VECTOR_NUM_POINTS]),
+  }
+  for key in (schema.CAMERA_INTRINSICS, schema.CAMERA_ROTATION, schema.CAMERA_TRANSLATION,
+              schema.EGO_POSE, schema.LIDAR_POINTS, schema.VECTOR_POINTS):
+    feature[key] = floats(fields[key])
+  return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+_SOURCES = {}  # per-process cache: (dataroot, version, options) -> Source
+
+
+def _get_source(dataroot, version, options):
+  key = (dataroot, version, options)
+  if key not in _SOURCES:
+    _SOURCES[key] = Source(dataroot, version, options)
+  return _SOURCES[key]
+
+
+def write_shard(task):
+  """Writes one shard atomically; returns its record (also saved under _progress/)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  source = _get_source(task['dataroot'], task['version'], task['options'])
+  path = os.path.join(task['out_dir'], task['file'])
+  record = dict(file=task['file'], settings=task['settings'], num_samples=0, skipped=[],
+                missing_sweeps=0)
+  with tf.io.TFRecordWriter(path + '.tmp') as writer:
+    for token in task['samples']:
+      try:
+        fields = read_sample(source, token)
+      except (FileNotFoundError, ValueError) as e:
+        if not task['skip_bad']:
+          raise
+        record['skipped'].append(dict(sample_token=token, reason=str(e)))
+        continue
+      writer.write(to_example(fields).SerializeToString())
+      record['num_samples'] += 1
+      record['missing_sweeps'] += fields['missing_sweeps']
+  os.replace(path + '.tmp', path)
+  _write_json(_progress_path(task['out_dir'], task['file']), record)
+  return record
+
+
+def _progress_path(out_dir, file):
+  return os.path.join(out_dir, PROGRESS_DIR, file + '.json')
+
+
+def _write_json(path, obj):
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def _finished(out_dir, file, settings):
+  """The shard's progress record if it is complete for these settings, else None."""
+  try:
+    with open(_progress_path(out_dir, file)) as f:
+      record = json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+  ok = record.get('settings') == settings and os.path.isfile(os.path.join(out_dir, file))
+  return record if ok else None
+
+
+def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_shards, workers,
+                 cameras, line_width, direction_bins, lidar_sweeps, lidar_min_range,
+                 jpeg_quality, boundary_clip_margin, sd_road_classes, osm_dir=None,
+                 splits=None, skip_bad=False, limit=None, progress=True):
+  """Builds (or completes) a shard directory; returns the dataset_info dict it wrote.
+
+  Args mirror config.data (see configs/tcs.py); `osm_dir` defaults to `dataroot/osm`; `splits`
+  selects split names (default: all); `limit` keeps the first N samples of each split.
+  """
+  dataroot = os.path.abspath(dataroot)
+  options = BuildOptions(tuple(map(float, bev_x)), tuple(map(float, bev_y)),
+                         tuple(map(int, image_size)), tuple(cameras), int(line_width),
+                         int(direction_bins), int(lidar_sweeps), float(lidar_min_range),
+                         int(jpeg_quality), float(boundary_clip_margin), tuple(sd_road_classes),
+                         os.path.abspath(osm_dir or os.path.join(dataroot, 'osm')))
+  settings = json.loads(json.dumps(dict(dataroot=dataroot, version=version,
+                                        **dataclasses.asdict(options))))
+  nusc = _get_source(dataroot, version, options).nusc
+  scenes, unassigned = scene_splits(nusc, dataroot, version)
+  if splits is not None:
+    unknown = [s for s in splits if s not in scenes]
+    if unknown:
+      raise ValueError(f'--splits: unknown split(s) {unknown}; known: {sorted(scenes)}')
+    scenes = {s: scenes[s] for s in splits}
+  os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
+  for folder in (out_dir, os.path.join(out_dir, PROGRESS_DIR)):
+    for name in os.listdir(folder):  # Leftovers of a killed run.
+      if name.endswith('.tmp'):
+        os.remove(os.path.join(folder, name))
+
+  tasks, records, split_files = [], {}, {}
+  for split, names in scenes.items():
+    tokens = split_samples(nusc, names)[:limit]
+    count = min(num_shards, max(1, len(tokens)))
+    split_files[split] = []
+    for k, chunk in enumerate(np.array_split(np.array(tokens, dtype=object), count)):
+      file = f'{split}-{k:05d}-of-{count:05d}.tfrecord'
+      split_files[split].append(file)
+      done = _finished(out_dir, file, settings)
+      if done:
+        records[file] = done
+      else:
+        tasks.append(dict(file=file, samples=list(chunk), dataroot=dataroot, version=version,
+                          options=options, settings=settings, skip_bad=skip_bad,
+                          out_dir=out_dir))
+  logging.info('%s: %d shards to write, %d already done', out_dir, len(tasks), len(records))
+  bar = tqdm.tqdm(total=len(tasks), desc='shards', unit='shard', disable=not progress)
+  if workers > 1 and len(tasks) > 1:
+    # spawn, not fork: the caller (trainer) may hold JAX/TF threads that fork would copy.
+    with multiprocessing.get_context('spawn').Pool(min(workers, len(tasks))) as pool:
+      for record in pool.imap_unordered(write_shard, tasks):
+        records[record['file']] = record
+        bar.update()
+  else:
+    for task in tasks:
+      records[task['file']] = write_shard(task)
+      bar.update()
+  bar.close()
+
+  info = dict(
+      version=version, dataroot=dataroot, schema_version=schema.SCHEMA_VERSION,
+      classes=list(schema.CLASSES), cameras=list(options.cameras),
+      image_size=list(options.image_size),
+      bev=dict(x_range=list(options.bev_x[:2]), y_range=list(options.bev_y[:2]),
+               resolution=[options.bev_x[2], options.bev_y[2]],
+               shape=list(schema.bev_shape(options.bev_x, options.bev_y))),
+      bev_x=list(options.bev_x), bev_y=list(options.bev_y),
+      bev_shape=list(schema.bev_shape(options.bev_x, options.bev_y)),
+      line_width_px=options.line_width, direction_bins=options.direction_bins,
+      lidar_sweeps=options.lidar_sweeps, lidar_min_range=options.lidar_min_range,
+      sd_prior=dict(osm_dir=options.osm_dir, road_classes=list(options.sd_road_classes)),
+      splits={}, skipped=[], lidar_missing_sweep_files=0, unassigned_scenes=unassigned)
+  for split, files in split_files.items():
+    count = sum(records[f]['num_samples'] for f in files)
+    info['splits'][split] = dict(num_samples=count, num_examples=count, files=files)
+    for f in files:
+      info['skipped'] += [dict(split=split, **s) for s in records[f]['skipped']]
+      info['lidar_missing_sweep_files'] += records[f]['missing_sweeps']
+  _write_json(os.path.join(out_dir, INFO_FILENAME), info)
+  logging.info('%s: %s; skipped %d samples; %d missing sweep files', out_dir,
+               {s: v['num_samples'] for s, v in info['splits'].items()}, len(info['skipped']),
+               info['lidar_missing_sweep_files'])
+  return info
+
+
+def _pair(text, flag):
+  try:
+    first, second = (int(v) for v in text.lower().split('x'))
+  except ValueError as e:
+    raise ValueError(f'{flag}: expected AxB, got {text!r}') from e
+  return first, second
+
+
+def main(argv=None):
+  from configs import tcs  # pylint: disable=g-import-not-at-top
+  data = tcs.get_config().data
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--dataroot', required=True, help='nuScenes-format root folder')
+  parser.add_argument('--version', required=True, help='table folder, e.g. v1.0-trainval')
+  parser.add_argument('--out', required=True, help='shard directory to create or complete')
+  parser.add_argument('--bev', default=data.bev_name, help=f'one of {sorted(tcs.BEV_RANGES)}')
+  parser.add_argument('--image-size', default='%dx%d' % tuple(data.image_size), help='HxW')
+  parser.add_argument('--num-shards', type=int, default=data.num_shards, help='per split')
+  parser.add_argument('--workers', type=int, default=data.prep_workers, help='processes')
+  parser.add_argument('--skip-bad', action='store_true', help='leave out unreadable samples')
+  parser.add_argument('--osm-dir', default=None, help='OSM shapefiles; default DATAROOT/osm')
+  parser.add_argument('--splits', default=None, help='comma list, e.g. train,val; default all')
+  parser.add_argument('--limit', type=int, default=None, help='first N samples per split')
+  args = parser.parse_args(argv)
+  if args.bev not in tcs.BEV_RANGES:
+    raise ValueError(f'--bev: {args.bev!r} is not one of {sorted(tcs.BEV_RANGES)}')
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  bev_x, bev_y = tcs.BEV_RANGES[args.bev]
+  build_shards(args.dataroot, args.version, args.out, bev_x=bev_x, bev_y=bev_y,
+               image_size=_pair(args.image_size, '--image-size'), num_shards=args.num_shards,
+               workers=args.workers, cameras=data.cameras, line_width=data.line_width_px,
+               direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
+               lidar_min_range=data.lidar_min_range, jpeg_quality=data.jpeg_quality,
+               boundary_clip_margin=data.boundary_clip_margin,
+               sd_road_classes=data.sd_road_classes, osm_dir=args.osm_dir,
+               splits=args.splits.split(',') if args.splits else None, skip_bad=args.skip_bad,
+               limit=args.limit)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,97 @@
+"""Side-by-side picture of one sample as the shard builder sees it.
+
+  python -m data_prep.preview --dataroot DIR --version V --sample K --out x.png [--osm-dir DIR]
+
+Top: the six cameras (schema order, resized to config.data.image_size). Bottom, three BEV
+panels drawn with x (forward) to the right and y (left) up: LiDAR points with the label
+polylines on top, LiDAR with the SD prior, and the rasterized semantic labels.
+`--sample` is an index into the dataroot's samples (table order) or a sample token.
+"""
+import argparse
+import os
+
+import cv2
+import numpy as np
+
+from data_prep import build_shards
+from data_prep import labels
+
+# BGR colours of background, divider, ped_crossing, boundary.
+CLASS_COLOURS = np.array([[0, 0, 0], [0, 200, 255], [255, 80, 80], [80, 255, 80]], np.uint8)
+SD_COLOUR = (200, 0, 200)
+
+
+def lidar_bev(points, bev_x, bev_y):
+  """[H, W, 3] uint8 grey image: brightness = number of LiDAR points per cell (log scale)."""
+  height, width = build_shards.schema.bev_shape(bev_x, bev_y)
+  cols = np.floor((points[:, 0] - bev_x[0]) / bev_x[2]).astype(int)
+  rows = np.floor((points[:, 1] - bev_y[0]) / bev_y[2]).astype(int)
+  inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+  counts = np.zeros((height, width), np.float64)
+  np.add.at(counts, (rows[inside], cols[inside]), 1.0)
+  grey = np.clip(np.log1p(counts) / np.log1p(max(counts.max(), 1.0)) * 255, 0, 255)
+  return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+
+
+def render(fields, bev_x, bev_y):
+  """The preview image [H, W, 3] uint8 BGR of a `build_shards.read_sample` dict."""
+  cams = [cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+          for jpeg in fields[build_shards.schema.CAMERA_JPEG]]
+  camera_grid = np.concatenate([np.concatenate(cams[:3], 1), np.concatenate(cams[3:], 1)], 0)
+
+  lidar = lidar_bev(fields[build_shards.schema.LIDAR_POINTS], bev_x, bev_y)
+  with_lines = lidar.copy()
+  for class_id, lines in fields['polylines'].items():
+    for line in lines:
+      pixels = np.round(labels.to_pixels(line, bev_x, bev_y)).astype(np.int32)
+      cv2.polylines(with_lines, [pixels], False, CLASS_COLOURS[class_id].tolist(), 1)
+  with_sd = lidar.copy()
+  with_sd[fields[build_shards.schema.SD_PRIOR] > 0] = SD_COLOUR
+  semantic = CLASS_COLOURS[fields[build_shards.schema.LABEL_SEMANTIC]]
+  # Raster rows follow +y (left); flip so that left is up in the picture.
+  panels = [np.flipud(p) for p in (with_lines, with_sd, semantic)]
+  separator = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
+  bev_row = np.concatenate([panels[0], separator, panels[1], separator, panels[2]], 1)
+  width = max(camera_grid.shape[1], bev_row.shape[1])
+
+  def pad(image):
+    return np.pad(image, ((0, 4), (0, width - image.shape[1]), (0, 0)), constant_values=255)
+
+  return np.concatenate([pad(camera_grid), pad(bev_row)], 0)
+
+
+def main(argv=None):
+  from configs import tcs  # pylint: disable=g-import-not-at-top
+  data = tcs.get_config().data
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--dataroot', required=True)
+  parser.add_argument('--version', required=True)
+  parser.add_argument('--sample', required=True, help='index in the sample table, or a token')
+  parser.add_argument('--out', required=True, help='PNG to write')
+  parser.add_argument('--osm-dir', default=None, help='OSM shapefiles; default DATAROOT/osm')
+  parser.add_argument('--bev', default=data.bev_name, help=f'one of {sorted(tcs.BEV_RANGES)}')
+  args = parser.parse_args(argv)
+  if args.bev not in tcs.BEV_RANGES:
+    raise ValueError(f'--bev: {args.bev!r} is not one of {sorted(tcs.BEV_RANGES)}')
+  bev_x, bev_y = tcs.BEV_RANGES[args.bev]
+  dataroot = os.path.abspath(args.dataroot)
+  options = build_shards.BuildOptions(
+      bev_x, bev_y, tuple(data.image_size), tuple(data.cameras), data.line_width_px,
+      data.direction_bins, data.lidar_sweeps, data.lidar_min_range, data.jpeg_quality,
+      data.boundary_clip_margin, tuple(data.sd_road_classes),
+      os.path.abspath(args.osm_dir or os.path.join(dataroot, 'osm')))
+  source = build_shards.Source(dataroot, args.version, options)
+  token = args.sample
+  if token.isdigit():
+    index = int(token)
+    if index >= len(source.nusc.sample):
+      raise ValueError(f'--sample {index}: only {len(source.nusc.sample)} samples')
+    token = source.nusc.sample[index]['token']
+  image = render(build_shards.read_sample(source, token), bev_x, bev_y)
+  if not cv2.imwrite(args.out, image):
+    raise ValueError(f'--out {args.out!r}: could not write the PNG')
+  print(f'{args.out}: sample {token}')
+
+
+if __name__ == '__main__':
+  main()
