@@ -1,0 +1,341 @@
+"""tf.data input pipeline: schema shards -> per-host batches of numpy arrays (`schema.batch_spec`).
+
+Order and resume. Every epoch is its own deterministic dataset: this host's files are permuted
+and the examples shuffled with seeds derived from (seed, epoch) only, and every stage runs
+with deterministic ordering. A position is therefore just `{'epoch', 'batch'}` (the next batch
+to read); `iterate(..., position=p)` rebuilds epoch p['epoch'] and skips p['batch'] batches
+of serialized records before decoding, so it yields exactly the batches an uninterrupted
+iterator would have. The trainer stores `BatchIterator.position` in its checkpoint.
+
+Hosts. Each process reads `files[process_index::process_count]` of the split's file list
+(dataset_info.json order), so hosts see disjoint examples; `batch_size` is the per-host batch.
+
+LiDAR. Clouds with more than `data_config.max_points` points are cropped to an evenly strided
+subset (point i of the output is input point floor(i * N / max_points)): deterministic, and
+unbiased across sweeps and range, unlike keeping the first points. Shorter clouds are
+zero-padded; `lidar_mask` marks the real points.
+
+Corrupt shards. tf.data reports a damaged TFRecord without its file name; `BatchIterator`
+catches that, scans this host's files, and raises a ValueError naming the damaged one.
+"""
+import numpy as np
+import tensorflow as tf
+
+from mapkd_jax.data import dataset_info
+from mapkd_jax.data import schema
+
+LIDAR_DIMS = 5
+# PNG values at or above this read as road in the SD prior (the builder writes 0 / 255).
+_SD_ROAD_THRESHOLD = 128
+
+
+def _hide_gpus_from_tf():
+  """TF must not grab accelerator memory that JAX owns; it only decodes on the CPU."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # Devices already initialized: nothing was visible to hide, or too late.
+    pass
+
+
+def _compression(path):
+  return 'GZIP' if path.endswith('.gz') else ''
+
+
+def _epoch_seeds(seed, epoch):
+  """(file permutation seed, example shuffle seed) for one epoch, independent of anything else."""
+  words = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint32)
+  return int(words[0]), int(words[1])
+
+
+def host_files(shards_dir, split, data_config, *, process_index=None, process_count=None):
+  """This host's shard paths of `split`, after checking dataset_info.json against the config.
+
+  Raises:
+    FileNotFoundError: missing directory, dataset_info.json or shard file (named).
+    ValueError: dataset_info mismatch, unknown split, or a host that gets no file.
+  """
+  import jax  # Imported here: only needed for the default host identity.
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count})')
+  info = dataset_info.load_dataset_info(shards_dir)
+  dataset_info.check_dataset_info(info, data_config, shards_dir)
+  files = dataset_info.split_files(info, shards_dir, split)
+  mine = files[process_index::process_count]
+  if not mine:
+    raise ValueError(f'{dataset_info.info_path(shards_dir)}: split {split!r} has {len(files)} '
+                     f'shard files, fewer than the {process_count} processes; process '
+                     f'{process_index} would get none (rebuild with more shards, '
+                     f'config.data.num_shards)')
+  return mine
+
+
+def _feature_spec(num_cams):
+  fixed = tf.io.FixedLenFeature
+  return {
+      schema.SAMPLE_TOKEN: fixed([], tf.string),
+      schema.CAMERA_JPEG: fixed([num_cams], tf.string),
+      schema.CAMERA_INTRINSICS: fixed([num_cams * 9], tf.float32),
+      schema.CAMERA_ROTATION: fixed([num_cams * 9], tf.float32),
+      schema.CAMERA_TRANSLATION: fixed([num_cams * 3], tf.float32),
+      schema.EGO_POSE: fixed([16], tf.float32),
+      schema.LIDAR_POINTS: tf.io.VarLenFeature(tf.float32),
+      schema.SD_PRIOR: fixed([], tf.string),
+      schema.LABEL_SEMANTIC: fixed([], tf.string),
+      schema.LABEL_INSTANCE: fixed([], tf.string),
+      schema.LABEL_DIRECTION: fixed([], tf.string),
+  }
+
+
+def pad_or_crop_points(points, max_points):
+  """Fixed-size LiDAR cloud and its validity mask.
+
+  Args:
+    points: [N, 5] float32, any N >= 0.
+    max_points: output size P.
+
+  Returns:
+    (points [P, 5] float32 zero where invalid, mask [P] bool). N > P keeps input points
+    floor(i * N / P) for i < P; N <= P keeps all N points first.
+  """
+  num = tf.shape(points, out_type=tf.int64)[0]
+  slots = tf.range(max_points, dtype=tf.int64)
+  source = tf.where(num > max_points, slots * num // max_points, slots)
+  mask = slots < tf.minimum(num, max_points)
+  # Invalid slots gather an appended zero row, which also keeps an empty cloud gatherable.
+  with_zero_row = tf.concat([points, tf.zeros([1, LIDAR_DIMS], points.dtype)], axis=0)
+  gathered = tf.gather(with_zero_row, tf.where(mask, source, num))
+  return tf.ensure_shape(gathered, [max_points, LIDAR_DIMS]), mask
+
+
+def _decode_png(encoded, shape, dtype):
+  image = tf.io.decode_png(encoded, channels=1, dtype=dtype)
+  return tf.ensure_shape(image, [*shape, 1])
+
+
+def _decode_fn(data_config, with_tokens):
+  """serialized Example -> dict of batch_spec tensors (unbatched)."""
+  num_cams = len(data_config.cameras)
+  height, width = data_config.image_size
+  bev = schema.bev_shape(data_config.bev_x, data_config.bev_y)
+  spec = _feature_spec(num_cams)
+  mean = tf.constant(schema.IMAGENET_MEAN, tf.float32) * 255.0
+  std = tf.constant(schema.IMAGENET_STD, tf.float32) * 255.0
+
+  def decode(serialized):
+    ex = tf.io.parse_single_example(serialized, spec)
+    # Unrolled over the static camera count: cheaper than tf.map_fn for six small images.
+    images = tf.stack([tf.io.decode_jpeg(ex[schema.CAMERA_JPEG][c], channels=3)
+                       for c in range(num_cams)])
+    images = tf.ensure_shape(images, [num_cams, height, width, 3])
+    points = tf.reshape(tf.sparse.to_dense(ex[schema.LIDAR_POINTS]), [-1, LIDAR_DIMS])
+    lidar_points, lidar_mask = pad_or_crop_points(points, data_config.max_points)
+    sd = _decode_png(ex[schema.SD_PRIOR], bev, tf.uint8)
+    out = {
+        'images': (tf.cast(images, tf.float32) - mean) / std,
+        'intrinsics': tf.reshape(ex[schema.CAMERA_INTRINSICS], [num_cams, 3, 3]),
+        'cam_rotation': tf.reshape(ex[schema.CAMERA_ROTATION], [num_cams, 3, 3]),
+        'cam_translation': tf.reshape(ex[schema.CAMERA_TRANSLATION], [num_cams, 3]),
+        'ego_pose': tf.reshape(ex[schema.EGO_POSE], [4, 4]),
+        'lidar_points': lidar_points,
+        'lidar_mask': lidar_mask,
+        'sd_prior': tf.where(sd >= _SD_ROAD_THRESHOLD, 1.0, -1.0),
+        'semantic': tf.cast(_decode_png(ex[schema.LABEL_SEMANTIC], bev, tf.uint8)[..., 0], tf.int32),
+        'instance': tf.cast(_decode_png(ex[schema.LABEL_INSTANCE], bev, tf.uint16)[..., 0],
+                            tf.int32),
+        'direction': tf.cast(_decode_png(ex[schema.LABEL_DIRECTION], bev, tf.uint8)[..., 0],
+                             tf.int32),
+    }
+    if with_tokens:
+      out['sample_token'] = ex[schema.SAMPLE_TOKEN]
+    return out
+
+  return decode
+
+
+def make_dataset(shards_dir, split, data_config, *, batch_size, seed, epoch=0, shuffle=True,
+                 skip_batches=0, process_index=None, process_count=None, with_tokens=False,
+                 drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, cycle_length=4,
+                 threads=None):
+  """One epoch of this host's batches as a deterministic `tf.data.Dataset`.
+
+  Args:
+    shards_dir: folder with dataset_info.json and the TFRecord shards.
+    split: a split of dataset_info.json, e.g. 'train' or 'val'.
+    data_config: `config.data` (cameras, image_size, bev_x, bev_y, max_points,
+      shuffle_buffer, ...); checked against dataset_info.json.
+    batch_size: per-host batch size.
+    seed: shuffle seed; with `epoch` it fixes the order completely.
+    epoch: epoch number (changes the order when shuffling).
+    shuffle: permute files and shuffle examples (buffer data_config.shuffle_buffer).
+    skip_batches: batches to drop from the start of the epoch (resume); skipped before
+      decoding, so cheap.
+    process_index, process_count: this host and the host count; default from jax.
+    with_tokens: add 'sample_token' ([B] tf.string) to each batch.
+    drop_remainder: drop the last partial batch (static shapes for training).
+    num_parallel_calls: parallelism of decoding.
+    cycle_length: shard files read concurrently (part of the order, keep fixed on resume).
+    threads: size of the private tf.data thread pool; None = TF's default (all cores).
+
+  Returns:
+    A dataset of dicts of tensors named and shaped as `schema.batch_spec` (+ 'sample_token').
+  """
+  _hide_gpus_from_tf()
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+  files = host_files(shards_dir, split, data_config, process_index=process_index,
+                     process_count=process_count)
+  file_seed, example_seed = _epoch_seeds(seed, epoch)
+  if shuffle:
+    files = [files[i] for i in np.random.default_rng(file_seed).permutation(len(files))]
+  compression = _compression(files[0])
+  ds = tf.data.Dataset.from_tensor_slices(files)
+  ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
+                     cycle_length=min(cycle_length, len(files)), block_length=1,
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if shuffle:
+    ds = ds.shuffle(data_config.shuffle_buffer, seed=example_seed, reshuffle_each_iteration=False)
+  ds = ds.skip(skip_batches * batch_size)
+  ds = ds.map(_decode_fn(data_config, with_tokens), num_parallel_calls=num_parallel_calls,
+              deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  if threads is not None:
+    options.threading.private_threadpool_size = threads
+  return ds.with_options(options)
+
+
+def find_corrupt_file(files):
+  """(path, error) of the first file whose TFRecords fail to read, or (None, None)."""
+  for path in files:
+    try:
+      for _ in tf.data.TFRecordDataset(path, compression_type=_compression(path)):
+        pass
+    except tf.errors.DataLossError as e:
+      return path, e
+  return None, None
+
+
+class BatchIterator:
+  """Iterator over numpy batches across epochs, with a resumable `position`.
+
+  `position` is {'epoch': e, 'batch': b}: the next batch is batch b of epoch e. Store it in
+  the checkpoint; `iterate(..., position=saved)` continues with the same batches.
+  """
+
+  def __init__(self, dataset_fn, files, *, position, num_epochs):
+    self._dataset_fn = dataset_fn    # (epoch, skip_batches) -> tf.data.Dataset
+    self._files = files
+    self._epoch, self._batch = int(position['epoch']), int(position['batch'])
+    self._num_epochs = num_epochs
+    self._tf_iterator = None
+
+  @property
+  def position(self):
+    return {'epoch': self._epoch, 'batch': self._batch}
+
+  def __iter__(self):
+    return self
+
+  def _next_tf(self):
+    try:
+      return next(self._tf_iterator)
+    except tf.errors.DataLossError as e:
+      path, file_error = find_corrupt_file(self._files)
+      where = path or f'one of {self._files}'
+      raise ValueError(f'{where}: corrupt or truncated TFRecord shard '
+                       f'({(file_error or e).message.splitlines()[0]})') from e
+
+  def __next__(self):
+    batches_this_epoch = self._batch
+    while True:
+      if self._num_epochs is not None and self._epoch >= self._num_epochs:
+        raise StopIteration
+      if self._tf_iterator is None:
+        self._tf_iterator = iter(self._dataset_fn(self._epoch, self._batch))
+      try:
+        batch = self._next_tf()
+      except StopIteration:
+        if batches_this_epoch == 0:
+          raise ValueError(f'epoch {self._epoch} gave no batch from {self._files}: fewer '
+                           f'examples than the batch size') from None
+        self._tf_iterator = None
+        self._epoch, self._batch, batches_this_epoch = self._epoch + 1, 0, 0
+        continue
+      self._batch += 1
+      return _to_numpy(batch)
+
+
+def _to_numpy(batch):
+  out = {k: v.numpy() for k, v in batch.items()}
+  if 'sample_token' in out:
+    out['sample_token'] = np.array([t.decode() for t in out['sample_token']])
+  return out
+
+
+def iterate(shards_dir, split, data_config, *, batch_size, seed, shuffle=True, num_epochs=None,
+            position=None, process_index=None, process_count=None, with_tokens=False,
+            drop_remainder=True, **dataset_kwargs):
+  """A `BatchIterator` of numpy batches matching `schema.batch_spec(data_config, batch_size)`.
+
+  Args:
+    num_epochs: stop after this many epochs (counted from 0); None = forever.
+    position: {'epoch', 'batch'} to start from (a saved `BatchIterator.position`);
+      None = the start of epoch 0.
+    dataset_kwargs: passed to `make_dataset` (num_parallel_calls, cycle_length, threads).
+    Other arguments: as in `make_dataset`.
+  """
+  files = host_files(shards_dir, split, data_config, process_index=process_index,
+                     process_count=process_count)
+
+  def dataset_fn(epoch, skip_batches):
+    return make_dataset(shards_dir, split, data_config, batch_size=batch_size, seed=seed,
+                        epoch=epoch, shuffle=shuffle, skip_batches=skip_batches,
+                        process_index=process_index, process_count=process_count,
+                        with_tokens=with_tokens, drop_remainder=drop_remainder, **dataset_kwargs)
+
+  return BatchIterator(dataset_fn, files, position=position or {'epoch': 0, 'batch': 0},
+                       num_epochs=num_epochs)
+
+
+def read_vectors(shards_dir, split):
+  """Ground-truth polylines of a split (all hosts' files), for vector evaluation.
+
+  Returns:
+    {sample_token: [(class_id, points [N, 2] float32 x, y metres in the ego frame), ...]}
+    with class_id as in label/semantic (1 = divider, 2 = ped_crossing, 3 = boundary).
+
+  Raises:
+    ValueError: naming the shard file of a corrupt record or of inconsistent vector lengths.
+  """
+  info = dataset_info.load_dataset_info(shards_dir)
+  spec = {
+      schema.SAMPLE_TOKEN: tf.io.FixedLenFeature([], tf.string),
+      schema.VECTOR_CLASS: tf.io.VarLenFeature(tf.int64),
+      schema.VECTOR_NUM_POINTS: tf.io.VarLenFeature(tf.int64),
+      schema.VECTOR_POINTS: tf.io.VarLenFeature(tf.float32),
+  }
+  vectors = {}
+  for path in dataset_info.split_files(info, shards_dir, split):
+    records = tf.data.TFRecordDataset(path, compression_type=_compression(path))
+    try:
+      for serialized in records:
+        ex = tf.io.parse_single_example(serialized, spec)
+        token = ex[schema.SAMPLE_TOKEN].numpy().decode()
+        classes = ex[schema.VECTOR_CLASS].values.numpy()
+        counts = ex[schema.VECTOR_NUM_POINTS].values.numpy()
+        flat = ex[schema.VECTOR_POINTS].values.numpy()
+        if len(classes) != len(counts) or 2 * counts.sum() != len(flat):
+          raise ValueError(f'{path}: sample {token!r} has {len(classes)} vector classes, '
+                           f'{len(counts)} point counts summing to {counts.sum()} and '
+                           f'{len(flat)} coordinates (want 2 per point)')
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        points = flat.reshape(-1, 2)
+        vectors[token] = [(int(cls), points[starts[i]:starts[i + 1]])
+                          for i, cls in enumerate(classes)]
+    except tf.errors.DataLossError as e:
+      raise ValueError(f'{path}: corrupt or truncated TFRecord shard ({e.message})') from e
+  return vectors
