@@ -62,6 +62,16 @@ class BuildOptions:
   osm_dir: str
 
 
+def make_options(*, bev_x, bev_y, image_size, cameras, line_width, direction_bins, lidar_sweeps,
+                 lidar_min_range, jpeg_quality, boundary_clip_margin, sd_road_classes, osm_dir):
+  """`BuildOptions` with canonical types (tuples, floats, absolute osm_dir)."""
+  return BuildOptions(tuple(map(float, bev_x)), tuple(map(float, bev_y)),
+                      tuple(map(int, image_size)), tuple(cameras), int(line_width),
+                      int(direction_bins), int(lidar_sweeps), float(lidar_min_range),
+                      int(jpeg_quality), float(boundary_clip_margin), tuple(sd_road_classes),
+                      os.path.abspath(osm_dir))
+
+
 def open_nuscenes(dataroot, version):
   """NuScenes tables, or ValueError/FileNotFoundError naming what exists."""
   if not os.path.isdir(dataroot):
@@ -359,11 +369,12 @@ def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_sh
   selects split names (default: all); `limit` keeps the first N samples of each split.
   """
   dataroot = os.path.abspath(dataroot)
-  options = BuildOptions(tuple(map(float, bev_x)), tuple(map(float, bev_y)),
-                         tuple(map(int, image_size)), tuple(cameras), int(line_width),
-                         int(direction_bins), int(lidar_sweeps), float(lidar_min_range),
-                         int(jpeg_quality), float(boundary_clip_margin), tuple(sd_road_classes),
-                         os.path.abspath(osm_dir or os.path.join(dataroot, 'osm')))
+  options = make_options(bev_x=bev_x, bev_y=bev_y, image_size=image_size, cameras=cameras,
+                         line_width=line_width, direction_bins=direction_bins,
+                         lidar_sweeps=lidar_sweeps, lidar_min_range=lidar_min_range,
+                         jpeg_quality=jpeg_quality, boundary_clip_margin=boundary_clip_margin,
+                         sd_road_classes=sd_road_classes,
+                         osm_dir=osm_dir or os.path.join(dataroot, 'osm'))
   settings = json.loads(json.dumps(dict(dataroot=dataroot, version=version,
                                         **dataclasses.asdict(options))))
   nusc = _get_source(dataroot, version, options).nusc

@@ -75,11 +75,12 @@ def main(argv=None):
     raise ValueError(f'--bev: {args.bev!r} is not one of {sorted(tcs.BEV_RANGES)}')
   bev_x, bev_y = tcs.BEV_RANGES[args.bev]
   dataroot = os.path.abspath(args.dataroot)
-  options = build_shards.BuildOptions(
-      bev_x, bev_y, tuple(data.image_size), tuple(data.cameras), data.line_width_px,
-      data.direction_bins, data.lidar_sweeps, data.lidar_min_range, data.jpeg_quality,
-      data.boundary_clip_margin, tuple(data.sd_road_classes),
-      os.path.abspath(args.osm_dir or os.path.join(dataroot, 'osm')))
+  options = build_shards.make_options(
+      bev_x=bev_x, bev_y=bev_y, image_size=data.image_size, cameras=data.cameras,
+      line_width=data.line_width_px, direction_bins=data.direction_bins,
+      lidar_sweeps=data.lidar_sweeps, lidar_min_range=data.lidar_min_range,
+      jpeg_quality=data.jpeg_quality, boundary_clip_margin=data.boundary_clip_margin,
+      sd_road_classes=data.sd_road_classes, osm_dir=args.osm_dir or os.path.join(dataroot, 'osm'))
   source = build_shards.Source(dataroot, args.version, options)
   token = args.sample
   if token.isdigit():

@@ -1,0 +1,177 @@
+"""Shard builder on the real nuScenes fragment: round trip, resume, bad input (data_prep)."""
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from pyquaternion import Quaternion
+
+from configs import tcs
+from data_prep import build_shards
+from mapkd_jax.data import schema
+
+REAL_ROOT = '/work/shared/realdata/nuscenes_scene0916_subset'
+REAL_OSM = '/work/shared/realdata/osm'
+REAL_VERSION = 'v1.0-mini-extract'
+FIRST_SCENE0523_SAMPLE = 'ce03b6f0c1d2455aa18f6275917485bc'  # no sensor files in the fragment
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(REAL_ROOT), reason='real fragment absent')
+
+
+def _kwargs(**overrides):
+  data = tcs.get_config().data
+  kwargs = dict(bev_x=(-30.0, 30.0, 1.0), bev_y=(-15.0, 15.0, 1.0), image_size=(32, 88),
+                num_shards=2, workers=1, cameras=data.cameras, line_width=data.line_width_px,
+                direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
+                lidar_min_range=data.lidar_min_range, jpeg_quality=data.jpeg_quality,
+                boundary_clip_margin=data.boundary_clip_margin,
+                sd_road_classes=data.sd_road_classes, osm_dir=REAL_OSM, splits=['val'],
+                skip_bad=True, progress=False)
+  kwargs.update(overrides)
+  return kwargs
+
+
+def _options():
+  kwargs = _kwargs()
+  return build_shards.make_options(**{k: kwargs[k] for k in (
+      'bev_x', 'bev_y', 'image_size', 'cameras', 'line_width', 'direction_bins', 'lidar_sweeps',
+      'lidar_min_range', 'jpeg_quality', 'boundary_clip_margin', 'sd_road_classes', 'osm_dir')})
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('shards'))
+  info = build_shards.build_shards(REAL_ROOT, REAL_VERSION, out, **_kwargs())
+  return out, info
+
+
+def _examples(path):
+  import tensorflow as tf
+  return [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+
+
+def _decode_png(feature):
+  return cv2.imdecode(np.frombuffer(feature.bytes_list.value[0], np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_dataset_info_lists_splits_and_skipped(built):
+  out, info = built
+  with open(os.path.join(out, 'dataset_info.json')) as f:
+    assert json.load(f) == info
+  assert info['splits']['val']['num_samples'] == 10  # scene-0916 keyframes 0-9
+  assert info['splits']['val']['files'] == ['val-00000-of-00002.tfrecord',
+                                            'val-00001-of-00002.tfrecord']
+  assert info['bev']['shape'] == [30, 60] and info['image_size'] == [32, 88]
+  assert len(info['skipped']) == 81 - 10
+  first = next(s for s in info['skipped'] if s['sample_token'] == FIRST_SCENE0523_SAMPLE)
+  assert 'CAM_FRONT_LEFT' in first['reason'] and '.jpg' in first['reason']
+  # Keyframes only in the fragment: 2 previous sweeps missing per sample but the scene's first.
+  assert info['lidar_missing_sweep_files'] == 18
+  assert sum(len(_examples(os.path.join(out, f))) for f in info['splits']['val']['files']) == 10
+
+
+def test_round_trip_equals_source_arrays(built):
+  import tensorflow as tf
+  out, info = built
+  options = _options()
+  source = build_shards.Source(REAL_ROOT, REAL_VERSION, options)
+  examples = _examples(os.path.join(out, info['splits']['val']['files'][1]))
+  assert len(examples) == 9  # scene-0916 keyframes 1-9 (keyframe 0 ends shard 0)
+  for example in examples[:3]:
+    feature = example.features.feature
+    token = feature[schema.SAMPLE_TOKEN].bytes_list.value[0].decode()
+    src = build_shards.read_sample(source, token)
+    assert feature[schema.SCENE_TOKEN].bytes_list.value[0] == src[schema.SCENE_TOKEN]
+    assert list(feature[schema.CAMERA_JPEG].bytes_list.value) == src[schema.CAMERA_JPEG]
+    image = cv2.imdecode(np.frombuffer(src[schema.CAMERA_JPEG][0], np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == (32, 88, 3)
+    for key, shape in ((schema.CAMERA_INTRINSICS, (6, 3, 3)), (schema.CAMERA_ROTATION, (6, 3, 3)),
+                       (schema.CAMERA_TRANSLATION, (6, 3)), (schema.EGO_POSE, (4, 4)),
+                       (schema.LIDAR_POINTS, (-1, 5)), (schema.VECTOR_POINTS, (-1, 2))):
+      got = np.array(feature[key].float_list.value, np.float32).reshape(shape)
+      np.testing.assert_array_equal(got, np.asarray(src[key], np.float32).reshape(shape))
+    for key in (schema.VECTOR_CLASS, schema.VECTOR_NUM_POINTS):
+      np.testing.assert_array_equal(feature[key].int64_list.value, src[key])
+    for key, dtype in ((schema.SD_PRIOR, np.uint8), (schema.LABEL_SEMANTIC, np.uint8),
+                       (schema.LABEL_INSTANCE, np.uint16), (schema.LABEL_DIRECTION, np.uint8)):
+      png = _decode_png(feature[key])
+      assert png.dtype == dtype and png.shape == (30, 60)
+      np.testing.assert_array_equal(png, src[key])
+    parsed = tf.io.parse_single_example(example.SerializeToString(), {
+        schema.EGO_POSE: tf.io.FixedLenFeature([16], tf.float32),
+        schema.CAMERA_JPEG: tf.io.FixedLenFeature([6], tf.string)})
+    np.testing.assert_allclose(parsed[schema.EGO_POSE].numpy().reshape(4, 4),
+                               src[schema.EGO_POSE], rtol=1e-6)
+    assert (src[schema.LABEL_SEMANTIC] > 0).any()  # scene-0916 has dividers and boundaries
+    np.testing.assert_array_equal(src[schema.VECTOR_NUM_POINTS].sum(),
+                                  len(src[schema.VECTOR_POINTS]))
+
+
+def _lidar_ref(nusc, token, min_range):
+  """Keyframe LiDAR -> ego frame with the devkit's matrices, one point at a time."""
+  from nuscenes.utils.data_classes import LidarPointCloud
+  sd = nusc.get('sample_data', nusc.get('sample', token)['data']['LIDAR_TOP'])
+  cs = nusc.get('calibrated_sensor', sd['calibrated_sensor_token'])
+  rot, trans = Quaternion(cs['rotation']), np.array(cs['translation'])
+  cloud = LidarPointCloud.from_file(os.path.join(nusc.dataroot, sd['filename'])).points.T
+  out = []
+  for x, y, z, intensity in cloud[::97]:
+    p = rot.rotate([x, y, z]) + trans
+    if np.hypot(p[0], p[1]) >= min_range:
+      out.append([p[0], p[1], p[2], intensity, 0.0])
+  return np.array(out)
+
+
+def test_lidar_in_ego_frame_close_points_dropped(built):
+  options = _options()
+  source = build_shards.Source(REAL_ROOT, REAL_VERSION, options)
+  token = 'b5989651183643369174912bc5641d3b'
+  sd = source.nusc.get('sample_data', source.nusc.get('sample', token)['data']['LIDAR_TOP'])
+  points, missing = build_shards.read_lidar(source.nusc, sd, token, 3, 2.2)
+  assert missing == 0  # the scene's first keyframe has no previous sweep at all
+  assert points.shape[1] == 5 and (np.hypot(points[:, 0], points[:, 1]) >= 2.2).all()
+  ref = _lidar_ref(source.nusc, token, 2.2)
+  raw = build_shards.read_lidar(source.nusc, sd, token, 1, 0.0)[0][::97]
+  kept = np.hypot(raw[:, 0], raw[:, 1]) >= 2.2
+  np.testing.assert_allclose(raw[kept], ref, atol=1e-4)
+
+
+def test_resume_skips_finished_shards(built, tmp_path):
+  out, info = built
+  copy = str(tmp_path / 'shards')
+  shutil.copytree(out, copy)
+  done, redo = info['splits']['val']['files']
+  done_mtime = os.stat(os.path.join(copy, done)).st_mtime_ns
+  with open(os.path.join(out, redo), 'rb') as f:
+    redo_bytes = f.read()
+  # What kill -9 leaves: a half-written temp file, no record for that shard, no dataset_info.
+  os.remove(os.path.join(copy, redo))
+  os.remove(os.path.join(copy, build_shards.PROGRESS_DIR, redo + '.json'))
+  os.remove(os.path.join(copy, 'dataset_info.json'))
+  with open(os.path.join(copy, redo + '.tmp'), 'wb') as f:
+    f.write(redo_bytes[:100])
+  info2 = build_shards.build_shards(REAL_ROOT, REAL_VERSION, copy, **_kwargs())
+  assert os.stat(os.path.join(copy, done)).st_mtime_ns == done_mtime
+  with open(os.path.join(copy, redo), 'rb') as f:
+    assert f.read() == redo_bytes
+  assert not any(n.endswith('.tmp') for n in os.listdir(copy))
+  assert info2 == info | {'dataroot': info2['dataroot']}
+
+
+def test_missing_camera_file_names_file_and_sample(tmp_path):
+  with pytest.raises(FileNotFoundError) as error:
+    build_shards.build_shards(REAL_ROOT, REAL_VERSION, str(tmp_path), **_kwargs(skip_bad=False))
+  message = str(error.value)
+  assert FIRST_SCENE0523_SAMPLE in message and 'CAM_FRONT_LEFT' in message
+  assert os.path.join(REAL_ROOT, 'samples', 'CAM_FRONT_LEFT') in message
+  assert not os.path.exists(tmp_path / 'dataset_info.json')
+
+
+def test_unknown_version_and_split_list_what_exists(tmp_path):
+  with pytest.raises(ValueError, match=r"v1.0-trainval.*\['v1.0-mini-extract'\]"):
+    build_shards.build_shards(REAL_ROOT, 'v1.0-trainval', str(tmp_path), **_kwargs())
+  with pytest.raises(ValueError, match=r"unknown split.*'test'.*known: \['train', 'val'\]"):
+    build_shards.build_shards(REAL_ROOT, REAL_VERSION, str(tmp_path),
+                              **_kwargs(splits=['test']))
