@@ -84,11 +84,13 @@ def test_pointpillars_shape_and_ignores_masked_points():
                              block_channels=(8, 16, 16), block_layers=(1, 1, 1),
                              block_strides=(1, 2, 2), head_channels=(16,), out_channels=12)
   points, mask = _random_points(0, 2, 64, 0.3)
-  variables = model.init(jax.random.PRNGKey(0), points, mask, train=False)
-  out = model.apply(variables, points, mask, train=False)
+  variables = jax.jit(model.init, static_argnames='train')(
+      jax.random.PRNGKey(0), points, mask, train=False)
+  apply = jax.jit(model.apply, static_argnames='train')
+  out = apply(variables, points, mask, train=False)
   assert out.shape == (2, 8, 12, 12)
   garbage = np.where(mask[..., None], points, 123.0).astype(np.float32)
-  np.testing.assert_allclose(model.apply(variables, garbage, mask, train=False), out,
+  np.testing.assert_allclose(apply(variables, garbage, mask, train=False), out,
                              rtol=1e-5, atol=1e-5)
 
 
@@ -143,21 +145,23 @@ def test_sd_fusion_shape_and_depends_on_sd():
   bev_small = rng.normal(size=(2, 3, 6, 12)).astype(np.float32)
   sd_a = np.sign(rng.normal(size=(2, 24, 48, 1))).astype(np.float32)
   sd_b = -sd_a
-  variables = model.init(jax.random.PRNGKey(0), bev_small, sd_a, train=False)
-  out_a = model.apply(variables, bev_small, sd_a, train=False)
-  out_b = model.apply(variables, bev_small, sd_b, train=False)
+  variables = jax.jit(model.init, static_argnames='train')(
+      jax.random.PRNGKey(0), bev_small, sd_a, train=False)
+  apply = jax.jit(model.apply, static_argnames=('train', 'mutable'))
+  out_a = apply(variables, bev_small, sd_a, train=False)
+  out_b = apply(variables, bev_small, sd_b, train=False)
   assert out_a.shape == (2, 3, 6, 8)
   assert np.abs(np.asarray(out_a - out_b)).max() > 1e-4
   # Per-sample: changing sample 1's SD map leaves sample 0 alone.
   sd_c = sd_a.copy()
   sd_c[1] = -sd_c[1]
-  out_c = model.apply(variables, bev_small, sd_c, train=False)
+  out_c = apply(variables, bev_small, sd_c, train=False)
   np.testing.assert_allclose(out_c[0], out_a[0], atol=1e-5)
   # Dropout is active in training only.
-  out_t1 = model.apply(variables, bev_small, sd_a, train=True, mutable=['batch_stats'],
-                       rngs={'dropout': jax.random.PRNGKey(1)})[0]
-  out_t2 = model.apply(variables, bev_small, sd_a, train=True, mutable=['batch_stats'],
-                       rngs={'dropout': jax.random.PRNGKey(2)})[0]
+  out_t1 = apply(variables, bev_small, sd_a, train=True, mutable=('batch_stats',),
+                 rngs={'dropout': jax.random.PRNGKey(1)})[0]
+  out_t2 = apply(variables, bev_small, sd_a, train=True, mutable=('batch_stats',),
+                 rngs={'dropout': jax.random.PRNGKey(2)})[0]
   assert np.abs(np.asarray(out_t1 - out_t2)).max() > 1e-4
 
 
@@ -176,8 +180,8 @@ HD_KWARGS = dict(patch_size=4, width=16, depth=1, num_heads=2, mlp_ratio=2, drop
 def test_hd_prior_shapes_and_rejects_bad_patch():
   model = prior.HDPrior(**HD_KWARGS)
   x = jnp.ones((2, 8, 12, 4))
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
-  out = model.apply(variables, x, train=False)
+  variables = jax.jit(model.init, static_argnames='train')(jax.random.PRNGKey(0), x, train=False)
+  out = jax.jit(model.apply, static_argnames='train')(variables, x, train=False)
   assert {k: v.shape for k, v in out.items()} == {
       'semantic': (2, 8, 12, 4), 'embedding': (2, 8, 12, 5), 'direction': (2, 8, 12, 37)}
   with pytest.raises(ValueError, match='patch_size'):
@@ -188,9 +192,10 @@ def test_hd_mae_mask_and_target():
   model = prior.HDMapMAE(hd_prior_kwargs=HD_KWARGS, mask_ratio=0.5)
   semantic = np.random.default_rng(0).integers(0, 4, (2, 8, 12)).astype(np.int32)
   rngs = {'params': jax.random.PRNGKey(0), 'mask': jax.random.PRNGKey(1)}
-  variables = model.init(rngs, {'semantic': semantic}, train=False)
-  out = model.apply(variables, {'semantic': semantic}, train=False,
-                    rngs={'mask': jax.random.PRNGKey(2)})
+  variables = jax.jit(model.init, static_argnames='train')(
+      rngs, {'semantic': semantic}, train=False)
+  out = jax.jit(model.apply, static_argnames='train')(
+      variables, {'semantic': semantic}, train=False, rngs={'mask': jax.random.PRNGKey(2)})
   mask = np.asarray(out['mask'])
   assert out['reconstruction'].shape == (2, 8, 12, 4) and mask.shape == (2, 8, 12)
   np.testing.assert_array_equal(np.asarray(out['target']).argmax(-1), semantic)
