@@ -58,7 +58,8 @@ def get_config(arg=None):
       sd_road_classes=('trunk', 'primary', 'secondary', 'tertiary', 'unclassified', 'residential',
                        'trunk_link', 'primary_link', 'secondary_link', 'tertiary_link',
                        'living_street', 'road'),  # OSM `type`s kept for the SD prior (P-MapNet)
-      synthetic=dict(scenes=12, samples_per_scene=40, seed=0),
+      # generate_world kwargs; image_size = rendered (H, W), sweeps = LiDAR sweeps before each keyframe.
+      synthetic=dict(scenes=12, samples_per_scene=40, seed=0, image_size=(225, 400), sweeps=2, val_fraction=0.2),
   )
 
   # One sub-dict per shared block (DESIGN.md section 2); models read only their own.
@@ -126,7 +127,8 @@ def get_config(arg=None):
     config.data.bev_name = 'tiny'
     config.data.max_points = 4096
     config.data.num_shards = 2
-    config.data.synthetic = dict(scenes=3, samples_per_scene=8, seed=0)
+    config.data.synthetic = dict(scenes=3, samples_per_scene=8, seed=0, image_size=(108, 192), sweeps=2,
+                                 val_fraction=0.2)
     config.model.camera.update(image_encoder='resnet_small', channels=16,
                                resnet_widths=(8, 16, 24, 32), patch_shape=(8, 16))
     config.model.lss.update(image_encoder='resnet_small', resnet_widths=(8, 16, 24, 32),
