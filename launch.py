@@ -1,0 +1,56 @@
+"""Trains one stage of a MapKD Teacher-Coach-Student experiment (or the whole chain).
+
+  python launch.py --config configs/tcs.py:teacher --workdir runs/tcs
+  python launch.py --config configs/tcs.py:student,tiny --workdir runs/tiny --config.train.steps=50
+  python launch.py --config configs/tcs.py:demo --workdir runs/demo     # the whole chain + report
+
+Each stage writes WORKDIR/<stage>/ (checkpoints/, best/, TensorBoard events, config.json) and
+reads the earlier stages it depends on from the same WORKDIR. Rerunning a command resumes it.
+"""
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file and arg, e.g. configs/tcs.py:student,tiny; override any '
+    'value with --config.<key>=<value> (e.g. --config.train.steps=100).', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Root directory of one TCS experiment: data/, and one subdirectory per '
+    'stage (hd_pretrain, teacher, coach, student, student_nokd).')
+_MULTIHOST = flags.DEFINE_bool(
+    'multihost', False, 'Call jax.distributed.initialize() with the cluster auto-detected '
+    '(TPU pod slice, SLURM, ...). Implied by --num_processes.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for an explicit multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes of an explicit run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index in an explicit run.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  import jax  # after flags: XLA_FLAGS and the like may be set by the caller
+  import tensorflow as tf
+  tf.config.set_visible_devices([], 'GPU')  # tf.data only; the accelerators belong to JAX
+  if _NUM_PROCESSES.value is not None:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _MULTIHOST.value:
+    jax.distributed.initialize()
+  from mapkd_jax import demo, trainer
+  config = _CONFIG.value
+  logging.info('Stage %s, workdir %s', config.stage, _WORKDIR.value)
+  if config.stage == 'demo':
+    demo.run(config, _WORKDIR.value)
+  else:
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

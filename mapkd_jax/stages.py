@@ -1,0 +1,120 @@
+"""Stage chaining of one TCS experiment: where each stage lives, what it needs, data creation.
+
+`--workdir ROOT` holds one experiment: ROOT/data/ (world + shards, created on first use),
+ROOT/hd_pretrain, ROOT/teacher, ROOT/coach, ROOT/student, ROOT/student_nokd.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax.data import schema
+
+# What each stage restores: (config key, stage it comes from).
+INIT_DEPS = {'teacher': ('init.hd_prior', 'hd_pretrain'), 'coach': ('init.hd_prior', 'hd_pretrain')}
+
+
+def stage_dir_name(config):
+  return 'student_nokd' if config.nokd else config.stage
+
+
+def _modifiers(config):
+  mods = [] if config.data.bev_name in ('60x30', 'tiny') else [f'bev={config.data.bev_name}']
+  if config.data.bev_name == 'tiny':
+    mods.append('tiny')
+  return ''.join(',' + m for m in mods)
+
+
+def _command(stage, config, workdir):
+  return f'python launch.py --config configs/tcs.py:{stage}{_modifiers(config)} --workdir {workdir}'
+
+
+def dependency_dir(config, workdir, key, stage):
+  """Checkpoint dir named by config `key` ('frozen.teacher', ...), default ROOT/<stage>."""
+  section, name = key.split('.')
+  override = config[section][name]
+  return override or os.path.join(workdir, stage, 'checkpoints')
+
+
+def shards_dir(config, workdir):
+  return config.data.shards or os.path.join(workdir, 'data', f'shards-{config.data.bev_name}')
+
+
+def ensure_data(config, workdir):
+  """Returns the shard dir, creating the synthetic world and/or the shards if missing."""
+  out = shards_dir(config, workdir)
+  if os.path.exists(os.path.join(out, 'dataset_info.json')):
+    return out
+  if config.data.shards:
+    raise FileNotFoundError(f'config.data.shards={config.data.shards!r} has no dataset_info.json; '
+                            'build it with python -m data_prep.build_shards or unset the key')
+  if jax.process_index() == 0:
+    _create_data(config, workdir, out)
+  multihost_utils.sync_global_devices('mapkd_jax.stages.ensure_data')
+  return out
+
+
+def _create_data(config, workdir, out):
+  from data_prep import build_shards, synthetic_world  # data prep is only needed here
+  root = config.data.root
+  if not root:
+    root = os.path.join(workdir, 'data', 'world')
+    if not os.path.isdir(os.path.join(root, config.data.version)):
+      syn = config.data.synthetic
+      logging.info('No data at %s: creating the synthetic world (%d scenes x %d samples, seed %d)',
+                   root, syn.scenes, syn.samples_per_scene, syn.seed)
+      synthetic_world.generate_world(root, scenes=syn.scenes,
+                                     samples_per_scene=syn.samples_per_scene, seed=syn.seed,
+                                     version=config.data.version, workers=config.data.prep_workers)
+  logging.info('No shards at %s: building them from %s (%s)', out, root, config.data.version)
+  build_shards.build_shards(
+      root, config.data.version, out, bev_x=tuple(config.data.bev_x),
+      bev_y=tuple(config.data.bev_y), image_size=tuple(config.data.image_size),
+      num_shards=config.data.num_shards, workers=config.data.prep_workers)
+
+
+def batch_spec(config, batch_size):
+  return {k: (shape, jnp.dtype(dtype))
+          for k, (shape, dtype) in schema.batch_spec(config.data, batch_size).items()}
+
+
+def _abstract_variables(model, dummy_batch, mesh):
+  from mapkd_jax import sharding  # local: only this function needs shardings
+  rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(0), 'mask': jax.random.key(0)}
+  shapes = jax.eval_shape(lambda: model.init(rngs, dummy_batch, train=False))
+  repl = sharding.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), shapes)
+
+
+def restore_frozen(config, workdir, models, dummy_batch, mesh):
+  """{'teacher': variables, 'coach': variables} restored params-only for this stage."""
+  from mapkd_jax import train_step as step_lib  # avoid a cycle at import time
+  frozen = {}
+  for name in step_lib.frozen_names(config):
+    ckpt_dir = dependency_dir(config, workdir, f'frozen.{name}', name)
+    _, frozen[name] = ckpt_lib.restore_params(
+        ckpt_dir, _abstract_variables(models[name], dummy_batch, mesh),
+        what=f'frozen {name} for stage {config.stage}',
+        hint=f'train it first: {_command(name, config, workdir)} (or set --config.frozen.{name})')
+  return frozen
+
+
+def apply_init(state, config, workdir, mesh):
+  """Fresh state + pretrained parts: the HD-prior module from hd_pretrain (teacher, coach)."""
+  if config.stage not in INIT_DEPS or 'hd_prior' not in state.params['model']:
+    return state
+  key, stage = INIT_DEPS[config.stage]
+  ckpt_dir = dependency_dir(config, workdir, key, stage)
+  from mapkd_jax import models as models_lib
+  mae = models_lib.build('hd_mae', config)
+  dummy = {k: jnp.zeros(s, d) for k, (s, d) in batch_spec(config, 1).items()}
+  _, mae_vars = ckpt_lib.restore_params(
+      ckpt_dir, _abstract_variables(mae, dummy, mesh), what=f'HD prior for stage {config.stage}',
+      hint=f'pretrain it first: {_command(stage, config, workdir)} (or set --config.{key})')
+  params = dict(state.params['model'])
+  params['hd_prior'] = mae_vars['params']['hd_prior']
+  logging.info('Initialized %s.hd_prior from %s', config.stage, ckpt_dir)
+  return state.replace(params={**state.params, 'model': params})

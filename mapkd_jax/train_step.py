@@ -1,0 +1,194 @@
+"""The pure, jitted TCS update: state, frozen models, batch and rng in; new state and metrics out.
+
+Only the stage's own model (plus its TGPD projectors) is trained. Frozen teacher/coach
+variables are a separate argument: never in the state, the optimizer or the checkpoint of
+this stage, never donated; their forward passes run in eval mode under stop_gradient.
+"""
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from mapkd_jax import losses
+from mapkd_jax import metrics as metrics_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: int32 scalar; params: {'model': ..., 'aux': ...}; batch_stats of the model."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  batch_stats: Any
+
+
+def frozen_names(config):
+  """Frozen models a stage distills from, in a fixed order."""
+  if config.stage == 'coach':
+    return ('teacher',)
+  if config.stage == 'student' and not config.nokd:
+    names = []
+    if config.kd.msrd_teacher_weight or config.kd.tgpd_teacher_weight:
+      names.append('teacher')
+    if config.kd.msrd_coach_weight or config.kd.tgpd_coach_weight:
+      names.append('coach')
+    return tuple(names)
+  return ()
+
+
+def model_name(config):
+  return 'hd_mae' if config.stage == 'hd_pretrain' else config.stage
+
+
+def make_optimizer(config, steps_per_decay=None):
+  """Adam with a step decay (x decay_factor every decay_steps) and global-norm clipping."""
+  optim = config.optim
+  schedule = optax.exponential_decay(
+      init_value=optim.learning_rate, transition_steps=steps_per_decay or optim.decay_steps,
+      decay_rate=optim.decay_factor, staircase=True)
+  return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                     optax.adam(schedule, b1=optim.b1, b2=optim.b2))
+
+
+def init_state(rng, *, batch, models, tgpd, tx, config):
+  """Fresh TrainState of the stage's model, plus one TGPD projector per frozen model.
+
+  The projectors belong to this stage's trainable state (params['aux']), so they are learned
+  and checkpointed with it, and dropped at export; bev_small has one shape in all models.
+  """
+  name = model_name(config)
+  rngs = {'params': rng, 'dropout': rng, 'mask': rng}
+  variables = models[name].init(rngs, batch, train=False)
+  params = {'model': variables['params'], 'aux': {}}
+  if frozen_names(config):
+    outputs = models[name].apply(variables, batch, train=False, rngs=rngs)
+    for index, frozen_name in enumerate(frozen_names(config)):
+      params['aux'][f'tgpd_{frozen_name}'] = tgpd.init(
+          jax.random.fold_in(rng, index + 1), outputs['bev_small'],
+          outputs['bev_small'])['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    batch_stats=variables.get('batch_stats', {}))
+
+
+def _task(outputs, batch, config, suffix=''):
+  loss_cfg = config.loss
+  return losses.task_loss(
+      {k: outputs[k + suffix] for k in ('semantic', 'embedding', 'direction')}, batch,
+      pos_weight=loss_cfg.semantic_pos_weight, instance_weight=loss_cfg.instance_weight,
+      direction_weight=loss_cfg.direction_weight, delta_v=loss_cfg.delta_v,
+      delta_d=loss_cfg.delta_d, max_instances=loss_cfg.max_instances)
+
+
+def _distill(outputs, frozen_outputs, aux_params, batch, config, tgpd_fn):
+  """MSRD + TGPD terms from each frozen model; returns (loss, metrics)."""
+  kd = config.kd
+  total, logs = 0.0, {}
+  for name, out_t in frozen_outputs.items():
+    msrd_w = kd[f'msrd_{name}_weight'] if config.stage == 'student' else kd.msrd_teacher_weight
+    tgpd_w = kd[f'tgpd_{name}_weight'] if config.stage == 'student' else kd.tgpd_teacher_weight
+    if msrd_w:
+      msrd = losses.msrd_loss(outputs['semantic'], out_t['semantic'], batch['semantic'],
+                              temperature=kd.msrd_temperature, variant=kd.msrd_variant)
+      total += msrd_w * msrd
+      logs[f'loss/msrd_{name}'] = msrd
+    if tgpd_w:
+      tgpd = tgpd_fn(aux_params[f'tgpd_{name}'], outputs['bev_small'], out_t['bev_small'])
+      total += tgpd_w * tgpd
+      logs[f'loss/tgpd_{name}'] = tgpd
+  return total, logs
+
+
+def stage_loss(params, batch_stats, frozen_outputs, batch, rng, *, model, tgpd, config,
+               train=True):
+  """Loss of one stage on one batch.
+
+  Returns:
+    (loss, (metrics, new_batch_stats, outputs)).
+  """
+  variables = {'params': params['model'], 'batch_stats': batch_stats}
+  rngs = {'dropout': jax.random.fold_in(rng, 0), 'mask': jax.random.fold_in(rng, 1)}
+  if train:
+    outputs, updates = model.apply(variables, batch, train=True, rngs=rngs,
+                                   mutable=['batch_stats'])
+    new_stats = updates['batch_stats']
+  else:
+    outputs, new_stats = model.apply(variables, batch, train=False, rngs=rngs), batch_stats
+  if config.stage == 'hd_pretrain':
+    loss = losses.mae_loss(outputs['reconstruction'], outputs['target'], outputs['mask'])
+    return loss, ({'loss/mae': loss, 'loss/total': loss}, new_stats, outputs)
+  loss, logs = _task(outputs, batch, config)
+  if 'semantic_pre' in outputs and config.loss.pre_refine_weight:
+    # Deep supervision of the pre-refinement heads keeps the BEV branch a good map on its
+    # own, so the HD module refines a sensible input rather than compensating for it.
+    pre_loss, _ = _task(outputs, batch, config, suffix='_pre')
+    loss += config.loss.pre_refine_weight * pre_loss
+    logs['loss/task_pre_refine'] = pre_loss
+  if frozen_outputs:
+    tgpd_fn = functools.partial(_tgpd_apply, tgpd=tgpd, config=config)
+    kd_loss, kd_logs = _distill(outputs, frozen_outputs, params['aux'], batch, config, tgpd_fn)
+    loss += kd_loss
+    logs.update(kd_logs)
+  logs['loss/total'] = loss
+  return loss, (logs, new_stats, outputs)
+
+
+def _tgpd_apply(tgpd_params, student_bev, teacher_bev, *, tgpd, config):
+  kd = config.kd
+  student_tokens, teacher_tokens = tgpd.apply({'params': tgpd_params}, student_bev, teacher_bev)
+  return losses.tgpd_loss(student_bev, teacher_bev, student_tokens, teacher_tokens,
+                          temperature=kd.tgpd_temperature,
+                          attention_weight=kd.tgpd_attention_weight,
+                          feature_weight=kd.tgpd_feature_weight)
+
+
+def frozen_forward(frozen, batch, *, models):
+  """Eval-mode outputs of the frozen models, as constants for the student's loss."""
+  return jax.lax.stop_gradient(
+      {name: models[name].apply(variables, batch, train=False)
+       for name, variables in frozen.items()})
+
+
+def train_step(state, frozen, batch, rng, *, models, tgpd, tx, config):
+  """One optimizer step of the stage's model.
+
+  Args:
+    state: TrainState of the trained model (donated).
+    frozen: {'teacher': variables, 'coach': variables} (subset by stage); read-only.
+    batch: global batch dict (schema.batch_spec), sharded over 'data'.
+    rng: base PRNG key; folded with the step so there is no rng state to save.
+    models: {name: nn.Module} for the trained model and the frozen ones (static).
+    tgpd: the TGPD projector module (static), params under state.params['aux'].
+    tx: optax transformation (static).
+    config: the stage config (static; read-only).
+
+  Returns:
+    (new_state, metrics) with scalar metrics.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  frozen_outputs = frozen_forward(frozen, batch, models=models)
+  loss_fn = functools.partial(stage_loss, model=models[model_name(config)], tgpd=tgpd,
+                              config=config)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, (logs, batch_stats, _)), grads = grad_fn(state.params, state.batch_stats,
+                                               frozen_outputs, batch, rng)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1,
+                            params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state, batch_stats=batch_stats)
+  return new_state, {**logs, 'train/l2_grads': optax.tree.norm(grads),
+                     'train/l2_params': optax.tree.norm(state.params)}
+
+
+def eval_step(variables, batch, *, model, num_classes):
+  """Eval-mode forward and per-class IoU counts of one batch.
+
+  Returns:
+    {'intersection': [num_classes], 'union': [num_classes]} int32 (summed over the batch).
+  """
+  outputs = model.apply(variables, batch, train=False)
+  pred = metrics_lib.predicted_classes(outputs['semantic'])
+  inter, union = metrics_lib.iou_counts(pred, batch['semantic'], num_classes=num_classes)
+  return {'intersection': inter, 'union': union}

@@ -1,0 +1,199 @@
+"""Training loop of one TCS stage: data, init/restore, jitted steps, logging, eval, checkpoints.
+
+Resume order: this stage's latest checkpoint -> scratch (plus `init.hd_prior` for the teacher's
+and coach's HD module). Frozen teacher/coach params are restored params-only from their stage
+directories and passed to every step as a separate, never-donated argument.
+"""
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+
+from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax import losses
+from mapkd_jax import metrics as metrics_lib
+from mapkd_jax import models as models_lib
+from mapkd_jax import sharding
+from mapkd_jax import stages
+from mapkd_jax import train_step as step_lib
+from mapkd_jax.data import pipeline
+
+
+def _log_start(config, mesh, stage_dir):
+  logging.info('Stage %s: process %d/%d, %d local / %d global devices (%s), mesh %s, workdir %s',
+               stages.stage_dir_name(config), jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind,
+               dict(mesh.shape), stage_dir)
+
+
+def train_and_evaluate(config, workdir):
+  """Trains `config.stage` under `workdir/<stage>` and returns its final eval metrics."""
+  stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
+  os.makedirs(stage_dir, exist_ok=True)
+  mesh = sharding.make_mesh()
+  _log_start(config, mesh, stage_dir)
+  sharding.check_batch_size(config.train.batch_size, mesh)
+  if jax.process_index() == 0:
+    with open(os.path.join(stage_dir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = metric_writers.create_default_writer(stage_dir, just_logging=jax.process_index() > 0)
+
+  shards_dir = stages.ensure_data(config, workdir)
+  info = pipeline.load_dataset_info(shards_dir)
+  pipeline.check_dataset_info(info, config.data, shards_dir)
+  host_batch = config.train.batch_size // jax.process_count()
+  steps_per_epoch = info['splits']['train']['num_samples'] // config.train.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'{shards_dir}: train split has {info["splits"]["train"]["num_samples"]} '
+                     f'samples, fewer than config.train.batch_size={config.train.batch_size}')
+
+  models = {name: models_lib.build(name, config)
+            for name in (step_lib.model_name(config),) + step_lib.frozen_names(config)}
+  tgpd = losses.TGPDProjector(patch_size=tuple(config.kd.tgpd_patch_size),
+                              embed_dim=config.kd.tgpd_embed_dim)
+  tx = step_lib.make_optimizer(config)
+  repl = sharding.replicated(mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  # Shapes only matter for init (no batch axis in any parameter): a batch of one.
+  dummy = {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in stages.batch_spec(config, 1).items()}
+
+  init_state = functools.partial(step_lib.init_state, batch=dummy, models=models, tgpd=tgpd,
+                                 tx=tx, config=config)
+
+  rng = jax.random.key(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  abstract_state = jax.eval_shape(init_state, init_rng)
+  state_sh = sharding.state_shardings(mesh, abstract_state)
+  state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
+  logging.info('Parameters of %s:\n%s', step_lib.model_name(config),
+               parameter_overview.get_parameter_overview(state.params['model']))
+
+  latest_mngr, best_mngr = ckpt_lib.managers(stage_dir, max_to_keep=config.train.keep_checkpoints)
+  start_step = 0
+  if latest_mngr.latest_step() is not None:
+    start_step = latest_mngr.latest_step()
+    variables, train_extra, data_pos, meta = ckpt_lib.restore_train(
+        latest_mngr, start_step, abstract_variables=_abstract(_variables_of(state), repl),
+        abstract_opt_state=_abstract(_train_extra_of(state), repl))
+    state = state.replace(step=jnp.asarray(start_step, jnp.int32),
+                          opt_state=train_extra['tx'],
+                          params={'model': variables['params'], 'aux': train_extra['aux']},
+                          batch_stats=variables['batch_stats'])
+    logging.info('Resumed %s from %s step %d (data position %s)', config.stage,
+                 latest_mngr.directory, start_step, data_pos)
+  else:
+    state = stages.apply_init(state, config, workdir, mesh)
+  frozen = stages.restore_frozen(config, workdir, models, dummy, mesh)
+
+  train_fn = jax.jit(
+      functools.partial(step_lib.train_step, models=models, tgpd=tgpd, tx=tx, config=config),
+      in_shardings=(state_sh, jax.tree.map(lambda _: repl, frozen), batch_sh, repl),
+      out_shardings=(state_sh, repl), donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=models[step_lib.model_name(config)],
+                                      num_classes=len(config.data.classes) + 1),
+                    in_shardings=(repl, batch_sh), out_shardings=repl)
+
+  def evaluate(state):
+    return run_eval(eval_fn, _variables_of(state), shards_dir, config, mesh)
+
+  epoch, batch_in_epoch = divmod(start_step, steps_per_epoch)
+  batches = pipeline.iterate(shards_dir, 'train', config.data, batch_size=host_batch,
+                             seed=config.seed, epoch=epoch, skip=batch_in_epoch, shuffle=True)
+  eval_metrics = {}
+  t_last, step_last = time.time(), start_step
+  for step in range(start_step + 1, config.train.steps + 1):
+    epoch, batch_in_epoch = divmod(step - 1, steps_per_epoch)
+    host = next(batches, None)
+    if host is None:  # epoch finished: the next epoch has its own deterministic order
+      batches = pipeline.iterate(shards_dir, 'train', config.data, batch_size=host_batch,
+                                 seed=config.seed, epoch=epoch, skip=0, shuffle=True)
+      host = next(batches)
+    batch = sharding.host_batch_to_global(host, mesh)
+    state, step_metrics = train_fn(state, frozen, batch, train_rng)
+
+    if step % config.train.log_every == 0 or step == config.train.steps:
+      step_metrics = jax.device_get(step_metrics)
+      _check_finite(step_metrics, step_last, step)
+      now = time.time()
+      steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
+      step_metrics['train/steps_per_s'] = steps_per_s
+      step_metrics['train/eta_min'] = (config.train.steps - step) / max(steps_per_s, 1e-9) / 60
+      writer.write_scalars(step, step_metrics)
+      t_last, step_last = now, step
+    if step % config.train.eval_every == 0 or step == config.train.steps:
+      eval_metrics = evaluate(state)
+      writer.write_scalars(step, _flat_eval(eval_metrics))
+    if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+      _save(latest_mngr, best_mngr, step, state, config, steps_per_epoch, eval_metrics)
+  if not eval_metrics:
+    eval_metrics = evaluate(state)
+  latest_mngr.wait_until_finished()
+  best_mngr.wait_until_finished()
+  writer.flush()
+  logging.info('Stage %s done: %s', config.stage, json.dumps(_flat_eval(eval_metrics)))
+  return eval_metrics
+
+
+def _variables_of(state):
+  """The model's variables: what `params` checkpoints hold and the next stage restores."""
+  return {'params': state.params['model'], 'batch_stats': state.batch_stats}
+
+
+def _train_extra_of(state):
+  """What resuming needs beyond the model: optimizer state and the TGPD projectors."""
+  return {'tx': state.opt_state, 'aux': state.params['aux']}
+
+
+def _abstract(tree, sharding_):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_), tree)
+
+
+def _check_finite(step_metrics, first, last):
+  bad = [k for k, v in step_metrics.items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise FloatingPointError(f'non-finite {bad} between steps {first} and {last}; the last '
+                             'good checkpoint is kept, lower config.optim.learning_rate')
+
+
+def _flat_eval(eval_metrics):
+  flat = {'eval/miou': eval_metrics.get('miou', float('nan'))}
+  for name, value in eval_metrics.get('iou', {}).items():
+    flat[f'eval/iou_{name}'] = value
+  return flat
+
+
+def _save(latest_mngr, best_mngr, step, state, config, steps_per_epoch, eval_metrics):
+  epoch, batch_in_epoch = divmod(step, steps_per_epoch)
+  data_position = {'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'seed': config.seed}
+  meta = {'stage': config.stage, 'nokd': config.nokd, 'step': step,
+          'config': json.loads(config.to_json_best_effort()), 'metrics': _flat_eval(eval_metrics)}
+  kwargs = dict(variables=_variables_of(state), opt_state=_train_extra_of(state),
+                data_position=data_position, meta=meta)
+  ckpt_lib.save(latest_mngr, step, **kwargs)
+  if eval_metrics and math.isfinite(eval_metrics['miou']):
+    ckpt_lib.save(best_mngr, step, metrics=_flat_eval(eval_metrics), **kwargs)
+
+
+def run_eval(eval_fn, variables, shards_dir, config, mesh):
+  """Validation mIoU over the val split (or its first `train.eval_batches` batches)."""
+  num_classes = len(config.data.classes) + 1
+  inter = np.zeros(num_classes, np.int64)
+  union = np.zeros(num_classes, np.int64)
+  host_batch = config.train.batch_size // jax.process_count()
+  batches = pipeline.iterate(shards_dir, 'val', config.data, batch_size=host_batch,
+                             seed=config.seed, epoch=0, skip=0, shuffle=False)
+  for i, host in enumerate(batches):
+    if config.train.eval_batches and i >= config.train.eval_batches:
+      break
+    counts = jax.device_get(eval_fn(variables, sharding.host_batch_to_global(host, mesh)))
+    inter += counts['intersection']
+    union += counts['union']
+  return metrics_lib.iou_from_counts(inter, union, config.data.classes)
