@@ -103,11 +103,14 @@ def get_config(arg=None):
       msrd_teacher_weight=0.75, msrd_coach_weight=0.001,
       tgpd_teacher_weight=0.5, tgpd_coach_weight=0.01,
       msrd_temperature=1.0, msrd_variant='bce',   # or 'kl'
-      tgpd_patch_size=(5, 5), tgpd_embed_dim=64, tgpd_temperature=1.0,
+      tgpd_patch_size=(5, 5),   # on bev_small (25 x 50 at reference and tiny size): 50 patches
+      tgpd_embed_dim=64, tgpd_temperature=1.0,
       tgpd_attention_weight=1.0, tgpd_feature_weight=1.0,
   )
   config.loss = dict(semantic_pos_weight=2.13, instance_weight=0.1, direction_weight=0.1,
-                     delta_v=0.5, delta_d=3.0)
+                     delta_v=0.5, delta_d=3.0,
+                     max_instances=128,      # ids above are ignored (see data/instance_overflow_pixels)
+                     pre_refine_weight=1.0)  # task loss on the pre-HD-refinement heads
 
   # Durations in steps. Reference recipe: 10 epochs of nuScenes train (28k samples, batch 8).
   config.train = dict(steps=35000, batch_size=8, log_every=50, checkpoint_every=1000,
