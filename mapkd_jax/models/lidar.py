@@ -166,12 +166,13 @@ class PointPillars(nn.Module):
     return nn.Conv(self.out_channels, (1, 1))(x)
 
 
-def from_config(config):
-  """PointPillars for a full config (reads config.data BEV ranges and config.model.lidar)."""
+def from_config(config, name=None):
+  """PointPillars for a full config (config.data BEV ranges, config.model.lidar); `name` names
+  the submodule."""
   cfg = config.model.lidar
   return PointPillars(
       bev_x=tuple(config.data.bev_x), bev_y=tuple(config.data.bev_y),
       z_range=tuple(cfg.z_range), pointnet_channels=cfg.pointnet_channels,
       block_channels=tuple(cfg.block_channels), block_layers=tuple(cfg.block_layers),
       block_strides=tuple(cfg.block_strides), head_channels=tuple(cfg.head_channels),
-      out_channels=cfg.out_channels)
+      out_channels=cfg.out_channels, name=name)

@@ -225,16 +225,19 @@ def random_patch_mask(rng, batch, grid_h, grid_w, *, mask_ratio):
 class HDMapMAE(nn.Module):
   """hd_pretrain model: reconstruct one-hot ground-truth rasters from randomly masked ones.
 
-  Needs the 'mask' rng stream (also in evaluation: the masking defines the task).
+  Reads config.model.hd (ViT sizes, mask_ratio), config.model.decoder.embedding_dim and
+  config.data. Needs the 'mask' rng stream, also in evaluation (the masking is the task).
+
+  Attributes:
+    config: the full (frozen) config.
   """
-  hd_prior_kwargs: dict   # HDPrior fields, from `hd_prior_kwargs(config)`
-  mask_ratio: float
+  config: object
 
   @nn.compact
   def __call__(self, batch, *, train: bool):
     """batch['semantic']: [B, Hb, Wb] int -> {'reconstruction': [B, Hb, Wb, K] logits,
     'mask': [B, Hb, Wb] float (1 = masked pixel), 'target': [B, Hb, Wb, K] one-hot}."""
-    hd_prior = HDPrior(**self.hd_prior_kwargs, name='hd_prior')
+    hd_prior = HDPrior(**hd_prior_kwargs(self.config), name='hd_prior')
     target = jax.nn.one_hot(batch['semantic'], hd_prior.num_classes, dtype=jnp.float32)
     b, height, width = batch['semantic'].shape
     p = hd_prior.patch_size
@@ -242,8 +245,9 @@ class HDMapMAE(nn.Module):
       raise ValueError(f'config.model.hd.patch_size={p} must divide the BEV canvas '
                        f'{height}x{width}')
     patch_mask = random_patch_mask(self.make_rng('mask'), b, height // p, width // p,
-                                   mask_ratio=self.mask_ratio)
+                                   mask_ratio=self.config.model.hd.mask_ratio)
     mask = jnp.repeat(jnp.repeat(patch_mask, p, axis=1), p, axis=2).astype(jnp.float32)
+    # Masked patches read as "no information" (all-zero one-hot), not as background.
     out = hd_prior(target * (1.0 - mask[..., None]), train=train)
     return {'reconstruction': out['semantic'], 'mask': mask, 'target': target}
 
@@ -259,15 +263,10 @@ def hd_prior_kwargs(config):
       direction_classes=config.data.direction_bins + 1)
 
 
-def sd_fusion_from_config(config):
-  """SDPriorFusion for a full config (config.model.sd)."""
+def sd_fusion_from_config(config, name=None):
+  """SDPriorFusion for a full config (config.model.sd); `name` names the submodule."""
   cfg = config.model.sd
   return SDPriorFusion(
       encoder_channels=tuple(cfg.encoder_channels), d_model=cfg.d_model,
       num_heads=cfg.num_heads, num_layers=cfg.num_layers, ffn_dim=cfg.ffn_dim,
-      dropout=cfg.dropout, pos_temperature=cfg.pos_temperature)
-
-
-def hd_mae_from_config(config):
-  """HDMapMAE for a full config."""
-  return HDMapMAE(hd_prior_kwargs=hd_prior_kwargs(config), mask_ratio=config.model.hd.mask_ratio)
+      dropout=cfg.dropout, pos_temperature=cfg.pos_temperature, name=name)
