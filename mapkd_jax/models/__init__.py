@@ -1,13 +1,15 @@
 """Model registry: stage name -> top-level Linen module; `build(name, config)`.
 
-Teacher, Coach and HDMapMAE are written in teacher.py / coach.py / prior.py by another
-engineer; they join MODELS once those modules exist.
+'hd_mae' is the hd_pretrain stage's model (prior.HDMapMAE).
 """
 import ml_collections
 
+from mapkd_jax.models.coach import Coach
+from mapkd_jax.models.prior import HDMapMAE
 from mapkd_jax.models.student import Student
+from mapkd_jax.models.teacher import Teacher
 
-MODELS = {'student': Student}
+MODELS = {'student': Student, 'teacher': Teacher, 'coach': Coach, 'hd_mae': HDMapMAE}
 
 
 def build(name, config):
