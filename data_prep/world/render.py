@@ -18,7 +18,7 @@ def camera_rays(intrinsics, cam_to_global, height, width):
   return cam_to_global[:3, 3], dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
 
 
-def intersect_ground(origin, dirs, ground, hills, *, t_max, iterations=6, tolerance=0.05, max_rise=0.1):
+def intersect_ground(origin, dirs, ground, hills, *, t_max, iterations=4, tolerance=0.05, max_rise=0.1):
   """Distance along each ray [N] to the height-field ground; inf where no hit within t_max.
 
   Args:

@@ -1,15 +1,8 @@
 """One scene: an ego route through the town, traffic, and the rendered sensor files + table rows."""
-import os
-
-import cv2
 import numpy as np
-from pyquaternion import Quaternion
 
-from data_prep.world import lidar as lidar_lib
 from data_prep.world import raster as raster_lib
-from data_prep.world import render
 from data_prep.world import town as town_lib
-from data_prep.world.map_json import token
 
 # The nuScenes car (positions in metres in the ego frame, yaw in degrees; ego x forward, y left),
 # close to the real calibrated_sensor values; horizontal fields of view as in the nuScenes spec.
