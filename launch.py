@@ -32,9 +32,15 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index in an
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _quiet_orbax(record):
+  """Orbax logs every file rename at INFO; keep its warnings, drop the chatter."""
+  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   import jax  # after flags: XLA_FLAGS and the like may be set by the caller
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # tf.data only; the accelerators belong to JAX
@@ -43,12 +49,13 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   elif _MULTIHOST.value:
     jax.distributed.initialize()
-  from mapkd_jax import demo, trainer
   config = _CONFIG.value
   logging.info('Stage %s, workdir %s', config.stage, _WORKDIR.value)
   if config.stage == 'demo':
+    from mapkd_jax import demo
     demo.run(config, _WORKDIR.value)
   else:
+    from mapkd_jax import trainer
     trainer.train_and_evaluate(config, _WORKDIR.value)
 
 

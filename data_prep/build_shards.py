@@ -279,10 +279,13 @@ def to_example(fields):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   def floats(x):
-    return tf.train.Feature(float_list=tf.train.FloatList(value=np.ravel(x).astype(np.float32)))
+    # A list, not an array: protobuf copies Python floats ~5x faster than numpy scalars.
+    return tf.train.Feature(float_list=tf.train.FloatList(
+        value=np.ravel(x).astype(np.float32).tolist()))
 
   def ints(x):
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=np.ravel(x).astype(np.int64)))
+    return tf.train.Feature(int64_list=tf.train.Int64List(
+        value=np.ravel(x).astype(np.int64).tolist()))
 
   def byte_list(values):
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))

@@ -8,12 +8,14 @@ def predicted_classes(semantic_logits):
   return jnp.argmax(semantic_logits, axis=-1).astype(jnp.int32)
 
 
-def iou_counts(pred, gt, *, num_classes):
+def iou_counts(pred, gt, *, num_classes, valid=None):
   """Per-class intersection and union pixel counts of class maps.
 
   Args:
     pred, gt: [B, H, W] int class maps (0 = background).
     num_classes: number of classes including background.
+    valid: optional [B] bool; rows that are False (padding of a last partial batch) count
+      nothing.
 
   Returns:
     (intersection, union): [num_classes] int32 each, summed over the batch; index 0 is
@@ -22,6 +24,9 @@ def iou_counts(pred, gt, *, num_classes):
   classes = jnp.arange(num_classes)
   pred_1h = pred[..., None] == classes
   gt_1h = gt[..., None] == classes
+  if valid is not None:
+    keep = jnp.reshape(valid, (-1,) + (1,) * (pred.ndim - 1) + (1,))
+    pred_1h, gt_1h = pred_1h & keep, gt_1h & keep
   axes = tuple(range(pred.ndim))
   inter = jnp.sum(pred_1h & gt_1h, axis=axes, dtype=jnp.int32)
   union = jnp.sum(pred_1h | gt_1h, axis=axes, dtype=jnp.int32)

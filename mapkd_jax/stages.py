@@ -62,18 +62,22 @@ def _create_data(config, workdir, out):
   root = config.data.root
   if not root:
     root = os.path.join(workdir, 'data', 'world')
-    if not os.path.isdir(os.path.join(root, config.data.version)):
-      syn = config.data.synthetic
-      logging.info('No data at %s: creating the synthetic world (%d scenes x %d samples, seed %d)',
-                   root, syn.scenes, syn.samples_per_scene, syn.seed)
-      synthetic_world.generate_world(root, scenes=syn.scenes,
-                                     samples_per_scene=syn.samples_per_scene, seed=syn.seed,
-                                     version=config.data.version, workers=config.data.prep_workers)
+    syn = config.data.synthetic
+    logging.info('Synthetic world at %s (%d scenes x %d samples, seed %d; kept if complete)',
+                 root, syn.scenes, syn.samples_per_scene, syn.seed)
+    synthetic_world.generate_world(
+        root, scenes=syn.scenes, samples_per_scene=syn.samples_per_scene, seed=syn.seed,
+        version=config.data.version, workers=config.data.prep_workers,
+        image_size=tuple(syn.image_size), sweeps=syn.sweeps, val_fraction=syn.val_fraction)
   logging.info('No shards at %s: building them from %s (%s)', out, root, config.data.version)
+  data = config.data
   build_shards.build_shards(
-      root, config.data.version, out, bev_x=tuple(config.data.bev_x),
-      bev_y=tuple(config.data.bev_y), image_size=tuple(config.data.image_size),
-      num_shards=config.data.num_shards, workers=config.data.prep_workers)
+      root, data.version, out, bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y),
+      image_size=tuple(data.image_size), num_shards=data.num_shards, workers=data.prep_workers,
+      cameras=tuple(data.cameras), line_width=data.line_width_px,
+      direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
+      lidar_min_range=data.lidar_min_range, jpeg_quality=data.jpeg_quality,
+      boundary_clip_margin=data.boundary_clip_margin, sd_road_classes=tuple(data.sd_road_classes))
 
 
 def batch_spec(config, batch_size):

@@ -183,12 +183,15 @@ def train_step(state, frozen, batch, rng, *, models, tgpd, tx, config):
 
 
 def eval_step(variables, batch, *, model, num_classes):
-  """Eval-mode forward and per-class IoU counts of one batch.
+  """Eval-mode forward and per-class IoU counts of one batch (rows with valid=False ignored).
 
   Returns:
     {'intersection': [num_classes], 'union': [num_classes]} int32 (summed over the batch).
   """
-  outputs = model.apply(variables, batch, train=False)
-  pred = metrics_lib.predicted_classes(outputs['semantic'])
-  inter, union = metrics_lib.iou_counts(pred, batch['semantic'], num_classes=num_classes)
+  outputs = model.apply(variables, batch, train=False, rngs={'mask': jax.random.key(0)})
+  # hd_pretrain scores its reconstruction of the masked ground truth; the others their map.
+  logits = outputs['reconstruction'] if 'reconstruction' in outputs else outputs['semantic']
+  pred = metrics_lib.predicted_classes(logits)
+  inter, union = metrics_lib.iou_counts(pred, batch['semantic'], num_classes=num_classes,
+                                        valid=batch['valid'])
   return {'intersection': inter, 'union': union}

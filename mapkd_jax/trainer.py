@@ -24,6 +24,7 @@ from mapkd_jax import models as models_lib
 from mapkd_jax import sharding
 from mapkd_jax import stages
 from mapkd_jax import train_step as step_lib
+from mapkd_jax.data import dataset_info as info_lib
 from mapkd_jax.data import pipeline
 
 
@@ -47,8 +48,8 @@ def train_and_evaluate(config, workdir):
   writer = metric_writers.create_default_writer(stage_dir, just_logging=jax.process_index() > 0)
 
   shards_dir = stages.ensure_data(config, workdir)
-  info = pipeline.load_dataset_info(shards_dir)
-  pipeline.check_dataset_info(info, config.data, shards_dir)
+  info = info_lib.load_dataset_info(shards_dir)
+  info_lib.check_dataset_info(info, config.data, shards_dir)
   host_batch = config.train.batch_size // jax.process_count()
   steps_per_epoch = info['splits']['train']['num_samples'] // config.train.batch_size
   if steps_per_epoch == 0:
@@ -77,10 +78,10 @@ def train_and_evaluate(config, workdir):
                parameter_overview.get_parameter_overview(state.params['model']))
 
   latest_mngr, best_mngr = ckpt_lib.managers(stage_dir, max_to_keep=config.train.keep_checkpoints)
-  start_step = 0
+  start_step, data_position = 0, None
   if latest_mngr.latest_step() is not None:
     start_step = latest_mngr.latest_step()
-    variables, train_extra, data_pos, meta = ckpt_lib.restore_train(
+    variables, train_extra, data_position, _ = ckpt_lib.restore_train(
         latest_mngr, start_step, abstract_variables=_abstract(_variables_of(state), repl),
         abstract_opt_state=_abstract(_train_extra_of(state), repl))
     state = state.replace(step=jnp.asarray(start_step, jnp.int32),
@@ -88,7 +89,7 @@ def train_and_evaluate(config, workdir):
                           params={'model': variables['params'], 'aux': train_extra['aux']},
                           batch_stats=variables['batch_stats'])
     logging.info('Resumed %s from %s step %d (data position %s)', config.stage,
-                 latest_mngr.directory, start_step, data_pos)
+                 latest_mngr.directory, start_step, data_position)
   else:
     state = stages.apply_init(state, config, workdir, mesh)
   frozen = stages.restore_frozen(config, workdir, models, dummy, mesh)
@@ -104,18 +105,12 @@ def train_and_evaluate(config, workdir):
   def evaluate(state):
     return run_eval(eval_fn, _variables_of(state), shards_dir, config, mesh)
 
-  epoch, batch_in_epoch = divmod(start_step, steps_per_epoch)
   batches = pipeline.iterate(shards_dir, 'train', config.data, batch_size=host_batch,
-                             seed=config.seed, epoch=epoch, skip=batch_in_epoch, shuffle=True)
+                             seed=config.seed, shuffle=True, position=data_position)
   eval_metrics = {}
   t_last, step_last = time.time(), start_step
   for step in range(start_step + 1, config.train.steps + 1):
-    epoch, batch_in_epoch = divmod(step - 1, steps_per_epoch)
-    host = next(batches, None)
-    if host is None:  # epoch finished: the next epoch has its own deterministic order
-      batches = pipeline.iterate(shards_dir, 'train', config.data, batch_size=host_batch,
-                                 seed=config.seed, epoch=epoch, skip=0, shuffle=True)
-      host = next(batches)
+    host = next(batches)
     batch = sharding.host_batch_to_global(host, mesh)
     state, step_metrics = train_fn(state, frozen, batch, train_rng)
 
@@ -132,7 +127,7 @@ def train_and_evaluate(config, workdir):
       eval_metrics = evaluate(state)
       writer.write_scalars(step, _flat_eval(eval_metrics))
     if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-      _save(latest_mngr, best_mngr, step, state, config, steps_per_epoch, eval_metrics)
+      _save(latest_mngr, best_mngr, step, state, config, batches.position, eval_metrics)
   if not eval_metrics:
     eval_metrics = evaluate(state)
   latest_mngr.wait_until_finished()
@@ -170,9 +165,7 @@ def _flat_eval(eval_metrics):
   return flat
 
 
-def _save(latest_mngr, best_mngr, step, state, config, steps_per_epoch, eval_metrics):
-  epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-  data_position = {'epoch': epoch, 'batch_in_epoch': batch_in_epoch, 'seed': config.seed}
+def _save(latest_mngr, best_mngr, step, state, config, data_position, eval_metrics):
   meta = {'stage': config.stage, 'nokd': config.nokd, 'step': step,
           'config': json.loads(config.to_json_best_effort()), 'metrics': _flat_eval(eval_metrics)}
   kwargs = dict(variables=_variables_of(state), opt_state=_train_extra_of(state),
@@ -189,11 +182,24 @@ def run_eval(eval_fn, variables, shards_dir, config, mesh):
   union = np.zeros(num_classes, np.int64)
   host_batch = config.train.batch_size // jax.process_count()
   batches = pipeline.iterate(shards_dir, 'val', config.data, batch_size=host_batch,
-                             seed=config.seed, epoch=0, skip=0, shuffle=False)
+                             seed=config.seed, shuffle=False, num_epochs=1, drop_remainder=False)
   for i, host in enumerate(batches):
     if config.train.eval_batches and i >= config.train.eval_batches:
       break
-    counts = jax.device_get(eval_fn(variables, sharding.host_batch_to_global(host, mesh)))
+    counts = jax.device_get(eval_fn(variables, sharding.host_batch_to_global(
+        pad_batch(host, host_batch), mesh)))
     inter += counts['intersection']
     union += counts['union']
   return metrics_lib.iou_from_counts(inter, union, config.data.classes)
+
+
+def pad_batch(host, batch_size):
+  """Pads a partial last batch to `batch_size` rows (repeating row 0) with a `valid` mask.
+
+  Every device needs an equal share of the batch; the padded rows are masked out of metrics.
+  """
+  rows = len(host['semantic'])
+  padded = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, axis=0)])
+            for k, v in host.items()}
+  padded['valid'] = np.arange(batch_size) < rows
+  return padded

@@ -42,3 +42,13 @@ def test_argmax_classes():
   logits[0, 0, 0, 2] = 1.0
   logits[0, 0, 1, 0] = 1.0
   np.testing.assert_array_equal(metrics.predicted_classes(logits), [[[2, 0]]])
+
+
+def test_invalid_rows_count_nothing():
+  rng = np.random.default_rng(1)
+  pred = rng.integers(0, 4, (3, 4, 5))
+  gt = rng.integers(0, 4, (3, 4, 5))
+  inter, union = metrics.iou_counts(pred, gt, num_classes=4, valid=np.array([True, False, True]))
+  inter_ref, union_ref = _iou_counts_ref(pred[[0, 2]], gt[[0, 2]], 4)
+  np.testing.assert_array_equal(inter, inter_ref)
+  np.testing.assert_array_equal(union, union_ref)

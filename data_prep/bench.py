@@ -1,0 +1,76 @@
+"""Data-prep throughput of the shard builder on this machine.
+
+  python -m data_prep.bench [--dataroot DIR --version V --osm-dir DIR] [--workers 2]
+
+Prints two figures at config.data's image size and BEV range:
+  1. per-process steady state: samples/s of read_sample + Example encoding (no start-up),
+  2. end to end: `build_shards` into a temp dir with --workers processes, wall clock including
+     process start-up and NuScenes/map/OSM loading, samples written / s.
+Defaults to the real nuScenes fragment in /work/shared/realdata (10 readable keyframes).
+"""
+import argparse
+import os
+import tempfile
+import time
+
+from data_prep import build_shards
+
+DEFAULT_ROOT = '/work/shared/realdata/nuscenes_scene0916_subset'
+DEFAULT_VERSION = 'v1.0-mini-extract'
+DEFAULT_OSM = '/work/shared/realdata/osm'
+
+
+def _builder_kwargs(data, osm_dir):
+  return dict(bev_x=data.bev_x, bev_y=data.bev_y, image_size=data.image_size,
+              cameras=data.cameras, line_width=data.line_width_px,
+              direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
+              lidar_min_range=data.lidar_min_range, jpeg_quality=data.jpeg_quality,
+              boundary_clip_margin=data.boundary_clip_margin,
+              sd_road_classes=data.sd_road_classes, osm_dir=osm_dir)
+
+
+def steady_state(dataroot, version, tokens, options, repeats):
+  """samples/s of reading + encoding `tokens` `repeats` times in this process (warm caches)."""
+  source = build_shards.Source(dataroot, version, options)
+  build_shards.to_example(build_shards.read_sample(source, tokens[0])).SerializeToString()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    for token in tokens:
+      build_shards.to_example(build_shards.read_sample(source, token)).SerializeToString()
+  return repeats * len(tokens) / (time.perf_counter() - start)
+
+
+def main(argv=None):
+  from configs import tcs  # pylint: disable=g-import-not-at-top
+  data = tcs.get_config().data
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--dataroot', default=DEFAULT_ROOT)
+  parser.add_argument('--version', default=DEFAULT_VERSION)
+  parser.add_argument('--osm-dir', default=DEFAULT_OSM)
+  parser.add_argument('--workers', type=int, default=data.prep_workers)
+  parser.add_argument('--repeats', type=int, default=3, help='passes for the steady state')
+  args = parser.parse_args(argv)
+  kwargs = _builder_kwargs(data, args.osm_dir)
+  options = build_shards.make_options(**kwargs)
+  with tempfile.TemporaryDirectory() as out:
+    start = time.perf_counter()
+    info = build_shards.build_shards(args.dataroot, args.version, out,
+                                     num_shards=args.workers, workers=args.workers,
+                                     skip_bad=True, progress=False, **kwargs)
+    wall = time.perf_counter() - start
+  written = sum(s['num_samples'] for s in info['splits'].values())
+  skipped = {s['sample_token'] for s in info['skipped']}
+  nusc = build_shards.open_nuscenes(os.path.abspath(args.dataroot), args.version)
+  tokens = [s['token'] for s in nusc.sample if s['token'] not in skipped]
+  rate = steady_state(os.path.abspath(args.dataroot), args.version, tokens, options, args.repeats)
+  print(f'image_size={tuple(data.image_size)} bev={data.bev_name} '
+        f'sweeps={data.lidar_sweeps} dataroot={args.dataroot}')
+  print(f'steady state, 1 process: {rate:.1f} samples/s '
+        f'({len(tokens)} samples x {args.repeats} passes)')
+  print(f'end to end, {args.workers} workers: {written} samples in {wall:.1f} s = '
+        f'{written / wall:.2f} samples/s (includes process start-up, TF import, table/map '
+        f'loading and {len(skipped)} skipped samples)')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,82 @@
+"""Input pipeline throughput, in samples per second, printed as JSON lines.
+
+  python -m mapkd_jax.data.bench --shards DIR [--config_arg student] [--batch_size 8]
+  python -m mapkd_jax.data.bench            # random shards at the reference size, in a temp dir
+
+Without --shards it writes random schema shards (tests/shard_fixtures.py; run from the repo
+root) for `configs/tcs.py:<config_arg>`: 6 x 128 x 352 JPEGs, a 200 x 400 BEV and
+--points LiDAR points per sample, then times `pipeline.iterate` after a warm-up.
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TF is imported (by the pipeline).
+
+from configs import tcs
+from mapkd_jax.data import pipeline
+
+
+def _write_random_shards(directory, data_config, args):
+  try:
+    from tests import shard_fixtures  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise FileNotFoundError('tests/shard_fixtures.py is needed to write random shards: run '
+                            'from the repo root, or pass --shards DIR') from e
+  start = time.perf_counter()
+  shard_fixtures.write_shards(directory, data_config, split_sizes={args.split: args.samples},
+                              num_shards=args.num_shards,
+                              points_range=(args.points, args.points + 1), seed=args.seed)
+  return time.perf_counter() - start
+
+
+def run(args):
+  data_config = tcs.get_config(args.config_arg).data
+  with tempfile.TemporaryDirectory() as scratch:
+    shards_dir = args.shards
+    if not shards_dir:
+      shards_dir = scratch
+      seconds = _write_random_shards(shards_dir, data_config, args)
+      print(json.dumps(dict(event='random_shards', dir=shards_dir, samples=args.samples,
+                            num_shards=args.num_shards, points=args.points,
+                            write_s=round(seconds, 2))), flush=True)
+    iterator = pipeline.iterate(shards_dir, args.split, data_config, batch_size=args.batch_size,
+                                seed=args.seed, shuffle=True, num_epochs=None,
+                                threads=args.threads)
+    for _ in range(args.warmup):
+      next(iterator)
+    start = time.perf_counter()
+    for _ in range(args.batches):
+      next(iterator)
+    seconds = time.perf_counter() - start
+  result = dict(event='throughput', samples_per_s=round(args.batches * args.batch_size / seconds, 1),
+                batches=args.batches, batch_size=args.batch_size, seconds=round(seconds, 2),
+                image_size=list(data_config.image_size), max_points=data_config.max_points,
+                config_arg=args.config_arg, threads=args.threads, cpus=os.cpu_count(),
+                shards=args.shards or 'random')
+  print(json.dumps(result), flush=True)
+  return result
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--shards', default='', help='shard dir; default: random shards in a temp dir')
+  parser.add_argument('--config_arg', default='student', help="configs/tcs.py arg, e.g. 'student,tiny'")
+  parser.add_argument('--split', default='train', help='split to read')
+  parser.add_argument('--batch_size', type=int, default=8, help='per-host batch')
+  parser.add_argument('--warmup', type=int, default=5, help='batches before timing')
+  parser.add_argument('--batches', type=int, default=40, help='timed batches')
+  parser.add_argument('--threads', type=int, default=None, help='tf.data thread pool; default all')
+  parser.add_argument('--samples', type=int, default=64, help='random shards: examples')
+  parser.add_argument('--num_shards', type=int, default=4, help='random shards: files')
+  parser.add_argument('--points', type=int, default=34000,
+                      help='random shards: LiDAR points per sample (one nuScenes sweep ~34k)')
+  parser.add_argument('--seed', type=int, default=0, help='content and shuffle seed')
+  run(parser.parse_args(argv))
+
+
+if __name__ == '__main__':
+  main()
