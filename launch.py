@@ -7,6 +7,7 @@
 Each stage writes WORKDIR/<stage>/ (checkpoints/, best/, TensorBoard events, config.json) and
 reads the earlier stages it depends on from the same WORKDIR. Rerunning a command resumes it.
 """
+import logging as std_logging
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -34,7 +35,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def _quiet_orbax(record):
   """Orbax logs every file rename at INFO; keep its warnings, drop the chatter."""
-  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def main(argv):
