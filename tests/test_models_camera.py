@@ -11,6 +11,7 @@ from configs import tcs
 from mapkd_jax import models
 from mapkd_jax.data import schema
 from mapkd_jax.models import camera, image_encoder, lss
+from mapkd_jax.models import summary as model_summary
 from mapkd_jax.models.bev_decoder import BEVDecoder, BEVNeck
 
 
@@ -309,6 +310,10 @@ def test_student_outputs_grads_and_no_lidar_or_sd(tiny_config):
   assert out['bev_small'].shape == (2, canvas[0] // 2, canvas[1] // 2,
                                     tiny_config.model.neck.channels)
   assert set(variables) == {'params', 'batch_stats'}
+  # The summary tool counts from abstract shapes; it must agree with the real init.
+  summary = model_summary.summarize('student', tiny_config, batch_size=1)
+  assert summary['params'] == sum(x.size for x in jax.tree.leaves(variables['params']))
+  assert summary['flops'] > 0 and math.isfinite(summary['flops'])
   _assert_grads_finite_nonzero(grads)
   # Changing LiDAR, SD prior and labels must not change anything the student computes.
   other = dict(batch, lidar_points=batch['lidar_points'] * 7 + 3, lidar_mask=~batch['lidar_mask'],
@@ -323,3 +328,17 @@ def test_student_outputs_grads_and_no_lidar_or_sd(tiny_config):
 def test_build_unknown_model(tiny_config):
   with pytest.raises(ValueError, match='unknown model'):
     models.build('nope', tiny_config)
+
+
+def test_student_reference_size_shapes():
+  """Reference config (60x30 at 0.15 m, 128x352 images, EfficientNet-B0): shapes only."""
+  config = ml_collections.FrozenConfigDict(tcs.get_config('student'))
+  student = models.build('student', config)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype)
+           for k, (shape, dtype) in schema.batch_spec(config.data, 1).items()}
+  out = jax.eval_shape(
+      lambda b: student.init_with_output(jax.random.key(0), b, train=False)[0], batch)
+  assert out['bev_small'].shape == (1, 25, 50, 192)
+  for name, channels in [('semantic', 4), ('embedding', 16), ('direction', 37)]:
+    assert out[name].shape == (1, 200, 400, channels), name
+
