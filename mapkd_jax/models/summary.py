@@ -22,6 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. con
                                           lock_config=True)
 _MODELS = flags.DEFINE_list('models', None, 'Models to summarise (default: every registered '
                             f'model, currently {sorted(models.MODELS)}).')
+_RNG_STREAMS = ('dropout', 'mask')   # rng collection names the registered models draw from
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 1, 'Batch size of the analysed forward pass.')
 
 
@@ -36,7 +37,11 @@ def summarize(name, config, batch_size):
            for k, (shape, dtype) in schema.batch_spec(config.data, batch_size).items()}
   variables = jax.eval_shape(lambda b: model.init(jax.random.key(0), b, train=False), batch)
   params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables['params'])))
-  compiled = jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch).compile()
+  # Eval mode needs no randomness for most models, but the MAE draws its patch mask from the
+  # 'mask' stream even then; unused streams are ignored.
+  rngs = {stream: jax.random.key(0) for stream in _RNG_STREAMS}
+  compiled = jax.jit(lambda v, b: model.apply(v, b, train=False, rngs=rngs)).lower(
+      variables, batch).compile()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):   # older JAX returned one dict per computation
     cost = cost[0]
