@@ -4,9 +4,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 
 from configs import tcs
+from mapkd_jax import models
 from mapkd_jax.data import schema
 from mapkd_jax.models import lidar, prior
 
@@ -188,17 +190,150 @@ def test_hd_prior_shapes_and_rejects_bad_patch():
     model.init(jax.random.PRNGKey(0), jnp.ones((1, 9, 12, 4)), train=False)
 
 
-def test_hd_mae_mask_and_target():
-  model = prior.HDMapMAE(hd_prior_kwargs=HD_KWARGS, mask_ratio=0.5)
-  semantic = np.random.default_rng(0).integers(0, 4, (2, 8, 12)).astype(np.int32)
-  rngs = {'params': jax.random.PRNGKey(0), 'mask': jax.random.PRNGKey(1)}
-  variables = jax.jit(model.init, static_argnames='train')(
-      rngs, {'semantic': semantic}, train=False)
-  out = jax.jit(model.apply, static_argnames='train')(
-      variables, {'semantic': semantic}, train=False, rngs={'mask': jax.random.PRNGKey(2)})
+@pytest.fixture(scope='module')
+def tiny_config():
+  return ml_collections.FrozenConfigDict(tcs.get_config('teacher,tiny'))
+
+
+def _yaw_rig(batch, cams, image_hw):
+  """Cameras at 1.5 m looking out horizontally, spread evenly in yaw (camera -> ego)."""
+  intrinsics = np.zeros((batch, cams, 3, 3), np.float32)
+  rotation = np.zeros((batch, cams, 3, 3), np.float32)
+  translation = np.zeros((batch, cams, 3), np.float32)
+  # Camera axes (x right, y down, z forward) expressed in the ego frame for yaw 0.
+  base = np.array([[0., 0., 1.], [-1., 0., 0.], [0., -1., 0.]])
+  for n in range(cams):
+    yaw = 2 * math.pi * n / cams
+    yaw_rot = np.array([[math.cos(yaw), -math.sin(yaw), 0.], [math.sin(yaw), math.cos(yaw), 0.],
+                        [0., 0., 1.]])
+    focal = 0.7 * image_hw[1]
+    intrinsics[:, n] = [[focal, 0, image_hw[1] / 2], [0, focal, image_hw[0] / 2], [0, 0, 1]]
+    rotation[:, n] = yaw_rot @ base
+    translation[:, n] = [0.0, 0.0, 1.5]
+  return intrinsics, rotation, translation
+
+
+def _batch(config, batch_size, seed=0):
+  spec = schema.batch_spec(config.data, batch_size)
+  rng = np.random.default_rng(seed)
+  batch = {k: np.zeros(shape, dtype) for k, (shape, dtype) in spec.items()}
+  batch['intrinsics'], batch['cam_rotation'], batch['cam_translation'] = _yaw_rig(
+      batch_size, len(config.data.cameras), config.data.image_size)
+  batch['images'] = rng.normal(size=spec['images'][0]).astype(np.float32)
+  num_points = config.data.max_points
+  xyz = rng.uniform([-35, -18, -2], [35, 18, 2], (batch_size, num_points, 3))
+  batch['lidar_points'] = np.concatenate(
+      [xyz, rng.uniform(0, 1, (batch_size, num_points, 2))], -1).astype(np.float32)
+  batch['lidar_mask'] = rng.uniform(size=(batch_size, num_points)) < 0.8
+  batch['lidar_points'] *= batch['lidar_mask'][..., None]
+  batch['sd_prior'] = np.sign(rng.normal(size=spec['sd_prior'][0])).astype(np.float32)
+  batch['semantic'] = rng.integers(0, 4, spec['semantic'][0]).astype(np.int32)
+  return batch
+
+
+def _init_and_grad(module, batch):
+  """Jitted init, then one jitted train-mode forward + grad of a scalar of every output."""
+  # 'rbg' keys: threefry-based init compiles several times slower on CPU.
+  key = jax.random.key(0, impl='rbg')
+  rngs = {'params': key, 'mask': jax.random.key(1, impl='rbg')}
+  variables = jax.jit(lambda x: module.init(rngs, x, train=False))(batch)
+
+  @jax.jit
+  def loss_and_grad(params, x):
+    def loss_fn(p):
+      out, _ = module.apply({'params': p, 'batch_stats': variables['batch_stats']}, x,
+                            train=True, mutable=['batch_stats'],
+                            rngs={'dropout': jax.random.key(2, impl='rbg'),
+                                  'mask': jax.random.key(3, impl='rbg')})
+      total = sum(jnp.mean(jnp.square(leaf)) for leaf in jax.tree.leaves(out))
+      return total, out
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  (_, out), grads = loss_and_grad(variables['params'], batch)
+  return variables, out, grads, loss_and_grad
+
+
+def _assert_grads_finite_nonzero(grads):
+  """Every gradient finite; every top-level submodule gets a non-zero gradient."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)
+  for name, subtree in grads.items():
+    assert sum(float(jnp.sum(jnp.square(x))) for x in jax.tree.leaves(subtree)) > 0, name
+
+
+def _expected_shapes(config, batch_size, refine):
+  canvas = schema.bev_shape(config.data.bev_x, config.data.bev_y)
+  heads = {'semantic': 4, 'embedding': config.model.decoder.embedding_dim, 'direction': 37}
+  shapes = {k: (batch_size, *canvas, c) for k, c in heads.items()}
+  if refine:
+    shapes.update({f'{k}_pre': (batch_size, *canvas, c) for k, c in heads.items()})
+  layers = config.model.neck.num_layers
+  shapes['bev_small'] = (batch_size, -(-canvas[0] // 2**layers), -(-canvas[1] // 2**layers),
+                         config.model.neck.channels)
+  return shapes
+
+
+def _abstract_params(module, batch):
+  rngs = {'params': jax.random.key(0), 'mask': jax.random.key(1)}
+  return jax.eval_shape(lambda x: module.init(rngs, x, train=False), batch)['params']
+
+
+def test_teacher_forward_grads_and_hd_transfer(tiny_config):
+  batch = _batch(tiny_config, 2)
+  model = models.build('teacher', tiny_config)
+  variables, out, grads, _ = _init_and_grad(model, batch)
+  assert {k: v.shape for k, v in out.items()} == _expected_shapes(tiny_config, 2, refine=True)
+  assert set(grads) == {'camera', 'lidar', 'neck', 'sd_prior', 'decoder', 'hd_prior'}
+  _assert_grads_finite_nonzero(grads)
+  # params['hd_prior'] of the hd_pretrain model drops into the teacher unchanged.
+  mae_params = _abstract_params(models.build('hd_mae', tiny_config), batch)
+  same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype,
+                      mae_params['hd_prior'], variables['params']['hd_prior'])
+  assert jax.tree.structure(same) == jax.tree.structure(variables['params']['hd_prior'])
+  assert all(jax.tree.leaves(same))
+  assert set(mae_params) == {'hd_prior'}
+
+
+def test_coach_ignores_lidar_and_has_two_variants(tiny_config):
+  batch = _batch(tiny_config, 1)
+  model = models.build('coach', tiny_config)
+  variables, out, grads, loss_and_grad = _init_and_grad(model, batch)
+  assert {k: v.shape for k, v in out.items()} == _expected_shapes(tiny_config, 1, refine=True)
+  assert set(grads) == {'camera', 'lss', 'neck', 'sd_prior', 'decoder', 'hd_prior'}
+  _assert_grads_finite_nonzero(grads)
+  other = dict(batch, lidar_points=batch['lidar_points'] * 3.0 + 1.0,
+               lidar_mask=~batch['lidar_mask'])
+  (_, out_other), _ = loss_and_grad(variables['params'], other)
+  for key in out:
+    np.testing.assert_array_equal(out_other[key], out[key])
+  # Without the HD refinement: no hd_prior params, no *_pre outputs.
+  config = ml_collections.ConfigDict(tiny_config)
+  config.model.hd.coach_refine = False
+  plain = models.build('coach', config)
+  params = _abstract_params(plain, batch)
+  assert 'hd_prior' not in params
+  shapes = jax.eval_shape(
+      lambda v, x: plain.apply(v, x, train=False),
+      {'params': params, 'batch_stats': jax.eval_shape(
+          lambda x: plain.init(jax.random.key(0), x, train=False), batch)['batch_stats']},
+      batch)
+  assert {k: v.shape for k, v in shapes.items()} == _expected_shapes(tiny_config, 1,
+                                                                      refine=False)
+
+
+def test_hd_mae_mask_target_and_grads(tiny_config):
+  batch = _batch(tiny_config, 2)
+  model = models.build('hd_mae', tiny_config)
+  _, out, grads, _ = _init_and_grad(model, batch)
+  _assert_grads_finite_nonzero(grads)
+  canvas = schema.bev_shape(tiny_config.data.bev_x, tiny_config.data.bev_y)
+  p = tiny_config.model.hd.patch_size
   mask = np.asarray(out['mask'])
-  assert out['reconstruction'].shape == (2, 8, 12, 4) and mask.shape == (2, 8, 12)
-  np.testing.assert_array_equal(np.asarray(out['target']).argmax(-1), semantic)
-  patches = mask.reshape(2, 2, 4, 3, 4).transpose(0, 1, 3, 2, 4).reshape(2, 6, 16)
-  assert np.all((patches.min(-1) == patches.max(-1)))           # patch-aligned
-  np.testing.assert_array_equal(patches[..., 0].sum(1), 3)      # 0.5 of 6 patches
+  assert out['reconstruction'].shape == (2, *canvas, 4) and mask.shape == (2, *canvas)
+  np.testing.assert_array_equal(np.asarray(out['target']).argmax(-1), batch['semantic'])
+  grid_h, grid_w = canvas[0] // p, canvas[1] // p
+  patches = mask.reshape(2, grid_h, p, grid_w, p).transpose(0, 1, 3, 2, 4).reshape(
+      2, grid_h * grid_w, p * p)
+  assert np.all(patches.min(-1) == patches.max(-1))              # patch-aligned
+  np.testing.assert_array_equal(patches[..., 0].sum(1),
+                                round(tiny_config.model.hd.mask_ratio * grid_h * grid_w))
