@@ -1,0 +1,188 @@
+"""Inference speed of teacher, coach and student on this device, one JSON line per model.
+
+  python -m mapkd_jax.bench --config configs/tcs.py:student --batch 1
+  python -m mapkd_jax.bench --config configs/tcs.py:student,tiny --models student,teacher
+
+The config only supplies sizes (its stage token is irrelevant); --models picks what is timed:
+teacher, coach, coach_norefine (the coach without HD refinement, when the config's coach has
+it), student, or 'all' (default) for every one of them. Each model gets random-init variables
+(speed does not depend on their values) and a random batch per `schema.batch_spec` with a
+plausible camera rig; it runs in eval mode. Per model: parameters and FLOPs (from
+models.summary), compile time, median / p90 latency and frames/s over --iters timed calls
+after --warmup untimed ones, each ending in `block_until_ready`. A final line holds the
+student/teacher and student/coach frames/s ratios of this run (MapKD's claim: student >= 3x
+teacher, >= 1.5x coach on the same device).
+"""
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from ml_collections import config_flags
+
+from mapkd_jax import models as models_lib
+from mapkd_jax.data import schema
+from mapkd_jax.models import summary as summary_lib
+
+ALL_MODELS = ('teacher', 'coach', 'coach_norefine', 'student')
+# Speed targets of the student (frames/s ratio), from the MapKD paper's claim.
+RATIO_TARGETS = {'teacher': 3.0, 'coach': 1.5}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config giving the model sizes, e.g. configs/tcs.py:student or '
+    'configs/tcs.py:student,tiny,bev=120x60 (the stage token does not matter).', lock_config=True)
+_MODELS = flags.DEFINE_list('models', ['all'], f"Models to time, from {list(ALL_MODELS)}, or "
+                            "'all'. coach_norefine = the coach with config.model.hd.coach_refine "
+                            'off (skipped under all when the config coach already lacks it).')
+_BATCH = flags.DEFINE_integer('batch', 1, 'Batch size of every timed call.')
+_ITERS = flags.DEFINE_integer('iters', 20, 'Timed calls per model (median / p90 over these).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls per model after compilation.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random variables and inputs.')
+
+
+def model_names(requested, config):
+  """Expands 'all' and checks the names against ALL_MODELS.
+
+  Raises:
+    ValueError: naming --models and the unknown entry.
+  """
+  if list(requested) == ['all']:
+    names = list(ALL_MODELS)
+    if not config.model.hd.coach_refine:   # the config's coach is already the variant
+      names.remove('coach_norefine')
+    return names
+  for name in requested:
+    if name not in ALL_MODELS:
+      raise ValueError(f"--models: unknown model {name!r}; known: {list(ALL_MODELS)} or 'all'")
+  return list(requested)
+
+
+def variant(name, config):
+  """(registry name, frozen config) of a benchmarked model name."""
+  config = ml_collections.ConfigDict(config)   # an unfrozen copy, so the variant can be edited
+  if name == 'coach_norefine':
+    config.model.hd.coach_refine = False
+    return 'coach', ml_collections.FrozenConfigDict(config)
+  return name, ml_collections.FrozenConfigDict(config)
+
+
+def camera_rig(num_cams, batch_size, image_hw, *, rng, hfov_deg=70.0, mount_height=1.6,
+               mount_radius=1.0, jitter_deg=2.0):
+  """Plausible calibration: cameras spread evenly in yaw on a ring, looking outwards.
+
+  Returns:
+    intrinsics [B, C, 3, 3], cam_rotation [B, C, 3, 3] (camera -> ego; camera x right,
+    y down, z forward), cam_translation [B, C, 3], all float32.
+  """
+  height, width = image_hw
+  focal = (width / 2) / np.tan(np.deg2rad(hfov_deg) / 2)
+  intrinsics = np.array([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]])
+  yaw = (2 * np.pi * np.arange(num_cams) / num_cams
+         + np.deg2rad(rng.uniform(-jitter_deg, jitter_deg, (batch_size, num_cams))))
+  forward = np.stack([np.cos(yaw), np.sin(yaw), np.zeros_like(yaw)], -1)
+  right = np.stack([np.sin(yaw), -np.cos(yaw), np.zeros_like(yaw)], -1)
+  down = np.broadcast_to(np.array([0.0, 0.0, -1.0]), forward.shape)
+  rotation = np.stack([right, down, forward], axis=-1)   # columns = camera axes in ego
+  translation = mount_radius * forward + np.array([0.0, 0.0, mount_height])
+  return (np.broadcast_to(intrinsics, (batch_size, num_cams, 3, 3)).astype(np.float32),
+          rotation.astype(np.float32), translation.astype(np.float32))
+
+
+def random_batch(config, batch_size, *, seed):
+  """A random model batch with every key of `schema.batch_spec` (numpy arrays).
+
+  Images are standard-normal (already normalized), LiDAR points fill the BEV range and are all
+  valid (the worst case for the pillar scatter), the SD prior is random -1/+1, labels are 0.
+  """
+  spec = schema.batch_spec(config.data, batch_size)
+  rng = np.random.default_rng(seed)
+  batch = {k: np.zeros(shape, dtype) for k, (shape, dtype) in spec.items()}
+  batch['images'] = rng.standard_normal(spec['images'][0]).astype(np.float32)
+  batch['intrinsics'], batch['cam_rotation'], batch['cam_translation'] = camera_rig(
+      len(config.data.cameras), batch_size, tuple(config.data.image_size), rng=rng)
+  batch['ego_pose'][:] = np.eye(4, dtype=np.float32)
+  points = batch['lidar_points']
+  points[..., 0] = rng.uniform(config.data.bev_x[0], config.data.bev_x[1], points.shape[:2])
+  points[..., 1] = rng.uniform(config.data.bev_y[0], config.data.bev_y[1], points.shape[:2])
+  points[..., 2] = rng.uniform(-2.0, 2.0, points.shape[:2])
+  points[..., 3] = rng.uniform(0.0, 1.0, points.shape[:2])
+  batch['lidar_mask'][:] = True
+  batch['sd_prior'] = rng.choice(np.array([-1.0, 1.0], np.float32), spec['sd_prior'][0])
+  return batch
+
+
+def bench_model(name, config, *, batch_size, iters, warmup, seed, config_name=''):
+  """Times one model's eval-mode forward pass; returns its JSON-ready record."""
+  if iters < 1 or warmup < 0:
+    raise ValueError(f'--iters must be >= 1 and --warmup >= 0, got {iters}, {warmup}')
+  registry_name, model_config = variant(name, config)
+  model = models_lib.build(registry_name, model_config)
+  batch = jax.device_put(random_batch(model_config, batch_size, seed=seed))
+  rngs = {'params': jax.random.key(seed), 'dropout': jax.random.key(seed)}
+  variables = jax.jit(lambda b: model.init(rngs, b, train=False))(batch)
+  summary = summary_lib.summarize(registry_name, model_config, batch_size)
+
+  start = time.perf_counter()
+  forward = jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(forward(variables, batch))
+  latencies = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(forward(variables, batch))
+    latencies.append(time.perf_counter() - start)
+  median_s = float(np.median(latencies))
+  return {
+      'name': name, 'params': summary['params'], 'flops': summary['flops'],
+      'compile_s': round(compile_s, 3),
+      'latency_ms_median': round(1e3 * median_s, 3),
+      'latency_ms_p90': round(1e3 * float(np.percentile(latencies, 90)), 3),
+      'frames_per_s': round(batch_size / median_s, 3),
+      'iters': iters, 'warmup': warmup, 'batch': batch_size,
+      'device_kind': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
+      'config_name': config_name,
+  }
+
+
+def speed_ratios(records):
+  """{'student_over_<model>_fps': ratio} for every timed model besides the student."""
+  fps = {r['name']: r['frames_per_s'] for r in records}
+  if 'student' not in fps:
+    return {}
+  return {f'student_over_{name}_fps': round(fps['student'] / value, 3)
+          for name, value in fps.items() if name != 'student'}
+
+
+def run(config, names, *, batch_size, iters, warmup, seed, config_name='', emit=print):
+  """Benchmarks `names` in order, emitting one JSON line each, then the ratio line."""
+  records = []
+  for name in names:
+    records.append(bench_model(name, config, batch_size=batch_size, iters=iters, warmup=warmup,
+                               seed=seed, config_name=config_name))
+    emit(json.dumps(records[-1]))
+  ratios = speed_ratios(records)
+  targets = {f'student_over_{k}_fps': v for k, v in RATIO_TARGETS.items()
+             if f'student_over_{k}_fps' in ratios}
+  emit(json.dumps({'name': 'ratios', **ratios, 'targets': targets,
+                   'device_kind': jax.devices()[0].device_kind, 'batch': batch_size,
+                   'config_name': config_name}))
+  return records, ratios
+
+
+def main(argv):
+  del argv
+  config = ml_collections.FrozenConfigDict(_CONFIG.value)
+  run(config, model_names(_MODELS.value, config), batch_size=_BATCH.value, iters=_ITERS.value,
+      warmup=_WARMUP.value, seed=_SEED.value,
+      config_name=flags.FLAGS['config'].config_filename,
+      emit=lambda line: print(line, flush=True))
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)
