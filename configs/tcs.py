@@ -122,6 +122,17 @@ def get_config(arg=None):
   # Checkpoint dirs of earlier stages; '' = WORKDIR/<stage>/checkpoints.
   config.frozen = dict(teacher='', coach='')
   config.init = dict(hd_prior='')                 # hd_pretrain ckpt for the teacher's HD module
+  # Evaluation (mapkd_jax/evaluate.py; protocol in DESIGN.md section 4).
+  config.eval = dict(
+      dbscan_eps=1.5,              # instance-embedding distance of DBSCAN neighbours
+      dbscan_min_samples=50,       # pixels in an eps-ball that make a DBSCAN core point
+      max_cluster_pixels=4000,     # DBSCAN on a strided subset above this; the rest join the nearest
+      link_radius_px=1.5,          # pixels this close are neighbours when ordering a cluster
+      simplify_tolerance=0.2,      # metres, shapely simplify of each predicted polyline
+      chamfer_thresholds=(0.5, 1.0, 1.5),   # metres
+      sample_step=0.15,            # metres between resampled points for the Chamfer distance
+      range_split=15.0,            # metres of |x|: IoU reported for |x| < split and >= split
+      num_images=4)                # PNGs written by the evaluation
 
   if arg.tiny:
     config.data.image_size = (64, 176)

@@ -1,0 +1,183 @@
+"""Raster head outputs of ONE sample -> scored polylines in ego-frame metres.
+
+Per class (1..K-1 of the semantic channels):
+  1. Line pixels: pixels whose argmax over the semantic logits is that class.
+  2. Instances: scikit-learn DBSCAN on the pixels' instance embeddings (eps, min_samples from
+     config.eval); noise is dropped. Above `max_cluster_pixels` pixels, DBSCAN runs on an
+     evenly strided subset (min_samples scaled by the subset fraction, so the density
+     criterion is unchanged) and every other pixel takes the label of its nearest subset
+     pixel in embedding space if that one is within eps, else it is noise.
+  3. Order: a cluster's pixels are linked when closer than `link_radius_px` (a pixel graph);
+     the backbone of its largest connected piece is the shortest path between the two ends of
+     its geodesic diameter (double Dijkstra sweep), each backbone pixel moved to the mean of
+     the cluster pixels within half a line width (the centreline of the thick line). Pixels
+     the backbone covers are removed and the rest is traced again, so branches, the second
+     half of closed rings and separate pieces become polylines of their own; pieces of fewer
+     than `dbscan_min_samples` pixels are noise.
+     The direction head is NOT used: it is trained on a two-direction (sign-free) target
+     (losses/task.py direction_loss), so it gives an axis, not an orientation, and the
+     geodesic backbone already follows the line; polylines therefore run from the end found
+     first (the geodesic end farthest from the cluster's first pixel in row-major order).
+  4. Pixel (column j, row i) -> metres: x = x_min + (j + 0.5) * x_step,
+     y = y_min + (i + 0.5) * y_step (the raster convention of data/schema.py); then shapely
+     `simplify(simplify_tolerance)` in metres.
+  5. Score = mean over the piece's pixels of sigmoid(semantic logit of the class): the
+     semantic head is trained with per-channel BCE, so the sigmoid is its class probability.
+"""
+import numpy as np
+import shapely
+from scipy.sparse import csgraph
+from sklearn import cluster as sk_cluster
+from sklearn import neighbors
+
+
+def cluster_embeddings(embedding, *, eps, min_samples, max_pixels):
+  """DBSCAN labels of [N, E] embeddings (-1 = noise), subsampled above `max_pixels`."""
+  num = len(embedding)
+  if num == 0:
+    return np.zeros(0, np.int64)
+  stride = int(np.ceil(num / max_pixels)) if num > max_pixels else 1
+  subset = np.arange(0, num, stride)
+  sub_min = max(1, int(round(min_samples / stride)))
+  sub_labels = sk_cluster.DBSCAN(eps=eps, min_samples=sub_min).fit_predict(embedding[subset])
+  if stride == 1:
+    return sub_labels.astype(np.int64)
+  dist, nearest = neighbors.NearestNeighbors(n_neighbors=1).fit(
+      embedding[subset]).kneighbors(embedding)
+  labels = np.where(dist[:, 0] <= eps, sub_labels[nearest[:, 0]], -1)
+  return labels.astype(np.int64)
+
+
+def _backbone(coords, graph):
+  """Ordered pixel indices of the geodesic diameter of a connected pixel graph."""
+  dist = csgraph.dijkstra(graph, indices=0)
+  start = int(np.argmax(np.where(np.isfinite(dist), dist, -1)))
+  dist, parent = csgraph.dijkstra(graph, indices=start, return_predecessors=True)
+  node = int(np.argmax(np.where(np.isfinite(dist), dist, -1)))
+  path = [node]
+  while parent[node] >= 0:
+    node = int(parent[node])
+    path.append(node)
+  return np.asarray(path[::-1])
+
+
+def _centreline(piece, path_points, *, half_width):
+  """Moves backbone points onto the centre of the thick line, across the line only.
+
+  A geodesic diameter runs corner to corner and hugs the edges of a thick line. Each backbone
+  point is moved, along the normal of the backbone, to the mean of the pixels within a full
+  line width (mean shift, three times: from an edge one step only gets part way); moving
+  along the normal too would pull the line ends inward.
+
+  Returns:
+    (centre points [M, 2], indices of the piece pixels within a line width of the backbone).
+  """
+  reach = 2 * half_width
+  tree = neighbors.KDTree(piece)
+
+  def disk_means(points):
+    return np.stack([piece[s].mean(axis=0) for s in tree.query_radius(points, r=reach)])
+
+  # Tangents from isotropic disk means (centred across the line even where the backbone
+  # hugs an edge), over two line widths: long enough that the corner hook at each end of the
+  # diameter does not tilt them, short enough to follow curves.
+  rough = disk_means(disk_means(path_points))
+  span = max(1, int(np.ceil(4 * half_width)))
+  index = np.arange(len(rough))
+  tangent = rough[np.minimum(index + span, len(rough) - 1)] - rough[np.maximum(index - span, 0)]
+  tangent /= np.maximum(np.linalg.norm(tangent, axis=1, keepdims=True), 1e-9)
+  normal = np.stack([-tangent[:, 1], tangent[:, 0]], axis=1)
+  centre = path_points.copy()
+  for _ in range(3):
+    offset = np.sum((disk_means(centre) - centre) * normal, axis=1, keepdims=True)
+    centre = centre + normal * offset
+  members = np.unique(np.concatenate(tree.query_radius(centre, r=reach)))
+  return centre, members
+
+
+def trace_polylines(coords, *, link_radius, half_width, min_pixels):
+  """Orders a cluster's pixels into centreline polylines (module docstring, step 3).
+
+  Args:
+    coords: [N, 2] float (column, row) pixel coordinates of one cluster.
+    link_radius: pixels closer than this are neighbours.
+    half_width: pixels within this of a backbone pixel are its cross-section.
+    min_pixels: smaller pieces are dropped.
+
+  Returns:
+    List of (points [M, 2] (column, row) float64 ordered along the line, member indices
+    into coords).
+  """
+  coords = np.asarray(coords, np.float64)
+  remaining = np.arange(len(coords))
+  out = []
+  while len(remaining) >= max(min_pixels, 2):
+    sub = coords[remaining]
+    graph = neighbors.radius_neighbors_graph(sub, link_radius, mode='distance')
+    _, comp = csgraph.connected_components(graph, directed=False)
+    largest = np.flatnonzero(comp == np.argmax(np.bincount(comp)))
+    if len(largest) < max(min_pixels, 2):
+      break
+    piece = sub[largest]
+    path = _backbone(piece, graph[largest][:, largest])
+    centre, members = _centreline(piece, piece[path], half_width=half_width)
+    if len(path) >= 2:
+      out.append((centre, remaining[largest[members]]))
+    # Drop what this backbone explains; what is left (branches, the rest of a ring) or the
+    # other pieces are traced next.
+    keep = np.ones(len(remaining), bool)
+    keep[largest[members]] = False
+    remaining = remaining[keep]
+  return out
+
+
+def pixels_to_metres(points, bev_x, bev_y):
+  """[N, 2] (column, row) pixel coordinates -> [N, 2] (x, y) ego metres (pixel centres)."""
+  points = np.asarray(points, np.float64)
+  return np.stack([bev_x[0] + (points[:, 0] + 0.5) * bev_x[2],
+                   bev_y[0] + (points[:, 1] + 0.5) * bev_y[2]], axis=1)
+
+
+def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, eps, min_samples,
+                     max_cluster_pixels, link_radius_px, line_width_px, simplify_tolerance):
+  """Polylines of one sample from its head outputs.
+
+  Args:
+    semantic_logits: [H, W, K] logits, channel 0 background, 1..K-1 = class_names.
+    embedding: [H, W, E] instance embeddings.
+    bev_x, bev_y: (min, max, step) metres of the canvas.
+    class_names: names of channels 1..K-1.
+    eps, min_samples, max_cluster_pixels: DBSCAN (config.eval.dbscan_eps, ...).
+    link_radius_px: pixel-graph neighbour radius (config.eval.link_radius_px).
+    line_width_px: label line thickness (config.data.line_width_px).
+    simplify_tolerance: metres (config.eval.simplify_tolerance).
+
+  Returns:
+    [{'cls': name, 'pts': [M, 2] float64 (x, y) metres, 'score': float}, ...]; the semantic
+    argmax map is not returned (callers compute it once for IoU).
+  """
+  semantic_logits = np.asarray(semantic_logits, np.float32)
+  if semantic_logits.shape[-1] != len(class_names) + 1:
+    raise ValueError(f'vectorize_sample: semantic logits have {semantic_logits.shape[-1]} '
+                     f'channels, want {len(class_names) + 1} (background + {list(class_names)})')
+  classes = np.argmax(semantic_logits, axis=-1)
+  prob = 1.0 / (1.0 + np.exp(-semantic_logits))
+  vectors = []
+  for k, name in enumerate(class_names, start=1):
+    rows, cols = np.nonzero(classes == k)
+    if len(rows) < min_samples:
+      continue
+    labels = cluster_embeddings(np.asarray(embedding)[rows, cols], eps=eps,
+                                min_samples=min_samples, max_pixels=max_cluster_pixels)
+    class_prob = prob[rows, cols, k]
+    coords = np.stack([cols, rows], axis=1).astype(np.float64)
+    for label in np.unique(labels[labels >= 0]):
+      idx = np.flatnonzero(labels == label)
+      for centre, members in trace_polylines(coords[idx], link_radius=link_radius_px,
+                                             half_width=line_width_px / 2,
+                                             min_pixels=min_samples):
+        line = shapely.LineString(pixels_to_metres(centre, bev_x, bev_y))
+        simple = np.asarray(line.simplify(simplify_tolerance).coords, np.float64)
+        vectors.append({'cls': name, 'pts': simple,
+                        'score': float(class_prob[idx[members]].mean())})
+  return vectors
