@@ -54,8 +54,34 @@ class _Builder:
     return t
 
 
+def mapped_pieces(line, params, rng):
+  """The runs of a divider polyline [N, 2] that the HD map holds.
+
+  Annotation gaps: the line is cut into `map_piece_length` pieces and each is missing with
+  probability `map_line_missing`, as real HD maps miss stretches of paint, not whole streets
+  (a whole missing street left scenes without a single divider label).
+
+  Returns:
+    list of [M, 2] polylines (consecutive kept pieces joined), in order along the line.
+  """
+  arc = town_lib.arc_length(line)
+  count = max(int(np.ceil(arc[-1] / params.map_piece_length)), 1)
+  kept = rng.uniform(size=count) >= params.map_line_missing
+  runs, start = [], None
+  for k in range(count + 1):
+    if k < count and kept[k]:
+      start = k if start is None else start
+    elif start is not None:
+      s0, s1 = start * arc[-1] / count, k * arc[-1] / count
+      inner = (arc > s0) & (arc < s1)
+      ends = [np.array([np.interp(s, arc, line[:, 0]), np.interp(s, arc, line[:, 1])]) for s in (s0, s1)]
+      runs.append(np.concatenate([ends[:1], line[inner], ends[1:]]))
+      start = None
+  return runs
+
+
 def build_map_json(town, location, seed, *, node_step=2.0):
-  """Map expansion dict of a town; dividers are dropped with `map_line_missing` (HD map errors).
+  """Map expansion dict of a town; divider pieces are dropped (`mapped_pieces`, HD map errors).
 
   Args:
     town: from `town.build_town`.
@@ -96,16 +122,13 @@ def build_map_json(town, location, seed, *, node_step=2.0):
                                  from_edge_line_token=None, to_edge_line_token=None,
                                  left_lane_divider_segments=[], right_lane_divider_segments=[]))
     centre_offset, lane_offsets = town_lib.divider_offsets(street, params.lane_width)
-    if rng.uniform() >= params.map_line_missing:
-      layers['road_divider'].append(dict(token=token(seed, location, 'road_divider', index),
-                                         line_token=geo.line(town_lib.offset_polyline(centre, centre_offset),
-                                                             node_step),
-                                         road_segment_token=segment_token))
+    for part, piece in enumerate(mapped_pieces(town_lib.offset_polyline(centre, centre_offset), params, rng)):
+      layers['road_divider'].append(dict(token=token(seed, location, 'road_divider', index, part),
+                                         line_token=geo.line(piece, node_step), road_segment_token=segment_token))
     for k, offset in enumerate(lane_offsets):
-      if rng.uniform() >= params.map_line_missing:
-        layers['lane_divider'].append(dict(token=token(seed, location, 'lane_divider', index, k),
-                                           line_token=geo.line(town_lib.offset_polyline(centre, offset), node_step),
-                                           lane_divider_segments=[]))
+      for part, piece in enumerate(mapped_pieces(town_lib.offset_polyline(centre, offset), params, rng)):
+        layers['lane_divider'].append(dict(token=token(seed, location, 'lane_divider', index, k, part),
+                                           line_token=geo.line(piece, node_step), lane_divider_segments=[]))
     for side in (1.0, -1.0):   # sidewalk strip along each road edge
       inner = town_lib.offset_polyline(centre, side * hw)
       outer = town_lib.offset_polyline(centre, side * (hw + params.sidewalk_width))

@@ -50,7 +50,7 @@ def write_osm(town, location, path_stem, seed):
     writer.field('bridge', 'N', 1, 0)
     writer.field('maxspeed', 'N', 3, 0)
     for index, street in enumerate(town['streets']):
-      if rng.uniform() < params.osm_missing:
+      if not street['osm_mapped']:   # town.build_town decides (routes avoid unmapped streets)
         continue
       centre = street['centre'][::5]   # OSM ways are sparse: a node every ~5 m
       dx, dy = displacement(centre[:, 0], centre[:, 1], field)

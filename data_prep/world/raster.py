@@ -43,7 +43,8 @@ def ground_raster(town, bbox, res, style, rng):
 
   Returns:
     dict(x0, y0, res, colour [H, W, 3] float32 in [0, 1], height [H, W] float32 metres,
-    surface [H, W] uint8 (GRASS/SIDEWALK/ASPHALT/PAINT), paint [H, W] float32 coverage x fade).
+    surface [H, W] uint8 (GRASS/SIDEWALK/ASPHALT/PAINT), paint [H, W] float32 coverage x fade,
+    height_range (min, max) of height: bounds where a ray can meet the ground).
   """
   params = town['params']
   x0, y0, x1, y1 = bbox
@@ -102,8 +103,9 @@ def ground_raster(town, bbox, res, style, rng):
   c = np.minimum(edge_distance / crown_run, 1.0)
   relief = np.where(drivable, params.crown_height * (1.0 - (1.0 - c) ** 2), params.curb_height).astype(np.float32)
   relief = cv2.GaussianBlur(relief, (3, 3), 0)   # a curb is a short ramp at this resolution, not a cliff
-  return dict(x0=x0, y0=y0, res=res, colour=np.clip(colour, 0, 1), height=hill + relief, surface=surface,
-              paint=paint)
+  height_map = hill + relief
+  return dict(x0=x0, y0=y0, res=res, colour=np.clip(colour, 0, 1), height=height_map, surface=surface,
+              paint=paint, height_range=(float(height_map.min()), float(height_map.max())))
 
 
 def sample(raster, key, x, y, *, nearest=False):

@@ -18,19 +18,96 @@ def camera_rays(intrinsics, cam_to_global, height, width):
   return cam_to_global[:3, 3], dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
 
 
-def intersect_ground(origin, dirs, ground, hills, *, t_max, iterations=4, tolerance=0.05, max_rise=0.1):
+def _newton(origin, d, t, ground, hills, iterations):
+  """Newton steps on f(t) = ray z - ground height; the slope uses the smooth hill gradient only."""
+  ox, oy, oz = origin
+  slope = None
+  for step in range(iterations):
+    x, y = ox + t * d[:, 0], oy + t * d[:, 1]
+    f = oz + t * d[:, 2] - raster_lib.sample(ground, 'height', x, y)
+    if step % 2 == 0:   # the hill gradient varies slowly: refresh it every other step
+      _, gx, gy = town_lib.hill_height(x, y, hills)
+      slope = d[:, 2] - (gx * d[:, 0] + gy * d[:, 1])
+      slope = np.where(np.abs(slope) < 1e-4, -1e-4, slope)
+    t = np.clip(t - f / slope, 0.0, None)
+  return t
+
+
+def _residual(origin, d, t, ground):
+  x, y = origin[0] + t * d[:, 0], origin[1] + t * d[:, 1]
+  return np.abs(origin[2] + t * d[:, 2] - raster_lib.sample(ground, 'height', x, y))
+
+
+def _bracket(origin, d, ground, height_range, *, t_max, step, bisections, chunk=16):
+  """First crossing of each ray with the ground by marching `step` metres, then bisection.
+
+  Only the part of the ray whose height lies within the ground's height range is marched, so a
+  ray costs (height span / |d_z|) / step samples at most, and t_max / step when nearly level.
+
+  Returns:
+    t [N], inf where the ray does not cross the ground within t_max.
+  """
+  lo_h, hi_h = height_range
+  oz, dz = origin[2], d[:, 2]
+  with np.errstate(divide='ignore', invalid='ignore'):
+    t_enter = np.where(dz < 0, (hi_h - oz) / dz, 0.0)              # ray drops below the highest ground
+    t_leave = np.where(dz < 0, (lo_h - oz) / dz, np.where(dz > 0, (hi_h - oz) / dz, t_max))
+  t_lo = np.maximum(np.nan_to_num(t_enter), 0.0)
+  t_hi = np.minimum(np.nan_to_num(t_leave, posinf=t_max), t_max)
+  if oz > hi_h:   # a level or rising ray above the highest ground never meets it
+    t_hi = np.where(dz >= 0, -1.0, t_hi)
+  found = np.full(d.shape[0], np.inf)
+  left = np.zeros(d.shape[0])
+  todo = np.nonzero(t_hi > t_lo)[0]
+
+  def height_above(rows, t):
+    x, y = origin[0] + t * d[rows, 0, None], origin[1] + t * d[rows, 1, None]
+    return oz + t * dz[rows, None] - raster_lib.sample(ground, 'height', x, y)
+
+  offset = 0
+  while todo.size:
+    ts = t_lo[todo, None] + step * (offset + np.arange(chunk + 1))[None, :]
+    ts = np.minimum(ts, t_hi[todo, None])
+    f = height_above(todo, ts)
+    crossing = (f[:, :-1] > 0) & (f[:, 1:] <= 0)
+    hit = crossing.any(axis=1)
+    first = crossing.argmax(axis=1)
+    rows = todo[hit]
+    left[rows] = ts[hit, first[hit]]
+    found[rows] = ts[hit, first[hit] + 1]
+    offset += chunk
+    todo = todo[~hit & (t_lo[todo] + step * offset < t_hi[todo])]
+  rows = np.nonzero(np.isfinite(found))[0]
+  a, b = left[rows], found[rows]
+  for _ in range(bisections):
+    mid = (a + b) / 2
+    above = height_above(rows, mid[:, None])[:, 0] > 0
+    a, b = np.where(above, mid, a), np.where(above, b, mid)
+  found[rows] = (a + b) / 2
+  return found
+
+
+def intersect_ground(origin, dirs, ground, hills, *, t_max, iterations=4, tolerance=0.05, max_rise=0.1,
+                     bracket_step=4.0, bisections=14):
   """Distance along each ray [N] to the height-field ground; inf where no hit within t_max.
+
+  Newton steps from the flat-ground guess converge for most rays; rays they leave unconverged
+  (grazing rays far away, where the flat guess is tens of metres off) are found by marching and
+  bisection (`_bracket`), so the far ground does not turn into sky.
 
   Args:
     origin: [3] ray origin (map frame).
     dirs: [N, 3] unit directions.
-    ground: raster dict with 'height' (see raster.ground_raster).
+    ground: raster dict with 'height' and optionally 'height_range' (see raster.ground_raster).
     hills: [K, 4] hill waves (town['hills']) for the Newton slope.
     t_max: longest distance considered (m).
     iterations: Newton steps.
-    tolerance: largest height residual (m) accepted as a hit.
+    tolerance: largest height residual (m) accepted as a Newton hit.
     max_rise: rays with d_z above this are never tested (no terrain is that steep).
+    bracket_step: marching step (m) for rays Newton did not resolve.
+    bisections: bisection steps after marching (final error bracket_step / 2**bisections).
   """
+  origin = np.asarray(origin, np.float64)
   ox, oy, oz = origin
   h0 = float(raster_lib.sample(ground, 'height', np.array([ox]), np.array([oy]))[0])
   t_out = np.full(dirs.shape[0], np.inf)
@@ -40,19 +117,20 @@ def intersect_ground(origin, dirs, ground, hills, *, t_max, iterations=4, tolera
   dz = d[:, 2]
   down = dz < -1e-6
   t = np.where(down, (h0 - oz) / np.where(down, dz, -1.0), t_max)
-  t = np.clip(t, 0.0, t_max)
-  for step in range(iterations):
-    x, y = ox + t * d[:, 0], oy + t * d[:, 1]
-    f = oz + t * dz - raster_lib.sample(ground, 'height', x, y)
-    if step % 2 == 0:   # the hill gradient varies slowly: refresh it every other step
-      _, gx, gy = town_lib.hill_height(x, y, hills)
-      slope = dz - (gx * d[:, 0] + gy * d[:, 1])
-      slope = np.where(np.abs(slope) < 1e-4, -1e-4, slope)
-    t = np.clip(t - f / slope, 0.0, 2 * t_max)
-  x, y = ox + t * d[:, 0], oy + t * d[:, 1]
-  residual = np.abs(oz + t * dz - raster_lib.sample(ground, 'height', x, y))
-  ok = (residual < tolerance) & (t > 0.0) & (t <= t_max)
-  t_out[active] = np.where(ok, t, np.inf)
+  t = _newton(origin, d, np.clip(t, 0.0, t_max), ground, hills, iterations)
+  ok = (_residual(origin, d, t, ground) < tolerance) & (t > 0.0) & (t <= t_max)
+  t_out[active[ok]] = t[ok]
+  retry = np.nonzero(~ok)[0]
+  if retry.size:   # more Newton steps first: cheap, and enough for most of the rest
+    t_more = _newton(origin, d[retry], t[retry], ground, hills, iterations)
+    fixed = (_residual(origin, d[retry], t_more, ground) < tolerance) & (t_more > 0.0) & (t_more <= t_max)
+    t_out[active[retry[fixed]]] = t_more[fixed]
+    retry = retry[~fixed]
+  if retry.size:
+    height_range = ground['height_range'] if 'height_range' in ground else (
+        float(ground['height'].min()), float(ground['height'].max()))
+    t_out[active[retry]] = _bracket(origin, d[retry], ground, height_range, t_max=t_max,
+                                    step=bracket_step, bisections=bisections)
   return t_out
 
 

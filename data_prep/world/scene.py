@@ -26,7 +26,7 @@ def _hermite(p0, t0, p1, t1, step):
 
 
 def plan_route(town, rng, length, *, right_hand):
-  """Lane-centre path [N, 2] (about 1 m steps) driving `length` metres through streets and junctions.
+  """Lane-centre path [N, 2] (about 1 m steps) driving `length` metres along SD-mapped streets.
 
   Returns:
     (path, offset of the ego lane from the first street's centreline (left positive, in the
@@ -38,7 +38,10 @@ def plan_route(town, rng, length, *, right_hand):
   for index, street in enumerate(streets):
     for end in (0, 1):
       arms.setdefault(street['nodes'][end], []).append((index, end))
-  index = int(rng.integers(len(streets)))
+  # Survey routes keep to streets the SD map holds (town._osm_mapped keeps a mapped way out of
+  # every junction), so the SD prior is never empty because the ego is on a missing street.
+  mapped = [i for i, street in enumerate(streets) if street['osm_mapped']]
+  index = mapped[int(rng.integers(len(mapped)))]
   forward = bool(rng.integers(2))
   lane = int(rng.integers(1, streets[index]['lanes_per_dir'] + 1))
   first = None
@@ -65,6 +68,7 @@ def plan_route(town, rng, length, *, right_hand):
     total = town_lib.arc_length(np.concatenate(pieces))[-1]
     node = street['nodes'][1 if forward else 0]
     options = [a for a in arms[node] if a[0] != index]
+    options = [a for a in options if streets[a[0]]['osm_mapped']] or options
     index, end = options[int(rng.integers(len(options)))]
     forward = end == 0   # leave the junction along the new street
   return town_lib.resample(np.concatenate(pieces), 1.0), first
@@ -114,8 +118,15 @@ def _along(path, arc, s, lateral):
   return p + lateral * np.array([-np.sin(yaw), np.cos(yaw)]), yaw
 
 
-def make_traffic(path, arc, first, rng, ground, *, ego_s0, ego_speed, lane_width, sidewalk_width):
-  """Vehicles (moving/parked, with their motion) and static buildings/poles along the route."""
+def make_traffic(path, arc, first, rng, ground, *, ego_s0, ego_speed, lane_width, sidewalk_width,
+                 building_setback=(8.0, 25.0), footprint_samples=5):
+  """Vehicles (moving/parked, with their motion) and static buildings/poles along the route.
+
+  Buildings stand `building_setback` metres (uniform range) beyond the sidewalk, and only where a
+  `footprint_samples` x `footprint_samples` grid over their footprint is all grass: a building
+  closer than that filled a whole side camera, and a corner-only test let buildings straddle
+  cross streets.
+  """
   offset, lanes, half_width = first
   sign = -1.0 if offset < 0 else 1.0   # side of the travel direction's lanes
   movers = []
@@ -141,12 +152,14 @@ def make_traffic(path, arc, first, rng, ground, *, ego_s0, ego_speed, lane_width
     for side in (-1.0, 1.0):
       if rng.uniform() < 0.15:   # building set back from the sidewalk
         length, width, height = rng.uniform(8, 20), rng.uniform(6, 12), rng.uniform(4, 18)
-        lateral = side * (half_width + sidewalk_width + rng.uniform(4, 15) + width / 2) - offset
+        lateral = side * (half_width + sidewalk_width + rng.uniform(*building_setback) + width / 2) - offset
         centre, yaw = _along(path, arc, s, lateral)
         c, sn = np.cos(yaw), np.sin(yaw)
-        corners = centre + np.array([[a * length / 2 * c - b * width / 2 * sn, a * length / 2 * sn + b * width / 2 * c]
-                                     for a in (-1, 1) for b in (-1, 1)])
-        if np.all(raster_lib.sample(ground, 'surface', corners[:, 0], corners[:, 1], nearest=True) == raster_lib.GRASS):
+        a, b = np.meshgrid(np.linspace(-0.5, 0.5, footprint_samples), np.linspace(-0.5, 0.5, footprint_samples))
+        a, b = a.ravel() * length, b.ravel() * width
+        footprint = centre + np.stack([a * c - b * sn, a * sn + b * c], axis=1)
+        if np.all(raster_lib.sample(ground, 'surface', footprint[:, 0], footprint[:, 1], nearest=True)
+                  == raster_lib.GRASS):
           static.append(dict(centre=centre, yaw=yaw, size=(length, width, height), kind='building',
                              colour=rng.uniform(0.35, 0.8) * np.array([1.0, 0.95, 0.85])))
       if rng.uniform() < 0.15:   # pole on the sidewalk

@@ -33,8 +33,9 @@ class TownParams:
   dash_length: float = 3.0
   dash_gap: float = 6.0
   dash_missing: float = 0.12       # probability a dash / solid chunk is worn away
-  map_line_missing: float = 0.06   # probability a divider is absent from the HD map
-  osm_missing: float = 0.15        # probability a street is absent from the SD map
+  map_line_missing: float = 0.06   # probability a divider piece is absent from the HD map
+  map_piece_length: float = 12.0   # metres per divider piece that the HD map may miss
+  osm_missing: float = 0.15        # probability a side street is absent from the SD map
   osm_offset: float = 2.5          # amplitude of the smooth SD misalignment (m)
 
 
@@ -86,7 +87,8 @@ def build_town(location_index, seed, params=TownParams()):
     half_width, nodes (a, b), trim (start, end) arc lengths, kind), 'junctions' (list of dicts:
     centre [2], polygon [M,2], arms), 'crossings' (list of [4,2] rectangles), 'hills' [K,4],
     'paint' (list of strokes dicts: points [N,2], width, colour 'white'|'yellow', dashed),
-    'extent' (x_max, y_max) of the town in metres.
+    'extent' (x_max, y_max) of the town in metres. Each street also has `osm_mapped` (bool):
+    whether the SD map holds it (see `_osm_mapped`).
   """
   rng = np.random.default_rng([seed, location_index, 17])
   n = params.grid
@@ -121,6 +123,10 @@ def build_town(location_index, seed, params=TownParams()):
     streets.append(dict(centre=centre, lanes_per_dir=lanes, half_width=lanes * params.lane_width,
                         nodes=(a, b), trim=(junction_radius[a], total - junction_radius[b]),
                         kind='secondary' if lanes == 2 else 'residential'))
+
+  for street, mapped in zip(streets, _osm_mapped(streets, params.osm_missing,
+                                                 np.random.default_rng([seed, location_index, 31]))):
+    street['osm_mapped'] = mapped
 
   junctions = {}
   crossings = []
@@ -160,6 +166,27 @@ def build_town(location_index, seed, params=TownParams()):
   # Boston paints the centre line yellow, Singapore white.
   town['paint'] = _paint_strokes(town, rng, params, yellow_centre=location_index == 0)
   return town
+
+
+def _osm_mapped(streets, missing, rng):
+  """Which streets the SD map holds: each is dropped with probability `missing`, but only while
+  both its junctions keep >= 2 mapped arms.
+
+  Real OSM misses side streets, not the roads a survey car drives: every junction reached along a
+  mapped street keeps a mapped way out, so routes (scene.plan_route) can stay on mapped streets.
+  """
+  arms = {}
+  for street in streets:
+    for node in street['nodes']:
+      arms[node] = arms.get(node, 0) + 1
+  mapped = [True] * len(streets)
+  for index in rng.permutation(len(streets)):
+    nodes = streets[index]['nodes']
+    if rng.uniform() < missing and all(arms[node] >= 3 for node in nodes):
+      mapped[index] = False
+      for node in nodes:
+        arms[node] -= 1
+  return mapped
 
 
 def trimmed(street, s0, s1):
