@@ -1,0 +1,230 @@
+"""Evaluation of a trained stage: semantic mIoU, vector AP, figures.
+
+  python -m mapkd_jax.evaluate --config configs/tcs.py:student,nokd,tiny --workdir runs/tiny \
+      [--checkpoint best|latest|STEP] [--split val] [--num_images 4]
+
+Restores only the `params` item of ROOT/<stage>/{best|checkpoints} (any device count), runs
+the model jitted over the split (batch sharded over the mesh, last batch padded) and writes
+ROOT/<stage>/eval/: metrics.json, semantic.npz, predictions.json, gt.json and PNG figures.
+Protocol: DESIGN.md section 4, vector_ap.py and vectorize.py docstrings.
+"""
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax import models as models_lib
+from mapkd_jax import sharding
+from mapkd_jax import stages
+from mapkd_jax import trainer
+from mapkd_jax import vector_ap
+from mapkd_jax import vectorize
+from mapkd_jax import visualize
+from mapkd_jax.data import dataset_info as info_lib
+from mapkd_jax.data import pipeline
+
+
+def _train_command(config, workdir):
+  arg = config.stage + (',nokd' if config.nokd else '')
+  if config.data.bev_name == 'tiny':
+    arg += ',tiny'
+  elif config.data.bev_name != '60x30':
+    arg += f',bev={config.data.bev_name}'
+  return f'python launch.py --config configs/tcs.py:{arg} --workdir {workdir}'
+
+
+def checkpoint_location(config, workdir, checkpoint):
+  """(manager directory, step or None) for --checkpoint best|latest|STEP."""
+  stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
+  if checkpoint == 'best':
+    return os.path.join(stage_dir, 'best'), None
+  if checkpoint == 'latest':
+    return os.path.join(stage_dir, 'checkpoints'), None
+  try:
+    return os.path.join(stage_dir, 'checkpoints'), int(checkpoint)
+  except ValueError:
+    raise ValueError(f"--checkpoint must be 'best', 'latest' or a step number, got "
+                     f'{checkpoint!r}') from None
+
+
+def _forward(variables, batch, *, model):
+  out = model.apply(variables, batch, train=False)
+  return {'semantic': out['semantic'].astype(jnp.float32),
+          'embedding': out['embedding'].astype(jnp.float32)}
+
+
+def iou_counts_np(pred, gt, *, num_classes, column_mask=None):
+  """Per-class (intersection, union) int64 counts of [N, H, W] class maps, optional [W] mask."""
+  keep = np.ones(pred.shape[-1], bool) if column_mask is None else column_mask
+  inter, union = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
+  for k in range(num_classes):
+    p, g = (pred == k)[..., keep], (gt == k)[..., keep]
+    inter[k], union[k] = np.sum(p & g), np.sum(p | g)
+  return inter, union
+
+
+def _iou(pred, gt, class_names, column_mask=None):
+  inter, union = iou_counts_np(pred, gt, num_classes=len(class_names) + 1,
+                               column_mask=column_mask)
+  ious = {name: float(inter[k] / union[k]) if union[k] else float('nan')
+          for k, name in enumerate(class_names, start=1)}
+  scored = [v for v in ious.values() if not math.isnan(v)]
+  return ious, float(np.mean(scored)) if scored else float('nan')
+
+
+def _gt_json(vectors, tokens, class_names):
+  return {t: [{'cls': class_names[cls - 1], 'pts': np.asarray(pts).tolist()}
+              for cls, pts in vectors.get(t, [])] for t in tokens}
+
+
+def _vectors_to_json(vectors):
+  return [{**v, 'pts': np.asarray(v['pts']).tolist()} for v in vectors]
+
+
+def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4):
+  """Evaluates ROOT/<stage> on `split` and writes ROOT/<stage>/eval/; returns metrics.json."""
+  if config.stage == 'hd_pretrain':
+    raise ValueError("evaluate: stage 'hd_pretrain' (model hd_mae) reconstructs masked ground "
+                     'truth and has no map to score; evaluate teacher, coach or student')
+  if jax.process_count() > 1:
+    raise ValueError('evaluate: runs on one process (it gathers all predictions on the host); '
+                     f'got {jax.process_count()} processes')
+  data = config.data
+  classes = tuple(data.classes)
+  mesh = sharding.make_mesh()
+  batch_size = config.train.batch_size
+  sharding.check_batch_size(batch_size, mesh)
+  stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
+  out_dir = os.path.join(stage_dir, 'eval')
+
+  model = models_lib.build(config.stage, config)
+  repl = sharding.replicated(mesh)
+  dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
+  shapes = jax.eval_shape(lambda: model.init(
+      {'params': jax.random.key(0), 'dropout': jax.random.key(0), 'mask': jax.random.key(0)},
+      dummy, train=False))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), shapes)
+  ckpt_dir, want_step = checkpoint_location(config, workdir, checkpoint)
+  step, variables = ckpt_lib.restore_params(
+      ckpt_dir, abstract, step=want_step, what=f'{stages.stage_dir_name(config)} evaluation',
+      hint=f'train it first: {_train_command(config, workdir)}')
+
+  shards_dir = stages.shards_dir(config, workdir)
+  info = info_lib.load_dataset_info(shards_dir)
+  if split not in info['splits']:
+    raise ValueError(f'{shards_dir}: no split {split!r}; known: {sorted(info["splits"])}')
+  num_samples = int(info['splits'][split]['num_samples'])
+  if num_samples == 0:
+    raise ValueError(f'{shards_dir}: split {split!r} is empty; nothing to evaluate')
+
+  forward = jax.jit(functools.partial(_forward, model=model),
+                    in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=repl)
+  batches = pipeline.iterate(shards_dir, split, data, batch_size=batch_size, seed=config.seed,
+                             shuffle=False, num_epochs=1, drop_remainder=False, with_tokens=True)
+  tokens, preds, gts, vectors, figures = [], [], [], {}, []
+  vec_kwargs = dict(bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=classes,
+                    eps=config.eval.dbscan_eps, min_samples=config.eval.dbscan_min_samples,
+                    max_cluster_pixels=config.eval.max_cluster_pixels,
+                    link_radius_px=config.eval.link_radius_px, line_width_px=data.line_width_px,
+                    simplify_tolerance=config.eval.simplify_tolerance)
+  for host in tqdm(batches, total=math.ceil(num_samples / batch_size), desc=f'eval {split}'):
+    rows = len(host['semantic'])
+    out = jax.device_get(forward(variables, sharding.host_batch_to_global(
+        trainer.pad_batch(host, batch_size), mesh)))
+    pred = np.argmax(out['semantic'][:rows], axis=-1).astype(np.uint8)
+    for i in range(rows):
+      token = str(host['sample_token'][i])
+      vectors[token] = vectorize.vectorize_sample(out['semantic'][i], out['embedding'][i],
+                                                  **vec_kwargs)
+      if len(figures) < num_images:
+        figures.append((token, host['images'][i], pred[i], host['semantic'][i]))
+      tokens.append(token)
+    preds.append(pred)
+    gts.append(host['semantic'].astype(np.uint8))
+  if not tokens:
+    raise ValueError(f'{shards_dir}: split {split!r} gave no sample')
+  pred_all, gt_all = np.concatenate(preds), np.concatenate(gts)
+
+  gt_json = _gt_json(pipeline.read_vectors(shards_dir, split), tokens, classes)
+  pred_json = {t: _vectors_to_json(vectors[t]) for t in tokens}
+  ap = vector_ap.evaluate_vectors(pred_json, gt_json, class_names=classes,
+                                  thresholds=tuple(config.eval.chamfer_thresholds),
+                                  sample_step=config.eval.sample_step)
+  ious, miou = _iou(pred_all, gt_all, classes)
+  # |x| of each column's centre: near and far halves of the range (DESIGN.md section 6).
+  x_centres = data.bev_x[0] + (np.arange(pred_all.shape[-1]) + 0.5) * data.bev_x[2]
+  split_m, x_max = config.eval.range_split, max(abs(data.bev_x[0]), abs(data.bev_x[1]))
+  by_range = {}
+  for name, mask in ((f'0-{split_m:g}m', np.abs(x_centres) < split_m),
+                     (f'{split_m:g}-{x_max:g}m', np.abs(x_centres) >= split_m)):
+    range_ious, range_miou = _iou(pred_all, gt_all, classes, column_mask=mask)
+    by_range[name] = {'iou': range_ious, 'miou': range_miou}
+  metrics = {
+      'iou': ious, 'miou': miou, 'iou_by_range': by_range, 'ap': ap['ap'], 'map': ap['map'],
+      'num_gt_vectors': ap['num_gt'], 'num_pred_vectors': ap['num_pred'],
+      'num_samples': len(tokens), 'checkpoint_step': int(step), 'checkpoint_dir': ckpt_dir,
+      'split': split,
+      'protocol': {
+          'bev_x': list(data.bev_x), 'bev_y': list(data.bev_y),
+          'resolution_m': [data.bev_x[2], data.bev_y[2]],
+          'iou': 'argmax over background + classes; per-class intersection and union summed '
+                 'over the split; mIoU = mean over classes',
+          'range_split': f'|x| of pixel centres < {split_m:g} m vs >= {split_m:g} m',
+          'thresholds_m': [float(t) for t in config.eval.chamfer_thresholds],
+          'sample_step_m': config.eval.sample_step,
+          'score': 'mean sigmoid of the class logit over the polyline pixels',
+          'dbscan': {'eps': config.eval.dbscan_eps, 'min_samples': config.eval.dbscan_min_samples},
+          **vector_ap.PROTOCOL}}
+
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+    json.dump(metrics, f, indent=2)
+  np.savez_compressed(os.path.join(out_dir, 'semantic.npz'), tokens=np.asarray(tokens),
+                      pred=pred_all, gt=gt_all)
+  with open(os.path.join(out_dir, 'predictions.json'), 'w') as f:
+    json.dump(pred_json, f)
+  with open(os.path.join(out_dir, 'gt.json'), 'w') as f:
+    json.dump(gt_json, f)
+  for token, images, pred, gt in figures:
+    figure = visualize.render_sample(
+        images, pred, gt, vectors[token],
+        [{**v, 'pts': np.asarray(v['pts'])} for v in gt_json[token]],
+        bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=classes, title=token)
+    visualize.save_png(os.path.join(out_dir, f'{token}.png'), figure)
+  logging.info('Evaluation of %s step %d on %s (%d samples): mIoU %.4f, mAP %.4f -> %s',
+               stages.stage_dir_name(config), step, split, len(tokens), miou, ap['map'], out_dir)
+  return metrics
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/tcs.py:<stage>[,mods]',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'experiment root (ROOT/<stage>/...)')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number")
+_SPLIT = flags.DEFINE_string('split', 'val', 'dataset split to evaluate')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', None,
+                                   'figures to write; default config.eval.num_images')
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  num_images = config.eval.num_images if _NUM_IMAGES.value is None else _NUM_IMAGES.value
+  metrics = evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
+                     num_images=num_images)
+  print(json.dumps({k: metrics[k] for k in ('iou', 'miou', 'ap', 'map', 'num_samples')},
+                   indent=2))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
