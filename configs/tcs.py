@@ -109,7 +109,7 @@ def get_config(arg=None):
   )
   config.loss = dict(semantic_pos_weight=2.13, instance_weight=0.1, direction_weight=0.1,
                      delta_v=0.5, delta_d=3.0,
-                     max_instances=128,      # ids above are ignored (see data/instance_overflow_pixels)
+                     max_instances=128,      # larger ids: ignored, logged as overflow pixels
                      pre_refine_weight=1.0)  # task loss on the pre-HD-refinement heads
 
   # Durations in steps. Reference recipe: 10 epochs of nuScenes train (28k samples, batch 8).

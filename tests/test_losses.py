@@ -333,8 +333,9 @@ def test_task_loss_combines_terms_and_jits():
                 delta_d=3.0, max_instances=6)
   loss, metrics = losses.task_loss(outputs, batch, **kwargs)
   pull, push, _ = _discriminative_ref(outputs['embedding'], batch['instance'], 0.5, 3.0, 6)
+  direction = _direction_ref(outputs['direction'], batch['direction'])
   expected = (_semantic_ref(outputs['semantic'], batch['semantic'], 2.13)
-              + 0.1 * (pull + push) + 0.2 * _direction_ref(outputs['direction'], batch['direction']))
+              + 0.1 * (pull + push) + 0.2 * direction)
   np.testing.assert_allclose(loss, expected, rtol=RTOL)
   np.testing.assert_allclose(metrics['loss/task'], loss)
   for key in ('loss/semantic', 'loss/instance', 'loss/direction', 'loss/instance_reg'):
