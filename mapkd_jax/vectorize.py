@@ -10,7 +10,8 @@ Per class (1..K-1 of the semantic channels):
   3. Order: a cluster's pixels are linked when closer than `link_radius_px` (a pixel graph);
      the backbone of its largest connected piece is the shortest path between the two ends of
      its geodesic diameter (double Dijkstra sweep), each backbone pixel moved to the mean of
-     the cluster pixels within half a line width (the centreline of the thick line). Pixels
+     the cluster pixels within a line width, across the line (the centreline of the thick
+     line), and half a line width is trimmed off each end (the labels' disk overshoot). Pixels
      the backbone covers are removed and the rest is traced again, so branches, the second
      half of closed rings and separate pieces become polylines of their own; pieces of fewer
      than `dbscan_min_samples` pixels are noise.
@@ -95,6 +96,18 @@ def _centreline(piece, path_points, *, half_width):
   return centre, members
 
 
+def trim_ends(points, length):
+  """Shortens a polyline by `length` of arc at each end (kept whole if not 2x longer)."""
+  seg = np.hypot(*np.diff(points, axis=0).T)
+  arc = np.concatenate([[0.0], np.cumsum(seg)])
+  if arc[-1] <= 2 * length:
+    return points
+  stations = np.concatenate([[length], arc[(arc > length) & (arc < arc[-1] - length)],
+                             [arc[-1] - length]])
+  return np.stack([np.interp(stations, arc, points[:, 0]),
+                   np.interp(stations, arc, points[:, 1])], axis=1)
+
+
 def trace_polylines(coords, *, link_radius, half_width, min_pixels):
   """Orders a cluster's pixels into centreline polylines (module docstring, step 3).
 
@@ -122,7 +135,9 @@ def trace_polylines(coords, *, link_radius, half_width, min_pixels):
     path = _backbone(piece, graph[largest][:, largest])
     centre, members = _centreline(piece, piece[path], half_width=half_width)
     if len(path) >= 2:
-      out.append((centre, remaining[largest[members]]))
+      # Labels are dilated by a disk, so the thick line overshoots each end of the true
+      # polyline by half a line width: take that back.
+      out.append((trim_ends(centre, half_width), remaining[largest[members]]))
     # Drop what this backbone explains; what is left (branches, the rest of a ring) or the
     # other pieces are traced next.
     keep = np.ones(len(remaining), bool)

@@ -1,0 +1,125 @@
+"""Vectorization: rasters with known lines -> polylines within a pixel, ordered along the line."""
+import numpy as np
+import pytest
+
+from mapkd_jax import vectorize
+
+BEV_X, BEV_Y = (-30.0, 30.0, 0.6), (-15.0, 15.0, 0.6)   # 100 x 50 canvas, 0.6 m pixels
+CLASSES = ('divider', 'ped_crossing', 'boundary')
+KWARGS = dict(bev_x=BEV_X, bev_y=BEV_Y, class_names=CLASSES, eps=1.5, min_samples=5,
+              max_cluster_pixels=4000, link_radius_px=1.5, line_width_px=5,
+              simplify_tolerance=0.2)
+
+
+def _canvas(embedding_dim=4):
+  height, width = 50, 100
+  semantic = np.full((height, width, 4), -4.0, np.float32)
+  semantic[..., 0] = 0.0   # lines below have class logits > 0: argmax picks them
+  return semantic, np.zeros((height, width, embedding_dim), np.float32)
+
+
+def _pixel_centre_ref(col, row):
+  """Loop-free but independent statement of the schema convention for one pixel."""
+  return BEV_X[0] + BEV_X[2] / 2 + col * BEV_X[2], BEV_Y[0] + BEV_Y[2] / 2 + row * BEV_Y[2]
+
+
+def _draw_disk_line(semantic, embedding, points, *, cls, logit, code, width=5):
+  """Marks every pixel within width/2 of the segment chain `points` ((col, row) pixels)."""
+  height, width_px = semantic.shape[:2]
+  rows, cols = np.mgrid[:height, :width_px]
+  grid = np.stack([cols, rows], axis=-1).astype(float)
+  mask = np.zeros((height, width_px), bool)
+  for a, b in zip(points[:-1], points[1:]):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    t = np.clip(((grid - a) @ (b - a)) / ((b - a) @ (b - a)), 0, 1)
+    mask |= np.linalg.norm(grid - (a + t[..., None] * (b - a)), axis=-1) <= width / 2
+  semantic[mask, cls] = logit
+  embedding[mask, 0] = code
+  return mask
+
+
+def _distance_to_polyline(points, line):
+  out = []
+  for p in points:
+    best = np.inf
+    for a, b in zip(line[:-1], line[1:]):
+      t = np.clip(np.dot(p - a, b - a) / np.dot(b - a, b - a), 0, 1)
+      best = min(best, np.linalg.norm(p - (a + t * (b - a))))
+    out.append(best)
+  return np.asarray(out)
+
+
+def test_pixels_to_metres_matches_schema_convention():
+  pix = np.array([[0, 0], [99, 49], [12.0, 7.0]])
+  got = vectorize.pixels_to_metres(pix, BEV_X, BEV_Y)
+  want = np.array([_pixel_centre_ref(c, r) for c, r in pix])
+  np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize('rows', [(10, 30), (12, 20)])
+def test_two_parallel_lines_with_distinct_embeddings(rows):
+  semantic, embedding = _canvas()
+  for row, code in zip(rows, (0.0, 5.0)):
+    _draw_disk_line(semantic, embedding, [(5, row), (90, row)], cls=1, logit=2.0, code=code)
+  vectors = vectorize.vectorize_sample(semantic, embedding, **KWARGS)
+  assert len(vectors) == 2
+  assert all(v['cls'] == 'divider' for v in vectors)
+  ys = sorted(np.mean(v['pts'][:, 1]) for v in vectors)
+  for v, row in zip(sorted(vectors, key=lambda v: np.mean(v['pts'][:, 1])), rows):
+    _, y_true = _pixel_centre_ref(0, row)
+    x_start, _ = _pixel_centre_ref(5, row)
+    x_end, _ = _pixel_centre_ref(90, row)
+    np.testing.assert_array_less(np.abs(v['pts'][:, 1] - y_true), BEV_Y[2])
+    # Ordered along the line: x strictly monotone, ends within a pixel of the drawn ends.
+    dx = np.diff(v['pts'][:, 0])
+    assert np.all(dx > 0) or np.all(dx < 0)
+    np.testing.assert_allclose(sorted([v['pts'][0, 0], v['pts'][-1, 0]]), [x_start, x_end],
+                               atol=BEV_X[2])
+    assert v['score'] == pytest.approx(1 / (1 + np.exp(-2.0)), rel=1e-5)
+  assert ys[0] < ys[1]
+
+
+def test_same_embedding_far_apart_lines_split_into_pieces():
+  semantic, embedding = _canvas()
+  _draw_disk_line(semantic, embedding, [(5, 10), (40, 10)], cls=3, logit=1.0, code=0.0)
+  _draw_disk_line(semantic, embedding, [(60, 40), (95, 40)], cls=3, logit=1.0, code=0.0)
+  vectors = vectorize.vectorize_sample(semantic, embedding, **KWARGS)
+  assert [v['cls'] for v in vectors] == ['boundary', 'boundary']
+
+
+def test_curved_line_follows_the_curve_in_order():
+  semantic, embedding = _canvas()
+  angles = np.linspace(0, np.pi / 2, 40)
+  arc = np.stack([20 + 40 * np.cos(angles), 5 + 40 * np.sin(angles)], axis=1)  # (col, row)
+  _draw_disk_line(semantic, embedding, arc, cls=2, logit=1.5, code=1.0)
+  vectors = vectorize.vectorize_sample(semantic, embedding, **KWARGS)
+  assert len(vectors) == 1 and vectors[0]['cls'] == 'ped_crossing'
+  truth = vectorize.pixels_to_metres(arc, BEV_X, BEV_Y)
+  pts = vectors[0]['pts']
+  assert np.max(_distance_to_polyline(pts, truth)) < BEV_X[2]
+  # Order: the angle about the arc centre changes monotonically along the polyline.
+  centre = vectorize.pixels_to_metres(np.array([[20.0, 5.0]]), BEV_X, BEV_Y)[0]
+  theta = np.arctan2(pts[:, 1] - centre[1], pts[:, 0] - centre[0])
+  assert np.all(np.diff(theta) > 0) or np.all(np.diff(theta) < 0)
+
+
+def test_empty_and_tiny_blobs_give_no_vectors():
+  semantic, embedding = _canvas()
+  assert vectorize.vectorize_sample(semantic, embedding, **KWARGS) == []
+  semantic[20:22, 30:31, 1] = 5.0   # 2 pixels < min_samples
+  assert vectorize.vectorize_sample(semantic, embedding, **KWARGS) == []
+
+
+def test_subsampled_clustering_matches_full_on_separated_clusters():
+  rng = np.random.default_rng(0)
+  emb = np.concatenate([rng.normal(0, 0.1, (300, 3)), rng.normal(5, 0.1, (300, 3))])
+  full = vectorize.cluster_embeddings(emb, eps=1.0, min_samples=10, max_pixels=10000)
+  sub = vectorize.cluster_embeddings(emb, eps=1.0, min_samples=10, max_pixels=100)
+  # Same partition (labels may be renumbered).
+  assert len(set(zip(full, sub))) == 2 and set(full) == {0, 1}
+
+
+def test_wrong_channel_count_is_rejected():
+  semantic, embedding = _canvas()
+  with pytest.raises(ValueError, match='channels'):
+    vectorize.vectorize_sample(semantic[..., :3], embedding, **KWARGS)
