@@ -30,8 +30,8 @@ class Student(nn.Module):
       bev_small [B, h, w, neck.channels].
     """
     x = CameraBEV(self.config, name='camera')(batch, train=train)
-    for width in self.config.model.student.expand_channels:
-      x = ConvBNAct(width)(x, train=train)
+    for i, width in enumerate(self.config.model.student.expand_channels):
+      x = ConvBNAct(width, name=f'expand_{i}')(x, train=train)
     bev_small = BEVNeck(self.config, name='neck').down(x, train=train)
     canvas = schema.bev_shape(self.config.data.bev_x, self.config.data.bev_y)
     x = jax.image.resize(bev_small, (bev_small.shape[0], *canvas, bev_small.shape[-1]),
