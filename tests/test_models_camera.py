@@ -73,8 +73,9 @@ def _ipm_ref(patches, intr, rot, trans, *, bev_x, bev_y, stride, image_hw, forwa
           r0, c0 = int(math.floor(r)), int(math.floor(c))
           r1, c1 = min(r0 + 1, ph - 1), min(c0 + 1, pw - 1)
           fr, fc = r - r0, c - c0
-          value = ((1 - fr) * (1 - fc) * patches[b, n, r0, c0] + (1 - fr) * fc * patches[b, n, r0, c1]
-                   + fr * (1 - fc) * patches[b, n, r1, c0] + fr * fc * patches[b, n, r1, c1])
+          patch = patches[b, n]
+          value = ((1 - fr) * (1 - fc) * patch[r0, c0] + (1 - fr) * fc * patch[r0, c1]
+                   + fr * (1 - fc) * patch[r1, c0] + fr * fc * patch[r1, c1])
           best = value if best is None else np.maximum(best, value)
         if best is not None:
           out[b, i, j] = best

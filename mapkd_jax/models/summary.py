@@ -18,8 +18,8 @@ from ml_collections import config_flags
 from mapkd_jax import models
 from mapkd_jax.data import schema
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tcs.py:student.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/tcs.py:student.', lock_config=True)
 _MODELS = flags.DEFINE_list('models', None, 'Models to summarise (default: every registered '
                             f'model, currently {sorted(models.MODELS)}).')
 _RNG_STREAMS = ('dropout', 'mask')   # rng collection names the registered models draw from
