@@ -437,6 +437,18 @@ def test_reference_map_gives_50_patches():
   assert losses.extract_patches(bev, (5, 5)).shape == (1, 50, 50)
 
 
+def test_projector_reference_size():
+  """bev_small 25 x 50 x 192, 5 x 5 patches: 51 tokens; teacher side orthonormal columns."""
+  bev = _rng(15).normal(size=(1, 25, 50, 192)).astype(np.float32)
+  projector = losses.TGPDProjector(patch_size=(5, 5), embed_dim=64)
+  variables = jax.jit(projector.init)(jax.random.key(0), bev, bev)
+  student_tokens, teacher_tokens = jax.jit(projector.apply)(variables, bev, bev)
+  assert student_tokens.shape == teacher_tokens.shape == (1, 51, 64)
+  kernel = np.asarray(variables['params']['teacher_proj'])
+  assert kernel.shape == (5 * 5 * 192, 64)
+  np.testing.assert_allclose(kernel.T @ kernel, np.eye(64), atol=1e-4)
+
+
 def test_extract_patches_bad_size_raises():
   with pytest.raises(ValueError, match='tgpd_patch_size'):
     losses.extract_patches(np.zeros((1, 25, 50, 2)), (4, 5))
@@ -480,7 +492,7 @@ def test_tgpd_matches_ref(bev_shape, teacher_channels, patch_size, temperature):
 
 
 def test_tgpd_identical_maps_and_tokens_give_zero():
-  _, _, student_bev, _ = _tgpd_setup(11, (1, 4, 6, 3), 3, (2, 3), 4)
+  student_bev = _rng(11).normal(size=(1, 4, 6, 3)).astype(np.float32)
   tokens = _rng(0).normal(size=(1, 5, 4)).astype(np.float32)
   loss = losses.tgpd_loss(student_bev, student_bev, tokens, tokens, temperature=1.0,
                           attention_weight=1.0, feature_weight=1.0)
