@@ -45,8 +45,38 @@ def _smooth_image(rng, height, width):
   return cv2.resize(coarse, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def random_sample(rng, data_config, index, num_points):
-  """Source arrays of one keyframe, named after schema batch keys (+ tokens, JPEGs, vectors)."""
+def _noise_rasters(rng, data_config, bev_h, bev_w):
+  """Every pixel random: exercises the full value range of each raster."""
+  return {
+      'sd_prior': (rng.integers(0, 2, (bev_h, bev_w)) * 255).astype(np.uint8),
+      'semantic': rng.integers(0, len(data_config.classes) + 1, (bev_h, bev_w)).astype(np.uint8),
+      'instance': rng.integers(0, 2**16, (bev_h, bev_w)).astype(np.uint16),
+      'direction': rng.integers(0, data_config.direction_bins + 1, (bev_h, bev_w)).astype(np.uint8),
+  }
+
+
+def _line_rasters(rng, data_config, bev_h, bev_w, num_lines):
+  """Random straight lines on an empty canvas, like real labels (and as cheap to decode)."""
+  rasters = {'sd_prior': np.zeros((bev_h, bev_w), np.uint8),
+             'semantic': np.zeros((bev_h, bev_w), np.uint8),
+             'instance': np.zeros((bev_h, bev_w), np.uint16),
+             'direction': np.zeros((bev_h, bev_w), np.uint8)}
+  thickness = data_config.line_width_px
+  for instance in range(1, num_lines + 1):
+    ends = [(int(rng.integers(0, bev_w)), int(rng.integers(0, bev_h))) for _ in range(2)]
+    values = {'sd_prior': 255, 'semantic': int(rng.integers(1, len(data_config.classes) + 1)),
+              'instance': instance,
+              'direction': int(rng.integers(1, data_config.direction_bins + 1))}
+    for key, value in values.items():
+      cv2.line(rasters[key], ends[0], ends[1], value, thickness)
+  return rasters
+
+
+def random_sample(rng, data_config, index, num_points, *, label_style='noise'):
+  """Source arrays of one keyframe, named after schema batch keys (+ tokens, JPEGs, vectors).
+
+  label_style: 'noise' (every pixel random) or 'lines' (sparse lines, realistic PNG sizes).
+  """
   num_cams = len(data_config.cameras)
   height, width = data_config.image_size
   bev_h, bev_w = schema.bev_shape(data_config.bev_x, data_config.bev_y)
@@ -57,6 +87,12 @@ def random_sample(rng, data_config, index, num_points):
     points = rng.uniform(-10, 10, (int(rng.integers(2, 7)), 2)).astype(np.float32)
     vectors.append((cls, points))
   images = np.stack([_smooth_image(rng, height, width) for _ in range(num_cams)])
+  if label_style == 'noise':
+    rasters = _noise_rasters(rng, data_config, bev_h, bev_w)
+  elif label_style == 'lines':
+    rasters = _line_rasters(rng, data_config, bev_h, bev_w, num_lines=int(rng.integers(5, 30)))
+  else:
+    raise ValueError(f"label_style must be 'noise' or 'lines', got {label_style!r}")
   return {
       'sample_token': f'sample-{index:05d}',
       'scene_token': f'scene-{index // 4:03d}',
@@ -67,10 +103,7 @@ def random_sample(rng, data_config, index, num_points):
       'cam_translation': rng.normal(size=(num_cams, 3)).astype(np.float32),
       'ego_pose': rng.normal(size=(4, 4)).astype(np.float32),
       'lidar_points': rng.normal(size=(num_points, 5)).astype(np.float32),
-      'sd_prior': (rng.integers(0, 2, (bev_h, bev_w)) * 255).astype(np.uint8),
-      'semantic': rng.integers(0, len(data_config.classes) + 1, (bev_h, bev_w)).astype(np.uint8),
-      'instance': rng.integers(0, 2**16, (bev_h, bev_w)).astype(np.uint16),
-      'direction': rng.integers(0, data_config.direction_bins + 1, (bev_h, bev_w)).astype(np.uint8),
+      **rasters,
       'vectors': vectors,
   }
 
@@ -141,7 +174,7 @@ def write_dataset_info(directory, data_config, split_files, split_sizes):
 
 
 def write_shards(directory, data_config, *, split_sizes=None, num_shards=2, points_range=None,
-                 seed=0):
+                 seed=0, label_style='noise'):
   """Writes `split-0000i-of-0000n.tfrecord` shards + dataset_info.json into `directory`.
 
   Examples are dealt round-robin over the shards, so shard sizes differ by at most one.
@@ -154,6 +187,7 @@ def write_shards(directory, data_config, *, split_sizes=None, num_shards=2, poin
     points_range: (low, high) LiDAR point counts, high exclusive; the default spans empty,
       padded and cropped clouds around data_config.max_points.
     seed: numpy seed of the random content.
+    label_style: 'noise' or 'lines' rasters (see `random_sample`).
 
   Returns:
     {split: [sample dicts of source arrays]} in file order: shard 0 first, then shard 1, ...
@@ -164,7 +198,8 @@ def write_shards(directory, data_config, *, split_sizes=None, num_shards=2, poin
   rng = np.random.default_rng(seed)
   samples_by_split, files_by_split, index = {}, {}, 0
   for split, size in split_sizes.items():
-    samples = [random_sample(rng, data_config, index + i, int(rng.integers(low, high)))
+    samples = [random_sample(rng, data_config, index + i, int(rng.integers(low, high)),
+                             label_style=label_style)
                for i in range(size)]
     index += size
     names = [f'{split}-{s:05d}-of-{num_shards:05d}.tfrecord' for s in range(num_shards)]
