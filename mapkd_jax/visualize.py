@@ -32,7 +32,7 @@ def metres_to_display(points, bev_x, bev_y, scale):
                    (bev_x[1] - points[:, 0]) / bev_x[2] * scale], axis=1)
 
 
-def bev_panel(classes, vectors, *, bev_x, bev_y, class_names, scale, title, arrow_tip=0.3):
+def bev_panel(classes, vectors, *, bev_x, bev_y, class_names, scale, title, arrow_tip_px=7):
   """Colour class raster with vectors drawn as arrows; RGB uint8 [W*scale, H*scale, 3]."""
   shown = np.asarray(CLASS_COLORS, np.uint8)[bev_to_display(classes)]
   panel = np.ascontiguousarray(np.repeat(np.repeat(shown, scale, axis=0), scale, axis=1))
@@ -40,8 +40,10 @@ def bev_panel(classes, vectors, *, bev_x, bev_y, class_names, scale, title, arro
     color = VECTOR_COLORS[class_names.index(vector['cls']) + 1]
     pix = np.round(metres_to_display(vector['pts'], bev_x, bev_y, scale)).astype(np.int32)
     for start, end in zip(pix[:-1], pix[1:]):
+      length = max(float(np.hypot(*(end - start))), 1.0)
+      # cv2 sizes the tip relative to the segment: convert to a fixed size in pixels.
       cv2.arrowedLine(panel, tuple(map(int, start)), tuple(map(int, end)), color, 1,
-                      cv2.LINE_AA, tipLength=arrow_tip)
+                      cv2.LINE_AA, tipLength=min(arrow_tip_px / length, 0.5))
   cv2.putText(panel, title, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
               cv2.LINE_AA)
   return panel

@@ -1,0 +1,162 @@
+"""evaluate end to end on a 2-step tiny student, and its errors on bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import tcs
+from mapkd_jax import evaluate as eval_lib
+from mapkd_jax import trainer
+from mapkd_jax import vector_ap
+from mapkd_jax.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config():
+  config = tcs.get_config('student,nokd,tiny')
+  config.train.update(steps=2, checkpoint_every=2, eval_every=2)
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained_root(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('eval_root'))
+  trainer.train_and_evaluate(_config(), root)
+  return root
+
+
+def _iou_ref(pred, gt, classes, keep_columns=None):
+  """Per-class IoU by explicit loops over samples and classes."""
+  ious = {}
+  for k, name in enumerate(classes, start=1):
+    inter = union = 0
+    for p, g in zip(pred, gt):
+      if keep_columns is not None:
+        p, g = p[:, keep_columns], g[:, keep_columns]
+      inter += int(np.logical_and(p == k, g == k).sum())
+      union += int(np.logical_or(p == k, g == k).sum())
+    ious[name] = inter / union if union else float('nan')
+  return ious
+
+
+def test_end_to_end_files_and_metrics(trained_root):
+  config = _config()
+  metrics = eval_lib.evaluate(config, trained_root, checkpoint='best', num_images=2)
+  out = os.path.join(trained_root, 'student_nokd', 'eval')
+  with open(os.path.join(out, 'metrics.json')) as f:
+    written = json.load(f)
+  for key in ('iou', 'miou', 'ap', 'map', 'num_samples', 'checkpoint_step', 'protocol',
+              'iou_by_range'):
+    assert key in written, key
+  assert written['checkpoint_step'] == 2
+  assert set(written['iou']) == set(config.data.classes)
+  for name in config.data.classes:
+    assert set(written['ap'][name]) == {'0.5', '1.0', '1.5'}
+  for key in ('thresholds_m', 'sort_order', 'matching_scope', 'interpolation', 'bev_x'):
+    assert key in written['protocol'], key
+
+  npz = np.load(os.path.join(out, 'semantic.npz'))
+  pred, gt, tokens = npz['pred'], npz['gt'], npz['tokens']
+  assert pred.dtype == np.uint8 and gt.dtype == np.uint8
+  assert pred.shape == gt.shape == (len(tokens), 50, 100)
+  assert written['num_samples'] == len(tokens) == len(set(tokens.tolist()))
+  ref = _iou_ref(pred, gt, config.data.classes)
+  for name, value in ref.items():
+    np.testing.assert_allclose(written['iou'][name], value, rtol=1e-12)
+  x_centres = config.data.bev_x[0] + (np.arange(100) + 0.5) * config.data.bev_x[2]
+  near = _iou_ref(pred, gt, config.data.classes, keep_columns=np.abs(x_centres) < 15.0)
+  for name, value in near.items():
+    np.testing.assert_allclose(written['iou_by_range']['0-15m']['iou'][name], value, rtol=1e-12)
+
+  with open(os.path.join(out, 'gt.json')) as f:
+    gt_json = json.load(f)
+  with open(os.path.join(out, 'predictions.json')) as f:
+    pred_json = json.load(f)
+  assert set(gt_json) == set(pred_json) == set(tokens.tolist())
+  shards = os.path.join(trained_root, 'data', 'shards-tiny')
+  truth = pipeline.read_vectors(shards, 'val')
+  for token in tokens.tolist():
+    assert len(gt_json[token]) == len(truth[token])
+    for item, (cls, pts) in zip(gt_json[token], truth[token]):
+      assert item['cls'] == config.data.classes[cls - 1]
+      np.testing.assert_allclose(item['pts'], pts, rtol=1e-6)
+  recomputed = vector_ap.main(['--pred', os.path.join(out, 'predictions.json'),
+                               '--gt', os.path.join(out, 'gt.json'),
+                               '--sample_step', str(config.eval.sample_step)])
+  assert recomputed['ap'] == pytest.approx(written['ap'], nan_ok=True)
+  pngs = [f for f in os.listdir(out) if f.endswith('.png')]
+  assert len(pngs) == 2
+  assert metrics['miou'] == pytest.approx(written['miou'], nan_ok=True)
+
+
+def test_cli_in_fresh_process_on_one_device(trained_root):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      [sys.executable, '-m', 'mapkd_jax.evaluate', '--config', 'configs/tcs.py:student,nokd,tiny',
+       '--workdir', trained_root, '--checkpoint', '2', '--num_images', '0'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '"miou"' in result.stdout
+
+
+def test_missing_checkpoint_names_directory_and_command(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r'student_nokd/best.*launch\.py --config '
+                                              r'configs/tcs\.py:student,nokd,tiny'):
+    eval_lib.evaluate(_config(), str(tmp_path))
+
+
+def test_checkpoint_of_another_config_is_rejected(trained_root):
+  config = _config()
+  config.model.decoder.head_channels = 8
+  with pytest.raises(ValueError, match='student_nokd/best'):
+    eval_lib.evaluate(config, trained_root)
+
+
+def test_empty_split_is_rejected(trained_root, tmp_path):
+  src = os.path.join(trained_root, 'data', 'shards-tiny')
+  shards = tmp_path / 'shards'
+  shutil.copytree(src, shards)
+  info_path = shards / 'dataset_info.json'
+  info = json.loads(info_path.read_text())
+  info['splits']['val'].update(num_samples=0, num_examples=0, files=[])
+  info_path.write_text(json.dumps(info))
+  config = _config()
+  config.data.shards = str(shards)
+  with pytest.raises(ValueError, match=r"split 'val' is empty"):
+    eval_lib.evaluate(config, trained_root)
+
+
+def test_hd_pretrain_and_bad_checkpoint_flag_are_rejected(trained_root):
+  with pytest.raises(ValueError, match='hd_pretrain'):
+    eval_lib.evaluate(tcs.get_config('hd_pretrain,tiny'), trained_root)
+  with pytest.raises(ValueError, match='--checkpoint'):
+    eval_lib.evaluate(_config(), trained_root, checkpoint='newest')
+
+
+def test_figure_vectors_land_on_their_raster_pixels():
+  from mapkd_jax import visualize
+  bev_x, bev_y = (-30.0, 30.0, 0.6), (-15.0, 15.0, 0.6)
+  raster = np.zeros((50, 100), np.uint8)
+  for row, col in ((3, 7), (40, 90), (25, 50)):
+    raster[row, col] = 1
+    x = bev_x[0] + (col + 0.5) * bev_x[2]
+    y = bev_y[0] + (row + 0.5) * bev_y[2]
+    shown = visualize.bev_to_display(raster)
+    c, r = visualize.metres_to_display(np.array([[x, y]]), bev_x, bev_y, 1)[0]
+    # The metres -> display map lands inside the displayed pixel of the raster cell.
+    assert shown[int(np.floor(r)), int(np.floor(c))] == 1
+    raster[row, col] = 0
+  # x forward is up: a cell further forward is higher (smaller display row).
+  assert visualize.metres_to_display(np.array([[10.0, 0.0]]), bev_x, bev_y, 1)[0, 1] < \
+      visualize.metres_to_display(np.array([[-10.0, 0.0]]), bev_x, bev_y, 1)[0, 1]
+  images = np.zeros((6, 16, 44, 3), np.float32)
+  figure = visualize.render_sample(images, raster, raster, [], [], bev_x=bev_x, bev_y=bev_y,
+                                   class_names=('divider', 'ped_crossing', 'boundary'),
+                                   bev_height_px=200)
+  assert figure.dtype == np.uint8 and figure.shape[2] == 3
