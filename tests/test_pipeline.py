@@ -232,6 +232,20 @@ def test_truncated_shard_error_names_file(tmp_path, shards, data_config):
     pipeline.read_vectors(directory, 'train')
 
 
+def test_undecodable_record_error_names_file(tmp_path, data_config):
+  directory = str(tmp_path)
+  shard_fixtures.write_shards(directory, data_config, split_sizes={'train': 4}, num_shards=2)
+  sample = shard_fixtures.random_sample(np.random.default_rng(0), data_config, 99, 3)
+  sample['lidar_points'] = np.zeros(7, np.float32)  # Not a whole number of 5-float points.
+  broken = os.path.join(directory, dataset_info.load_dataset_info(directory)['splits']['train']
+                        ['files'][1])
+  with tf.io.TFRecordWriter(broken) as writer:
+    writer.write(shard_fixtures.serialize_sample(sample))
+  with pytest.raises(ValueError, match=f'{broken}: a record does not match'):
+    _all_batches(pipeline.iterate(directory, 'train', data_config, batch_size=1, seed=0,
+                                  num_epochs=1))
+
+
 def test_read_vectors_equals_source(shards):
   directory, samples = shards
   vectors = pipeline.read_vectors(directory, 'val')

@@ -15,8 +15,9 @@ subset (point i of the output is input point floor(i * N / max_points)): determi
 unbiased across sweeps and range, unlike keeping the first points. Shorter clouds are
 zero-padded; `lidar_mask` marks the real points.
 
-Corrupt shards. tf.data reports a damaged TFRecord without its file name; `BatchIterator`
-catches that, scans this host's files, and raises a ValueError naming the damaged one.
+Bad shards. tf.data reports a damaged TFRecord (or a record that does not decode) without its
+file name; `BatchIterator` catches that, re-reads this host's files one by one, and raises a
+ValueError naming the bad one.
 """
 import numpy as np
 import tensorflow as tf
@@ -233,15 +234,36 @@ def make_dataset(shards_dir, split, data_config, *, batch_size, seed, epoch=0, s
   return ds.with_options(options)
 
 
-def find_corrupt_file(files):
-  """(path, error) of the first file whose TFRecords fail to read, or (None, None)."""
+def find_bad_file(files, decode_fn=None):
+  """(path, error) of the first file that fails to read (or to decode), else (None, None).
+
+  Args:
+    files: shard paths, scanned in order (only after a failure: this reads them all).
+    decode_fn: per-record decode function to apply too, or None to check the TFRecord
+      framing and checksums only.
+  """
   for path in files:
+    records = tf.data.TFRecordDataset(path, compression_type=_compression(path))
+    if decode_fn is not None:
+      records = records.map(decode_fn)
     try:
-      for _ in tf.data.TFRecordDataset(path, compression_type=_compression(path)):
+      for _ in records:
         pass
-    except tf.errors.DataLossError as e:
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
       return path, e
   return None, None
+
+
+def _bad_file_error(files, decode_fn, error):
+  """ValueError naming the shard behind a tf.data error (tf.data's message omits it)."""
+  path, file_error = find_bad_file(files, decode_fn)
+  error = file_error or error
+  if isinstance(error, tf.errors.DataLossError):
+    what = 'corrupt or truncated TFRecord shard'
+  else:
+    what = 'a record does not match mapkd_jax/data/schema.py and config.data'
+  detail = error.message.strip().splitlines()[0] if error.message.strip() else type(error).__name__
+  return ValueError(f'{path or f"one of {files}"}: {what} ({detail})')
 
 
 class BatchIterator:
@@ -251,9 +273,10 @@ class BatchIterator:
   the checkpoint; `iterate(..., position=saved)` continues with the same batches.
   """
 
-  def __init__(self, dataset_fn, files, *, position, num_epochs):
+  def __init__(self, dataset_fn, files, *, position, num_epochs, decode_fn=None):
     self._dataset_fn = dataset_fn    # (epoch, skip_batches) -> tf.data.Dataset
     self._files = files
+    self._decode_fn = decode_fn      # per-record decode, re-run per file to locate a bad record
     self._epoch, self._batch = int(position['epoch']), int(position['batch'])
     self._num_epochs = num_epochs
     self._tf_iterator = None
@@ -268,11 +291,8 @@ class BatchIterator:
   def _next_tf(self):
     try:
       return next(self._tf_iterator)
-    except tf.errors.DataLossError as e:
-      path, file_error = find_corrupt_file(self._files)
-      where = path or f'one of {self._files}'
-      raise ValueError(f'{where}: corrupt or truncated TFRecord shard '
-                       f'({(file_error or e).message.splitlines()[0]})') from e
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+      raise _bad_file_error(self._files, self._decode_fn, e) from e
 
   def __next__(self):
     batches_this_epoch = self._batch
@@ -326,7 +346,7 @@ def iterate(shards_dir, split, data_config, *, batch_size, seed, shuffle=True, n
                         with_tokens=with_tokens, drop_remainder=drop_remainder, **dataset_kwargs)
 
   return BatchIterator(dataset_fn, files, position=position or {'epoch': 0, 'batch': 0},
-                       num_epochs=num_epochs)
+                       num_epochs=num_epochs, decode_fn=_decode_fn(data_config, False))
 
 
 def read_vectors(shards_dir, split):
