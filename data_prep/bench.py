@@ -14,6 +14,7 @@ import tempfile
 import time
 
 from data_prep import build_shards
+from data_prep import nuscenes_reader
 
 DEFAULT_ROOT = '/work/shared/realdata/nuscenes_scene0916_subset'
 DEFAULT_VERSION = 'v1.0-mini-extract'
@@ -31,12 +32,12 @@ def _builder_kwargs(data, osm_dir):
 
 def steady_state(dataroot, version, tokens, options, repeats):
   """samples/s of reading + encoding `tokens` `repeats` times in this process (warm caches)."""
-  source = build_shards.Source(dataroot, version, options)
-  build_shards.to_example(build_shards.read_sample(source, tokens[0])).SerializeToString()
+  source = nuscenes_reader.Source(dataroot, version, options)
+  build_shards.to_example(nuscenes_reader.read_sample(source, tokens[0])).SerializeToString(deterministic=True)
   start = time.perf_counter()
   for _ in range(repeats):
     for token in tokens:
-      build_shards.to_example(build_shards.read_sample(source, token)).SerializeToString()
+      build_shards.to_example(nuscenes_reader.read_sample(source, token)).SerializeToString(deterministic=True)
   return repeats * len(tokens) / (time.perf_counter() - start)
 
 
@@ -51,7 +52,7 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=3, help='passes for the steady state')
   args = parser.parse_args(argv)
   kwargs = _builder_kwargs(data, args.osm_dir)
-  options = build_shards.make_options(**kwargs)
+  options = nuscenes_reader.make_options(**kwargs)
   with tempfile.TemporaryDirectory() as out:
     start = time.perf_counter()
     info = build_shards.build_shards(args.dataroot, args.version, out,
@@ -60,7 +61,7 @@ def main(argv=None):
     wall = time.perf_counter() - start
   written = sum(s['num_samples'] for s in info['splits'].values())
   skipped = {s['sample_token'] for s in info['skipped']}
-  nusc = build_shards.open_nuscenes(os.path.abspath(args.dataroot), args.version)
+  nusc = nuscenes_reader.open_nuscenes(os.path.abspath(args.dataroot), args.version)
   tokens = [s['token'] for s in nusc.sample if s['token'] not in skipped]
   rate = steady_state(os.path.abspath(args.dataroot), args.version, tokens, options, args.repeats)
   print(f'image_size={tuple(data.image_size)} bev={data.bev_name} '

@@ -12,11 +12,13 @@ official split (v1.0-mini: mini_train -> train, mini_val -> val; v1.0-test: test
 version, e.g. v1.0-trainval or an extract: train/val). Scenes in no split go to `val` and are
 listed under `unassigned_scenes` in dataset_info.json.
 
+Samples are read by `data_prep.nuscenes_reader`; this module splits, runs the workers (progress
+bar over samples), writes shards atomically, resumes and holds the CLI.
+
 Bad input: a missing keyframe file (camera or LIDAR_TOP) raises FileNotFoundError naming the
 file, channel and sample; with --skip-bad the sample is left out and listed, with the reason,
-under `skipped` in dataset_info.json. Missing *sweep* files (previous LiDAR sweeps) are not an
-error: the sample keeps the sweeps that exist and the missing ones are counted
-(`lidar_missing_sweep_files`), because public extracts often ship keyframes only.
+under `skipped` in dataset_info.json. Missing sweep files are counted
+(`lidar_missing_sweep_files`), not an error (see nuscenes_reader).
 
 Resume: each shard is written to a temp file and renamed when complete, then a small record of
 it lands in SHARDS/_progress/; a rerun (e.g. after kill -9) skips shards whose record matches
@@ -24,7 +26,6 @@ the current build settings and redoes the rest.
 """
 import argparse
 import dataclasses
-import io
 import json
 import logging
 import multiprocessing
@@ -32,58 +33,13 @@ import os
 
 import cv2
 import numpy as np
-from PIL import Image
-from pyquaternion import Quaternion
 import tqdm
 
-from data_prep import labels
-from data_prep import sd_prior
+from data_prep import nuscenes_reader
 from mapkd_jax.data import schema
 
 PROGRESS_DIR = '_progress'
 INFO_FILENAME = 'dataset_info.json'
-LIDAR_CHANNEL = 'LIDAR_TOP'
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildOptions:
-  """Everything that determines the content of a shard (compared on resume)."""
-  bev_x: tuple
-  bev_y: tuple
-  image_size: tuple          # (H, W)
-  cameras: tuple
-  line_width: int
-  direction_bins: int
-  lidar_sweeps: int          # keyframe included
-  lidar_min_range: float
-  jpeg_quality: int
-  boundary_clip_margin: float
-  sd_road_classes: tuple
-  osm_dir: str
-
-
-def make_options(*, bev_x, bev_y, image_size, cameras, line_width, direction_bins, lidar_sweeps,
-                 lidar_min_range, jpeg_quality, boundary_clip_margin, sd_road_classes, osm_dir):
-  """`BuildOptions` with canonical types (tuples, floats, absolute osm_dir)."""
-  return BuildOptions(tuple(map(float, bev_x)), tuple(map(float, bev_y)),
-                      tuple(map(int, image_size)), tuple(cameras), int(line_width),
-                      int(direction_bins), int(lidar_sweeps), float(lidar_min_range),
-                      int(jpeg_quality), float(boundary_clip_margin), tuple(sd_road_classes),
-                      os.path.abspath(osm_dir))
-
-
-def open_nuscenes(dataroot, version):
-  """NuScenes tables, or ValueError/FileNotFoundError naming what exists."""
-  if not os.path.isdir(dataroot):
-    raise FileNotFoundError(f'--dataroot {dataroot!r} is not a directory')
-  table_dir = os.path.join(dataroot, version)
-  if not os.path.isfile(os.path.join(table_dir, 'scene.json')):
-    found = sorted(d for d in os.listdir(dataroot)
-                   if os.path.isfile(os.path.join(dataroot, d, 'scene.json')))
-    raise ValueError(f'--version {version!r}: no tables at {table_dir}; versions in '
-                     f'{dataroot}: {found}')
-  from nuscenes.nuscenes import NuScenes  # pylint: disable=g-import-not-at-top
-  return NuScenes(version=version, dataroot=dataroot, verbose=False)
 
 
 def scene_splits(nusc, dataroot, version):
@@ -121,150 +77,6 @@ def split_samples(nusc, scene_names):
       tokens.append(token)
       token = nusc.get('sample', token)['next']
   return tokens
-
-
-def _pose_matrix(record):
-  """4x4 of a calibrated_sensor or ego_pose record (child frame -> parent frame)."""
-  matrix = np.eye(4)
-  matrix[:3, :3] = Quaternion(record['rotation']).rotation_matrix
-  matrix[:3, 3] = record['translation']
-  return matrix
-
-
-def _require_file(nusc, sample_data, sample_token):
-  path = os.path.join(nusc.dataroot, sample_data['filename'])
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: {sample_data["channel"]} keyframe file missing for '
-                            f'sample {sample_token}')
-  return path
-
-
-def read_camera(nusc, sample_data, sample_token, image_size, jpeg_quality):
-  """(JPEG bytes at image_size, intrinsics 3x3 scaled to it, rotation 3x3, translation 3)."""
-  path = _require_file(nusc, sample_data, sample_token)
-  height, width = image_size
-  with Image.open(path) as image:
-    source_w, source_h = image.size
-    image.draft('RGB', (width, height))  # JPEG DCT downscaling: decode only what we need.
-    image = image.convert('RGB').resize((width, height), Image.BILINEAR)
-    buffer = io.BytesIO()
-    image.save(buffer, format='JPEG', quality=jpeg_quality)
-  calib = nusc.get('calibrated_sensor', sample_data['calibrated_sensor_token'])
-  intrinsics = np.array(calib['camera_intrinsic'], dtype=np.float64)
-  intrinsics[0] *= width / source_w
-  intrinsics[1] *= height / source_h
-  return (buffer.getvalue(), intrinsics, Quaternion(calib['rotation']).rotation_matrix,
-          np.array(calib['translation'], dtype=np.float64))
-
-
-def read_lidar(nusc, keyframe, sample_token, num_sweeps, min_range):
-  """Keyframe + previous sweeps in the keyframe's ego frame.
-
-  Returns:
-    (points [N, 5] float32 (x, y, z, intensity, dt seconds), number of missing sweep files).
-  """
-  from nuscenes.utils.data_classes import LidarPointCloud  # pylint: disable=g-import-not-at-top
-  _require_file(nusc, keyframe, sample_token)
-  key_pose = _pose_matrix(nusc.get('ego_pose', keyframe['ego_pose_token']))
-  ego_from_global = np.linalg.inv(key_pose)
-  merged, missing, record = [], 0, keyframe
-  for _ in range(num_sweeps):
-    path = os.path.join(nusc.dataroot, record['filename'])
-    if os.path.isfile(path):
-      cloud = LidarPointCloud.from_file(path).points  # [4, N] sensor frame
-      transform = (ego_from_global @ _pose_matrix(nusc.get('ego_pose', record['ego_pose_token']))
-                   @ _pose_matrix(nusc.get('calibrated_sensor',
-                                           record['calibrated_sensor_token'])))
-      xyz = transform[:3, :3] @ cloud[:3] + transform[:3, 3:]
-      dt = np.full((1, cloud.shape[1]), 1e-6 * (keyframe['timestamp'] - record['timestamp']))
-      merged.append(np.concatenate([xyz, cloud[3:4], dt], axis=0).T)
-    else:
-      missing += 1
-    if not record['prev']:
-      break
-    record = nusc.get('sample_data', record['prev'])
-  points = np.concatenate(merged, axis=0)
-  points = points[np.hypot(points[:, 0], points[:, 1]) >= min_range]
-  return points.astype(np.float32), missing
-
-
-class Source:
-  """Tables, map layers and OSM roads of one dataroot, loaded once per process."""
-
-  def __init__(self, dataroot, version, options):
-    self.nusc = open_nuscenes(dataroot, version)
-    self.options = options
-    self._maps, self._osm = {}, {}
-
-  def location(self, sample):
-    scene = self.nusc.get('scene', sample['scene_token'])
-    return self.nusc.get('log', scene['log_token'])['location']
-
-  def map_layers(self, location):
-    if location not in self._maps:
-      map_dir = os.path.join(self.nusc.dataroot, 'maps', 'expansion')
-      if not os.path.isfile(os.path.join(map_dir, f'{location}.json')):
-        found = sorted(os.listdir(map_dir)) if os.path.isdir(map_dir) else []
-        raise FileNotFoundError(f'{map_dir}/{location}.json: no map for location {location!r}; '
-                                f'maps there: {found}')
-      from nuscenes.map_expansion.map_api import NuScenesMap  # pylint: disable=g-import-not-at-top
-      self._maps[location] = labels.load_map_layers(
-          NuScenesMap(dataroot=self.nusc.dataroot, map_name=location))
-    return self._maps[location]
-
-  def osm_roads(self, location):
-    if location not in self._osm:
-      path = sd_prior.osm_path(self.options.osm_dir, location)
-      self._osm[location] = sd_prior.load_osm_roads(path, location,
-                                                    self.options.sd_road_classes)
-    return self._osm[location]
-
-
-def read_sample(source, sample_token):
-  """All shard fields of one keyframe, keyed by schema constants, plus `polylines` (per class
-  id, ego-frame [N, 2] arrays) and `missing_sweeps`. Images stay JPEG bytes."""
-  nusc, opts = source.nusc, source.options
-  sample = nusc.get('sample', sample_token)
-  for channel in tuple(opts.cameras) + (LIDAR_CHANNEL,):
-    if channel not in sample['data']:
-      raise ValueError(f'sample {sample_token}: no {channel} sample_data in the tables')
-  cams = [read_camera(nusc, nusc.get('sample_data', sample['data'][cam]), sample_token,
-                      opts.image_size, opts.jpeg_quality) for cam in opts.cameras]
-  keyframe = nusc.get('sample_data', sample['data'][LIDAR_CHANNEL])
-  points, missing = read_lidar(nusc, keyframe, sample_token, opts.lidar_sweeps,
-                               opts.lidar_min_range)
-  ego_pose = _pose_matrix(nusc.get('ego_pose', keyframe['ego_pose_token']))
-  ego_xy = ego_pose[:2, 3]
-  ego_yaw = float(np.arctan2(ego_pose[1, 0], ego_pose[0, 0]))
-  location = source.location(sample)
-  polylines = labels.extract_polylines(source.map_layers(location), ego_xy, ego_yaw, opts.bev_x,
-                                       opts.bev_y, clip_margin=opts.boundary_clip_margin)
-  semantic, instance, direction = labels.rasterize_polylines(
-      polylines, opts.bev_x, opts.bev_y, line_width=opts.line_width,
-      num_direction_bins=opts.direction_bins)
-  sd = sd_prior.sd_raster(source.osm_roads(location), ego_xy, ego_yaw, opts.bev_x, opts.bev_y,
-                          line_width=opts.line_width)
-  vectors = [(c, line) for c in sorted(polylines) for line in polylines[c]]
-  return {
-      schema.SAMPLE_TOKEN: sample_token.encode(),
-      schema.SCENE_TOKEN: sample['scene_token'].encode(),
-      schema.CAMERA_JPEG: [c[0] for c in cams],
-      schema.CAMERA_INTRINSICS: np.stack([c[1] for c in cams]),
-      schema.CAMERA_ROTATION: np.stack([c[2] for c in cams]),
-      schema.CAMERA_TRANSLATION: np.stack([c[3] for c in cams]),
-      schema.EGO_POSE: ego_pose,
-      schema.LIDAR_POINTS: points,
-      schema.SD_PRIOR: sd,
-      schema.LABEL_SEMANTIC: semantic,
-      schema.LABEL_INSTANCE: instance,
-      schema.LABEL_DIRECTION: direction,
-      schema.VECTOR_CLASS: np.array([c for c, _ in vectors], np.int64),
-      schema.VECTOR_NUM_POINTS: np.array([len(line) for _, line in vectors], np.int64),
-      schema.VECTOR_POINTS: (np.concatenate([line for _, line in vectors]) if vectors
-                             else np.zeros((0, 2))),
-      'polylines': polylines,
-      'missing_sweeps': missing,
-  }
 
 
 def _png(array):
@@ -307,18 +119,24 @@ def to_example(fields):
   return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
-_SOURCES = {}  # per-process cache: (dataroot, version, options) -> Source
+_SOURCES = {}  # per-process cache: (dataroot, version, options) -> nuscenes_reader.Source
+_SAMPLE_COUNTER = None  # in pool workers: shared count of samples done, for the progress bar
 
 
 def _get_source(dataroot, version, options):
   key = (dataroot, version, options)
   if key not in _SOURCES:
-    _SOURCES[key] = Source(dataroot, version, options)
+    _SOURCES[key] = nuscenes_reader.Source(dataroot, version, options)
   return _SOURCES[key]
 
 
-def write_shard(task):
-  """Writes one shard atomically; returns its record (also saved under _progress/)."""
+def write_shard(task, on_sample=None):
+  """Writes one shard atomically; returns its record (also saved under _progress/).
+
+  Args:
+    task: dict(file, samples, dataroot, version, options, settings, skip_bad, out_dir).
+    on_sample: called with no argument after each sample (written or skipped), for progress.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   source = _get_source(task['dataroot'], task['version'], task['options'])
   path = os.path.join(task['out_dir'], task['file'])
@@ -327,18 +145,53 @@ def write_shard(task):
   with tf.io.TFRecordWriter(path + '.tmp') as writer:
     for token in task['samples']:
       try:
-        fields = read_sample(source, token)
+        fields = nuscenes_reader.read_sample(source, token)
       except (FileNotFoundError, ValueError) as e:
         if not task['skip_bad']:
           raise
         record['skipped'].append(dict(sample_token=token, reason=str(e)))
-        continue
-      writer.write(to_example(fields).SerializeToString())
-      record['num_samples'] += 1
-      record['missing_sweeps'] += fields['missing_sweeps']
+      else:
+        # deterministic: map keys sorted, so a shard is byte-reproducible across processes.
+        writer.write(to_example(fields).SerializeToString(deterministic=True))
+        record['num_samples'] += 1
+        record['missing_sweeps'] += fields['missing_sweeps']
+      if on_sample is not None:
+        on_sample()
   os.replace(path + '.tmp', path)
   _write_json(_progress_path(task['out_dir'], task['file']), record)
   return record
+
+
+def _init_worker(counter):
+  global _SAMPLE_COUNTER
+  _SAMPLE_COUNTER = counter
+
+
+def _count_sample():
+  with _SAMPLE_COUNTER.get_lock():
+    _SAMPLE_COUNTER.value += 1
+
+
+def _write_shard_in_worker(task):
+  return write_shard(task, on_sample=_count_sample)
+
+
+def _run_tasks(tasks, workers, bar, poll_seconds):
+  """Shard records of `tasks`, written by `workers` processes; `bar` counts samples."""
+  if workers <= 1 or len(tasks) <= 1:
+    return [write_shard(task, on_sample=lambda: bar.update()) for task in tasks]
+  # spawn, not fork: the caller (trainer) may hold JAX/TF threads that fork would copy.
+  context = multiprocessing.get_context('spawn')
+  counter = context.Value('q', 0)
+  with context.Pool(min(workers, len(tasks)), initializer=_init_worker,
+                    initargs=(counter,)) as pool:
+    pending = pool.map_async(_write_shard_in_worker, tasks, chunksize=1)
+    while not pending.ready():
+      pending.wait(poll_seconds)
+      bar.update(counter.value - bar.n)
+    records = pending.get()  # re-raises a worker's error (e.g. a missing file) here
+  bar.update(counter.value - bar.n)
+  return records
 
 
 def _progress_path(out_dir, file):
@@ -372,12 +225,12 @@ def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_sh
   selects split names (default: all); `limit` keeps the first N samples of each split.
   """
   dataroot = os.path.abspath(dataroot)
-  options = make_options(bev_x=bev_x, bev_y=bev_y, image_size=image_size, cameras=cameras,
-                         line_width=line_width, direction_bins=direction_bins,
-                         lidar_sweeps=lidar_sweeps, lidar_min_range=lidar_min_range,
-                         jpeg_quality=jpeg_quality, boundary_clip_margin=boundary_clip_margin,
-                         sd_road_classes=sd_road_classes,
-                         osm_dir=osm_dir or os.path.join(dataroot, 'osm'))
+  options = nuscenes_reader.make_options(
+      bev_x=bev_x, bev_y=bev_y, image_size=image_size, cameras=cameras,
+      line_width=line_width, direction_bins=direction_bins,
+      lidar_sweeps=lidar_sweeps, lidar_min_range=lidar_min_range,
+      jpeg_quality=jpeg_quality, boundary_clip_margin=boundary_clip_margin,
+      sd_road_classes=sd_road_classes, osm_dir=osm_dir or os.path.join(dataroot, 'osm'))
   settings = json.loads(json.dumps(dict(dataroot=dataroot, version=version,
                                         **dataclasses.asdict(options))))
   nusc = _get_source(dataroot, version, options).nusc
@@ -409,17 +262,10 @@ def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_sh
                           options=options, settings=settings, skip_bad=skip_bad,
                           out_dir=out_dir))
   logging.info('%s: %d shards to write, %d already done', out_dir, len(tasks), len(records))
-  bar = tqdm.tqdm(total=len(tasks), desc='shards', unit='shard', disable=not progress)
-  if workers > 1 and len(tasks) > 1:
-    # spawn, not fork: the caller (trainer) may hold JAX/TF threads that fork would copy.
-    with multiprocessing.get_context('spawn').Pool(min(workers, len(tasks))) as pool:
-      for record in pool.imap_unordered(write_shard, tasks):
-        records[record['file']] = record
-        bar.update()
-  else:
-    for task in tasks:
-      records[task['file']] = write_shard(task)
-      bar.update()
+  bar = tqdm.tqdm(total=sum(len(t['samples']) for t in tasks), desc='samples', unit='sample',
+                  disable=not progress)
+  for record in _run_tasks(tasks, workers, bar, poll_seconds=0.5):
+    records[record['file']] = record
   bar.close()
 
   info = dict(

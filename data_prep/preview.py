@@ -13,8 +13,9 @@ import os
 import cv2
 import numpy as np
 
-from data_prep import build_shards
 from data_prep import labels
+from data_prep import nuscenes_reader
+from mapkd_jax.data import schema
 
 # BGR colours of background, divider, ped_crossing, boundary.
 CLASS_COLOURS = np.array([[0, 0, 0], [0, 200, 255], [255, 80, 80], [80, 255, 80]], np.uint8)
@@ -23,7 +24,7 @@ SD_COLOUR = (200, 0, 200)
 
 def lidar_bev(points, bev_x, bev_y):
   """[H, W, 3] uint8 grey image: brightness = number of LiDAR points per cell (log scale)."""
-  height, width = build_shards.schema.bev_shape(bev_x, bev_y)
+  height, width = schema.bev_shape(bev_x, bev_y)
   cols = np.floor((points[:, 0] - bev_x[0]) / bev_x[2]).astype(int)
   rows = np.floor((points[:, 1] - bev_y[0]) / bev_y[2]).astype(int)
   inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
@@ -34,20 +35,20 @@ def lidar_bev(points, bev_x, bev_y):
 
 
 def render(fields, bev_x, bev_y):
-  """The preview image [H, W, 3] uint8 BGR of a `build_shards.read_sample` dict."""
+  """The preview image [H, W, 3] uint8 BGR of a `nuscenes_reader.read_sample` dict."""
   cams = [cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-          for jpeg in fields[build_shards.schema.CAMERA_JPEG]]
+          for jpeg in fields[schema.CAMERA_JPEG]]
   camera_grid = np.concatenate([np.concatenate(cams[:3], 1), np.concatenate(cams[3:], 1)], 0)
 
-  lidar = lidar_bev(fields[build_shards.schema.LIDAR_POINTS], bev_x, bev_y)
+  lidar = lidar_bev(fields[schema.LIDAR_POINTS], bev_x, bev_y)
   with_lines = lidar.copy()
   for class_id, lines in fields['polylines'].items():
     for line in lines:
       pixels = np.round(labels.to_pixels(line, bev_x, bev_y)).astype(np.int32)
       cv2.polylines(with_lines, [pixels], False, CLASS_COLOURS[class_id].tolist(), 1)
   with_sd = lidar.copy()
-  with_sd[fields[build_shards.schema.SD_PRIOR] > 0] = SD_COLOUR
-  semantic = CLASS_COLOURS[fields[build_shards.schema.LABEL_SEMANTIC]]
+  with_sd[fields[schema.SD_PRIOR] > 0] = SD_COLOUR
+  semantic = CLASS_COLOURS[fields[schema.LABEL_SEMANTIC]]
   # Raster rows follow +y (left); flip so that left is up in the picture.
   panels = [np.flipud(p) for p in (with_lines, with_sd, semantic)]
   separator = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
@@ -75,20 +76,20 @@ def main(argv=None):
     raise ValueError(f'--bev: {args.bev!r} is not one of {sorted(tcs.BEV_RANGES)}')
   bev_x, bev_y = tcs.BEV_RANGES[args.bev]
   dataroot = os.path.abspath(args.dataroot)
-  options = build_shards.make_options(
+  options = nuscenes_reader.make_options(
       bev_x=bev_x, bev_y=bev_y, image_size=data.image_size, cameras=data.cameras,
       line_width=data.line_width_px, direction_bins=data.direction_bins,
       lidar_sweeps=data.lidar_sweeps, lidar_min_range=data.lidar_min_range,
       jpeg_quality=data.jpeg_quality, boundary_clip_margin=data.boundary_clip_margin,
       sd_road_classes=data.sd_road_classes, osm_dir=args.osm_dir or os.path.join(dataroot, 'osm'))
-  source = build_shards.Source(dataroot, args.version, options)
+  source = nuscenes_reader.Source(dataroot, args.version, options)
   token = args.sample
   if token.isdigit():
     index = int(token)
     if index >= len(source.nusc.sample):
       raise ValueError(f'--sample {index}: only {len(source.nusc.sample)} samples')
     token = source.nusc.sample[index]['token']
-  image = render(build_shards.read_sample(source, token), bev_x, bev_y)
+  image = render(nuscenes_reader.read_sample(source, token), bev_x, bev_y)
   if not cv2.imwrite(args.out, image):
     raise ValueError(f'--out {args.out!r}: could not write the PNG')
   print(f'{args.out}: sample {token}')

@@ -10,6 +10,7 @@ from pyquaternion import Quaternion
 
 from configs import tcs
 from data_prep import build_shards
+from data_prep import nuscenes_reader
 from mapkd_jax.data import schema
 
 REAL_ROOT = '/work/shared/realdata/nuscenes_scene0916_subset'
@@ -35,7 +36,7 @@ def _kwargs(**overrides):
 
 def _options():
   kwargs = _kwargs()
-  return build_shards.make_options(**{k: kwargs[k] for k in (
+  return nuscenes_reader.make_options(**{k: kwargs[k] for k in (
       'bev_x', 'bev_y', 'image_size', 'cameras', 'line_width', 'direction_bins', 'lidar_sweeps',
       'lidar_min_range', 'jpeg_quality', 'boundary_clip_margin', 'sd_road_classes', 'osm_dir')})
 
@@ -76,13 +77,13 @@ def test_round_trip_equals_source_arrays(built):
   import tensorflow as tf
   out, info = built
   options = _options()
-  source = build_shards.Source(REAL_ROOT, REAL_VERSION, options)
+  source = nuscenes_reader.Source(REAL_ROOT, REAL_VERSION, options)
   examples = _examples(os.path.join(out, info['splits']['val']['files'][1]))
   assert len(examples) == 9  # scene-0916 keyframes 1-9 (keyframe 0 ends shard 0)
   for example in examples[:3]:
     feature = example.features.feature
     token = feature[schema.SAMPLE_TOKEN].bytes_list.value[0].decode()
-    src = build_shards.read_sample(source, token)
+    src = nuscenes_reader.read_sample(source, token)
     assert feature[schema.SCENE_TOKEN].bytes_list.value[0] == src[schema.SCENE_TOKEN]
     assert list(feature[schema.CAMERA_JPEG].bytes_list.value) == src[schema.CAMERA_JPEG]
     image = cv2.imdecode(np.frombuffer(src[schema.CAMERA_JPEG][0], np.uint8), cv2.IMREAD_COLOR)
@@ -126,14 +127,14 @@ def _lidar_ref(nusc, token, min_range):
 
 def test_lidar_in_ego_frame_close_points_dropped(built):
   options = _options()
-  source = build_shards.Source(REAL_ROOT, REAL_VERSION, options)
+  source = nuscenes_reader.Source(REAL_ROOT, REAL_VERSION, options)
   token = 'b5989651183643369174912bc5641d3b'
   sd = source.nusc.get('sample_data', source.nusc.get('sample', token)['data']['LIDAR_TOP'])
-  points, missing = build_shards.read_lidar(source.nusc, sd, token, 3, 2.2)
+  points, missing = nuscenes_reader.read_lidar(source.nusc, sd, token, 3, 2.2)
   assert missing == 0  # the scene's first keyframe has no previous sweep at all
   assert points.shape[1] == 5 and (np.hypot(points[:, 0], points[:, 1]) >= 2.2).all()
   ref = _lidar_ref(source.nusc, token, 2.2)
-  raw = build_shards.read_lidar(source.nusc, sd, token, 1, 0.0)[0][::97]
+  raw = nuscenes_reader.read_lidar(source.nusc, sd, token, 1, 0.0)[0][::97]
   kept = np.hypot(raw[:, 0], raw[:, 1]) >= 2.2
   np.testing.assert_allclose(raw[kept], ref, atol=1e-4)
 

@@ -10,7 +10,10 @@ from nuscenes.map_expansion.map_api import NuScenesMap
 from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.data_classes import LidarPointCloud
 
+from configs import tcs
 from data_prep import geo
+from data_prep import labels
+from data_prep import nuscenes_reader
 from data_prep import synthetic_world
 from data_prep.world import capture
 from data_prep.world import raster as raster_lib
@@ -26,7 +29,9 @@ TINY = dict(workers=1, image_size=(36, 64), ground_res=0.2, ground_margin=30.0,
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('world') / 'data')
-  return synthetic_world.generate_world(root, scenes=2, samples_per_scene=3, seed=0, **TINY)
+  # 4 scenes: one per location (scene-0000 of seed 0 once drove on a street whose divider and
+  # OSM way were both dropped).
+  return synthetic_world.generate_world(root, scenes=4, samples_per_scene=3, seed=0, **TINY)
 
 
 @pytest.fixture(scope='module')
@@ -35,8 +40,8 @@ def nusc(world):
 
 
 def test_devkit_loads_scenes_samples_and_files(world, nusc):
-  assert len(nusc.scene) == 2
-  assert len(nusc.sample) == 6
+  assert len(nusc.scene) == 4
+  assert len(nusc.sample) == 12
   for scene in nusc.scene:
     tokens, token = [], scene['first_sample_token']
     while token:
@@ -106,6 +111,28 @@ def test_map_api_finds_dividers_crossings_and_roads(world, nusc):
     on_point = nmap.layers_on_point(x, y)
     assert on_point['road_segment'] or on_point['lane'], (location, x, y)   # the ego drives on the road
   assert dividers_seen > 0
+
+
+def test_every_sample_has_divider_labels_and_sd_prior(world, nusc):
+  data = tcs.get_config().data
+  options = nuscenes_reader.make_options(
+      bev_x=(-30.0, 30.0, 0.6), bev_y=(-15.0, 15.0, 0.6), image_size=(16, 32), cameras=CAMERAS,
+      line_width=3, direction_bins=data.direction_bins, lidar_sweeps=1, lidar_min_range=2.2,
+      jpeg_quality=50, boundary_clip_margin=data.boundary_clip_margin,
+      sd_road_classes=data.sd_road_classes, osm_dir=os.path.join(world, 'osm'))
+  source = nuscenes_reader.Source(world, 'v1.0-synthetic', options)
+  for sample in nusc.sample:
+    fields = nuscenes_reader.read_sample(source, sample['token'])
+    name = nusc.get('scene', sample['scene_token'])['name']
+    assert fields['polylines'][labels.DIVIDER], (name, sample['token'])
+    assert (fields['label/semantic'] == labels.DIVIDER).any(), name
+    sd = fields['prior/sd'] > 0
+    assert sd.any(), (name, sample['token'])
+    # The SD road runs near the ego (the route is on a mapped road, misaligned by a few metres):
+    # some SD pixel lies within lane offset + misalignment of the ego, laterally.
+    rows = np.nonzero(sd[:, sd.shape[1] // 2 - 5:sd.shape[1] // 2 + 5].any(axis=1))[0]
+    lateral = options.bev_y[0] + (rows + 0.5) * options.bev_y[2]
+    assert np.min(np.abs(lateral)) < 2 * 3.5 + town_lib.TownParams().osm_offset * math.sqrt(2), name
 
 
 def _bilinear_ref(grid, x0, y0, res, x, y):
