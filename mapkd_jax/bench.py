@@ -32,17 +32,6 @@ ALL_MODELS = ('teacher', 'coach', 'coach_norefine', 'student')
 # Speed targets of the student (frames/s ratio), from the MapKD paper's claim.
 RATIO_TARGETS = {'teacher': 3.0, 'coach': 1.5}
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config giving the model sizes, e.g. configs/tcs.py:student or '
-    'configs/tcs.py:student,tiny,bev=120x60 (the stage token does not matter).', lock_config=True)
-_MODELS = flags.DEFINE_list('models', ['all'], f"Models to time, from {list(ALL_MODELS)}, or "
-                            "'all'. coach_norefine = the coach with config.model.hd.coach_refine "
-                            'off (skipped under all when the config coach already lacks it).')
-_BATCH = flags.DEFINE_integer('batch', 1, 'Batch size of every timed call.')
-_ITERS = flags.DEFINE_integer('iters', 20, 'Timed calls per model (median / p90 over these).')
-_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls per model after compilation.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random variables and inputs.')
-
 
 def model_names(requested, config):
   """Expands 'all' and checks the names against ALL_MODELS.
@@ -122,7 +111,7 @@ def bench_model(name, config, *, batch_size, iters, warmup, seed, config_name=''
   registry_name, model_config = variant(name, config)
   model = models_lib.build(registry_name, model_config)
   batch = jax.device_put(random_batch(model_config, batch_size, seed=seed))
-  rngs = {'params': jax.random.key(seed), 'dropout': jax.random.key(seed)}
+  rngs = {name: jax.random.key(seed) for name in ('params', 'dropout', 'mask')}
   variables = jax.jit(lambda b: model.init(rngs, b, train=False))(batch)
   summary = summary_lib.summarize(registry_name, model_config, batch_size)
 
@@ -174,15 +163,33 @@ def run(config, names, *, batch_size, iters, warmup, seed, config_name='', emit=
   return records, ratios
 
 
+def define_flags():
+  """Defines the CLI flags; only when run as a script, so importing this module defines none."""
+  # models.summary defines --config and --models at import; allow_override lets these (with
+  # this script's help texts) replace them instead of raising DuplicateFlagError.
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config giving the model sizes, e.g. configs/tcs.py:student or '
+      'configs/tcs.py:student,tiny,bev=120x60 (the stage token does not matter).',
+      lock_config=True, allow_override=True)
+  flags.DEFINE_list('models', ['all'], f"Models to time, from {list(ALL_MODELS)}, or 'all'. "
+                    'coach_norefine = the coach with config.model.hd.coach_refine off (skipped '
+                    'under all when the config coach already lacks it).', allow_override=True)
+  flags.DEFINE_integer('batch', 1, 'Batch size of every timed call.')
+  flags.DEFINE_integer('iters', 20, 'Timed calls per model (median / p90 over these).')
+  flags.DEFINE_integer('warmup', 3, 'Untimed calls per model after compilation.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the random variables and inputs.')
+
+
 def main(argv):
   del argv
-  config = ml_collections.FrozenConfigDict(_CONFIG.value)
-  run(config, model_names(_MODELS.value, config), batch_size=_BATCH.value, iters=_ITERS.value,
-      warmup=_WARMUP.value, seed=_SEED.value,
-      config_name=flags.FLAGS['config'].config_filename,
+  f = flags.FLAGS
+  config = ml_collections.FrozenConfigDict(f.config)
+  run(config, model_names(f.models, config), batch_size=f.batch, iters=f.iters,
+      warmup=f.warmup, seed=f.seed, config_name=f['config'].config_filename,
       emit=lambda line: print(line, flush=True))
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('config')
   app.run(main)

@@ -1,4 +1,4 @@
-"""Export of the trained student as a self-contained `jax.export` artifact (+ JSON metadata).
+r"""Export of the trained student as a self-contained `jax.export` artifact (+ JSON metadata).
 
   python -m mapkd_jax.export --config configs/tcs.py:student --workdir runs/tcs --out exported/
   python -m mapkd_jax.export --config configs/tcs.py:student,tiny --workdir runs/tiny \
@@ -42,19 +42,6 @@ _INPUT_MEANING = {
     'cam_rotation': '3x3 rotation camera -> ego (camera frame: x right, y down, z forward)',
     'cam_translation': 'camera position in the ego frame, metres',
 }
-
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Student config, e.g. configs/tcs.py:student or configs/tcs.py:student,tiny.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Experiment root that holds student/checkpoints '
-                               '(the --workdir given to launch.py).')
-_OUT = flags.DEFINE_string('out', None, f'Output directory for {ARTIFACT} and {METADATA}.')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best' (ROOT/<stage>/best), 'latest' "
-                                  "(ROOT/<stage>/checkpoints) or a step number of the latter.")
-_BATCH = flags.DEFINE_integer('batch', 0, 'Batch size baked into the artifact; 0 = symbolic '
-                              "batch dimension 'b' (any batch size at call time).")
-_PLATFORMS = flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms the artifact is lowered '
-                               'for (lowering needs no such device here).')
 
 
 def checkpoint_location(config, workdir, which):
@@ -236,16 +223,33 @@ def load_exported(directory):
   return fn, metadata
 
 
+def define_flags():
+  """Defines the CLI flags; only when run as a script, so importing this module next to
+  another absl script cannot raise DuplicateFlagError."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Student config, e.g. configs/tcs.py:student or configs/tcs.py:student,tiny.',
+      lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Experiment root that holds student/checkpoints (the '
+                      '--workdir given to launch.py).')
+  flags.DEFINE_string('out', None, f'Output directory for {ARTIFACT} and {METADATA}.')
+  flags.DEFINE_string('checkpoint', 'best', "'best' (ROOT/<stage>/best), 'latest' "
+                      '(ROOT/<stage>/checkpoints) or a step number of the latter.')
+  flags.DEFINE_integer('batch', 0, 'Batch size baked into the artifact; 0 = symbolic batch '
+                       "dimension 'b' (any batch size at call time).")
+  flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms the artifact is lowered for '
+                    '(lowering needs no such device here).')
+
+
 def main(argv):
   del argv
-  metadata = export_student(
-      _CONFIG.value, _WORKDIR.value, _OUT.value, checkpoint=_CHECKPOINT.value,
-      batch=_BATCH.value, config_name=flags.FLAGS['config'].config_filename,
-      platforms=tuple(_PLATFORMS.value))
-  print(json.dumps({'out': os.path.abspath(_OUT.value), 'step': metadata['checkpoint']['step'],
+  f = flags.FLAGS
+  metadata = export_student(f.config, f.workdir, f.out, checkpoint=f.checkpoint, batch=f.batch,
+                            config_name=f['config'].config_filename, platforms=tuple(f.platforms))
+  print(json.dumps({'out': os.path.abspath(f.out), 'step': metadata['checkpoint']['step'],
                     'batch': metadata['batch'], 'platforms': metadata['platforms']}))
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['config', 'workdir', 'out'])
   app.run(main)
