@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -159,6 +161,23 @@ def test_order_depends_on_seed_and_epoch_only(shards, data_config):
   assert order(seed=7, epoch=0) == first
   assert order(seed=8, epoch=0) != first
   assert order(seed=7, epoch=1) != first
+
+
+def test_order_is_the_same_in_a_fresh_process(shards, data_config):
+  """A resumed trainer is a new process: the order may not depend on process state."""
+  directory, _ = shards
+  kwargs = dict(batch_size=2, seed=5, num_epochs=2, with_tokens=True)
+  here = _tokens(_all_batches(pipeline.iterate(directory, 'train', data_config, **kwargs)))
+  script = (
+      'import json, sys; import shard_fixtures; from mapkd_jax.data import pipeline; '
+      f'it = pipeline.iterate({directory!r}, "train", shard_fixtures.tiny_data_config(), '
+      f'**{kwargs!r}); '
+      'print(json.dumps([t for b in it for t in b["sample_token"].tolist()]))')
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
+      [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))])}
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                          text=True, check=True)
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == here
 
 
 @pytest.mark.parametrize('resume_at', [0, 1, 3, 4, 6])
