@@ -91,8 +91,24 @@ def _vectors_to_json(vectors):
   return [{**v, 'pts': np.asarray(v['pts']).tolist()} for v in vectors]
 
 
+def _json_safe(tree):
+  """NaN (a class absent from the split) -> null, so metrics.json is strict JSON."""
+  if isinstance(tree, dict):
+    return {k: _json_safe(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_json_safe(v) for v in tree]
+  if isinstance(tree, float) and math.isnan(tree):
+    return None
+  return tree
+
+
 def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4):
-  """Evaluates ROOT/<stage> on `split` and writes ROOT/<stage>/eval/; returns metrics.json."""
+  """Evaluates ROOT/<stage> on `split` and writes ROOT/<stage>/eval/.
+
+  Returns:
+    The metrics dict of metrics.json (with NaN where the file has null: a class absent from
+    both prediction and ground truth, or without GT vectors).
+  """
   if config.stage == 'hd_pretrain':
     raise ValueError("evaluate: stage 'hd_pretrain' (model hd_mae) reconstructs masked ground "
                      'truth and has no map to score; evaluate teacher, coach or student')
@@ -188,7 +204,7 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4):
 
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-    json.dump(metrics, f, indent=2)
+    json.dump(_json_safe(metrics), f, indent=2, allow_nan=False)
   np.savez_compressed(os.path.join(out_dir, 'semantic.npz'), tokens=np.asarray(tokens),
                       pred=pred_all, gt=gt_all)
   with open(os.path.join(out_dir, 'predictions.json'), 'w') as f:

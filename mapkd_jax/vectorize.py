@@ -27,6 +27,7 @@ Per class (1..K-1 of the semantic channels):
 """
 import numpy as np
 import shapely
+from scipy import sparse
 from scipy.sparse import csgraph
 from sklearn import cluster as sk_cluster
 from sklearn import neighbors
@@ -96,6 +97,38 @@ def _centreline(piece, path_points, *, half_width):
   return centre, members
 
 
+def pixel_graph(pixels, radius):
+  """Sparse graph linking integer pixels closer than or at `radius`, weighted by distance.
+
+  Built from a lookup image and the fixed set of neighbour offsets, which on a pixel grid is
+  exact and far cheaper than a generic radius search.
+
+  Args:
+    pixels: [N, 2] integer (column, row) coordinates, all distinct.
+    radius: link distance in pixels.
+
+  Returns:
+    [N, N] scipy CSR matrix (symmetric).
+  """
+  pixels = np.asarray(pixels, np.int64)
+  reach = int(np.floor(radius))
+  offsets = [(dc, dr) for dc in range(-reach, reach + 1) for dr in range(-reach, reach + 1)
+             if 0 < np.hypot(dc, dr) <= radius]
+  origin = pixels.min(axis=0) - reach
+  local = pixels - origin
+  lookup = np.full(tuple(local.max(axis=0) + reach + 1), -1, np.int64)
+  lookup[local[:, 0], local[:, 1]] = np.arange(len(pixels))
+  src, dst, weight = [], [], []
+  for dc, dr in offsets:
+    neighbour = lookup[local[:, 0] + dc, local[:, 1] + dr]
+    linked = neighbour >= 0
+    src.append(np.flatnonzero(linked))
+    dst.append(neighbour[linked])
+    weight.append(np.full(linked.sum(), np.hypot(dc, dr)))
+  src, dst, weight = (np.concatenate(a) if a else np.zeros(0) for a in (src, dst, weight))
+  return sparse.csr_matrix((weight, (src, dst)), shape=(len(pixels), len(pixels)))
+
+
 def trim_ends(points, length):
   """Shortens a polyline by `length` of arc at each end (kept whole if not 2x longer)."""
   seg = np.hypot(*np.diff(points, axis=0).T)
@@ -112,7 +145,7 @@ def trace_polylines(coords, *, link_radius, half_width, min_pixels):
   """Orders a cluster's pixels into centreline polylines (module docstring, step 3).
 
   Args:
-    coords: [N, 2] float (column, row) pixel coordinates of one cluster.
+    coords: [N, 2] integer (column, row) pixel coordinates of one cluster, distinct.
     link_radius: pixels closer than this are neighbours.
     half_width: pixels within this of a backbone pixel are its cross-section.
     min_pixels: smaller pieces are dropped.
@@ -121,12 +154,14 @@ def trace_polylines(coords, *, link_radius, half_width, min_pixels):
     List of (points [M, 2] (column, row) float64 ordered along the line, member indices
     into coords).
   """
-  coords = np.asarray(coords, np.float64)
+  coords = np.asarray(coords)
+  full_graph = pixel_graph(coords, link_radius)
+  coords = coords.astype(np.float64)
   remaining = np.arange(len(coords))
   out = []
   while len(remaining) >= max(min_pixels, 2):
     sub = coords[remaining]
-    graph = neighbors.radius_neighbors_graph(sub, link_radius, mode='distance')
+    graph = full_graph[remaining][:, remaining]
     _, comp = csgraph.connected_components(graph, directed=False)
     largest = np.flatnonzero(comp == np.argmax(np.bincount(comp)))
     if len(largest) < max(min_pixels, 2):
@@ -185,7 +220,7 @@ def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, e
     labels = cluster_embeddings(np.asarray(embedding)[rows, cols], eps=eps,
                                 min_samples=min_samples, max_pixels=max_cluster_pixels)
     class_prob = prob[rows, cols, k]
-    coords = np.stack([cols, rows], axis=1).astype(np.float64)
+    coords = np.stack([cols, rows], axis=1)
     for label in np.unique(labels[labels >= 0]):
       idx = np.flatnonzero(labels == label)
       for centre, members in trace_polylines(coords[idx], link_radius=link_radius_px,

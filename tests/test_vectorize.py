@@ -123,3 +123,31 @@ def test_wrong_channel_count_is_rejected():
   semantic, embedding = _canvas()
   with pytest.raises(ValueError, match='channels'):
     vectorize.vectorize_sample(semantic[..., :3], embedding, **KWARGS)
+
+
+def _pixel_graph_ref(pixels, radius):
+  dense = np.zeros((len(pixels), len(pixels)))
+  for i, a in enumerate(pixels):
+    for j, b in enumerate(pixels):
+      d = np.hypot(*(np.asarray(a, float) - b))
+      if i != j and d <= radius:
+        dense[i, j] = d
+  return dense
+
+
+@pytest.mark.parametrize('radius,count,seed', [(1.5, 40, 0), (1.0, 25, 1), (2.3, 60, 2),
+                                               (1.5, 1, 3)])
+def test_pixel_graph_matches_pair_loop(radius, count, seed):
+  rng = np.random.default_rng(seed)
+  flat = rng.choice(12 * 9, size=count, replace=False)
+  pixels = np.stack([flat % 12, flat // 12], axis=1) - 3   # negative coordinates too
+  got = vectorize.pixel_graph(pixels, radius).toarray()
+  np.testing.assert_allclose(got, _pixel_graph_ref(pixels, radius), atol=1e-12)
+
+
+def test_trim_ends_removes_arc_length_at_both_ends():
+  line = np.array([[0.0, 0.0], [4.0, 0.0], [4.0, 6.0]])
+  got = vectorize.trim_ends(line, 1.0)
+  np.testing.assert_allclose(got, [[1.0, 0.0], [4.0, 0.0], [4.0, 5.0]])
+  short = np.array([[0.0, 0.0], [1.5, 0.0]])
+  np.testing.assert_allclose(vectorize.trim_ends(short, 1.0), short)
