@@ -192,3 +192,16 @@ def test_bench_smoke_json_lines():
   assert student['iters'] == 2 and student['batch'] == 1 and student['params'] > 0
   assert student['flops'] > 0 and student['frames_per_s'] > 0
   assert student['latency_ms_p90'] >= student['latency_ms_median'] > 0
+
+
+def test_checkpoint_location_and_fixed_batch_specs(tmp_path):
+  config = tcs.get_config('student,tiny,nokd')
+  assert export.checkpoint_location(config, str(tmp_path), '12') == (
+      os.path.join(str(tmp_path), 'student_nokd', 'checkpoints'), 12)
+  assert export.checkpoint_location(config, str(tmp_path), 'best')[0].endswith(
+      os.path.join('student_nokd', 'best'))
+  assert 'configs/tcs.py:student,nokd,tiny' in export.train_command(config, str(tmp_path))
+  specs = export.input_specs(config, 3)
+  spec = schema.batch_spec(config.data, 3)
+  assert {k: (v.shape, v.dtype) for k, v in specs.items()} == {
+      k: (spec[k][0], np.dtype(spec[k][1])) for k in export.INPUT_NAMES}
