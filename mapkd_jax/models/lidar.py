@@ -158,7 +158,9 @@ class PointPillars(nn.Module):
       for layer in range(layers):
         x = ConvBNReLU(channels, stride=stride if layer == 0 else 1)(x, train=train)
       # Resize to the canvas (not a fixed x2/x4) so canvases not divisible by 4 work.
-      up = jax.image.resize(x, (x.shape[0], height, width, channels), method='bilinear')
+      up = x
+      if x.shape[1:3] != (height, width):
+        up = jax.image.resize(x, (x.shape[0], height, width, channels), method='bilinear')
       branches.append(ConvBNReLU(channels)(up, train=train))
     x = jnp.concatenate(branches, axis=-1)
     for channels in self.head_channels:
