@@ -73,7 +73,8 @@ def iou_counts_np(pred, gt, *, num_classes, column_mask=None):
   return inter, union
 
 
-def _iou(pred, gt, class_names, column_mask=None):
+def iou_from_class_maps(pred, gt, class_names, column_mask=None):
+  """({class: IoU or NaN if absent from both}, mIoU over the present classes) of class maps."""
   inter, union = iou_counts_np(pred, gt, num_classes=len(class_names) + 1,
                                column_mask=column_mask)
   ious = {name: float(inter[k] / union[k]) if union[k] else float('nan')
@@ -176,14 +177,14 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4):
   ap = vector_ap.evaluate_vectors(pred_json, gt_json, class_names=classes,
                                   thresholds=tuple(config.eval.chamfer_thresholds),
                                   sample_step=config.eval.sample_step)
-  ious, miou = _iou(pred_all, gt_all, classes)
+  ious, miou = iou_from_class_maps(pred_all, gt_all, classes)
   # |x| of each column's centre: near and far halves of the range (DESIGN.md section 6).
   x_centres = data.bev_x[0] + (np.arange(pred_all.shape[-1]) + 0.5) * data.bev_x[2]
   split_m, x_max = config.eval.range_split, max(abs(data.bev_x[0]), abs(data.bev_x[1]))
   by_range = {}
   for name, mask in ((f'0-{split_m:g}m', np.abs(x_centres) < split_m),
                      (f'{split_m:g}-{x_max:g}m', np.abs(x_centres) >= split_m)):
-    range_ious, range_miou = _iou(pred_all, gt_all, classes, column_mask=mask)
+    range_ious, range_miou = iou_from_class_maps(pred_all, gt_all, classes, column_mask=mask)
     by_range[name] = {'iou': range_ious, 'miou': range_miou}
   metrics = {
       'iou': ious, 'miou': miou, 'iou_by_range': by_range, 'ap': ap['ap'], 'map': ap['map'],
