@@ -45,6 +45,9 @@ def main(argv):
   import jax  # after flags: XLA_FLAGS and the like may be set by the caller
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # tf.data only; the accelerators belong to JAX
+  if _NUM_PROCESSES.value is not None or _MULTIHOST.value:
+    # CPU-only processes need a collectives backend to form one mesh (no-op on GPU/TPU).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if _NUM_PROCESSES.value is not None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)

@@ -5,7 +5,8 @@ Layout of `ROOT/<stage>/checkpoints/`: an Orbax CheckpointManager directory whos
              export, or freeze it for the next stage;
   opt_state  {'tx': optax state, 'aux': other trained params, e.g. TGPD projectors (which
              are training-only and so never reach export or a later stage)};
-  data       the input position {'epoch', 'batch_in_epoch', 'seed'} for bit-identical resume;
+  data       the input position {'epoch', 'batch'} (pipeline.BatchIterator.position), for
+             bit-identical resume;
   meta       {'stage', 'step', 'config', 'metrics'}.
 `ROOT/<stage>/best/` is a second manager keeping only the best step by validation mIoU (the
 metric is also written into `meta`, since a manager reopened without the same `best_fn`
@@ -64,6 +65,8 @@ def _check_directory(ckpt_dir, what, hint):
 
 def read_meta(ckpt_dir, step=None):
   """The `meta` item of a step (default latest) of a checkpoint directory."""
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f'{ckpt_dir}: no such checkpoint directory')
   mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=ITEMS,
                                options=ocp.CheckpointManagerOptions(read_only=True))
   step = mngr.latest_step() if step is None else step

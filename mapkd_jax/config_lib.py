@@ -47,3 +47,54 @@ def parse_arg(arg, *, source='configs/tcs.py', **defaults):
     else:
       raise ValueError(f'{source}: unknown arg {token!r}; known: {sorted(defaults)}')
   return types.SimpleNamespace(**values)
+
+
+def _require(ok, key, value, wants):
+  if not ok:
+    raise ValueError(f'config.{key}={value!r}: {wants}')
+
+
+def validate(config):
+  """Checks the values a run depends on before any work; errors name the config key."""
+  _require(config.stage in STAGES, 'stage', config.stage, f'one of {list(STAGES)}')
+  for key in ('steps', 'batch_size', 'log_every', 'checkpoint_every', 'eval_every',
+              'keep_checkpoints'):
+    value = config.train[key]
+    _require(isinstance(value, int) and value > 0, f'train.{key}', value, 'a positive integer')
+  _require(config.train.eval_batches >= 0, 'train.eval_batches', config.train.eval_batches,
+           '>= 0 (0 = the whole split)')
+  optim = config.optim
+  for key in ('learning_rate', 'decay_steps', 'grad_clip'):
+    _require(optim[key] > 0, f'optim.{key}', optim[key], 'a positive number')
+  _require(0 < optim.decay_factor <= 1, 'optim.decay_factor', optim.decay_factor, 'in (0, 1]')
+  for key, value in config.kd.items():
+    if key.endswith('_weight'):
+      _require(value >= 0, f'kd.{key}', value, 'a non-negative loss weight')
+  _require(config.kd.msrd_variant in ('bce', 'kl'), 'kd.msrd_variant', config.kd.msrd_variant,
+           "'bce' or 'kl'")
+  for key in ('msrd_temperature', 'tgpd_temperature'):
+    _require(config.kd[key] > 0, f'kd.{key}', config.kd[key], 'a positive temperature')
+  for axis in ('bev_x', 'bev_y'):
+    lo, hi, step = config.data[axis]
+    cells = (hi - lo) / step if step > 0 else 0
+    _require(hi > lo and step > 0 and abs(cells - round(cells)) < 1e-6, f'data.{axis}',
+             tuple(config.data[axis]), '(min, max, step) with max > min and a whole number of steps')
+  _require(all(s > 0 and s % 16 == 0 for s in config.data.image_size), 'data.image_size',
+           tuple(config.data.image_size), '(H, W), positive multiples of 16 (1/16 features)')
+  _require(config.data.max_points > 0, 'data.max_points', config.data.max_points, '> 0')
+  for section in ('camera', 'lss'):
+    encoder = config.model[section].image_encoder
+    _require(encoder in ('efficientnet_b0', 'resnet_small'), f'model.{section}.image_encoder',
+             encoder, "'efficientnet_b0' or 'resnet_small'")
+  _check_tgpd_patches(config)
+
+
+def _check_tgpd_patches(config):
+  """TGPD patches must tile bev_small (canvas / 2**neck.num_layers) exactly."""
+  factor = 2 ** config.model.neck.num_layers
+  height = round((config.data.bev_y[1] - config.data.bev_y[0]) / config.data.bev_y[2])
+  width = round((config.data.bev_x[1] - config.data.bev_x[0]) / config.data.bev_x[2])
+  small = (-(-height // factor), -(-width // factor))
+  patch = tuple(config.kd.tgpd_patch_size)
+  _require(small[0] % patch[0] == 0 and small[1] % patch[1] == 0, 'kd.tgpd_patch_size', patch,
+           f'must tile bev_small {small} (BEV canvas / 2**model.neck.num_layers)')

@@ -39,6 +39,24 @@ def dependency_dir(config, workdir, key, stage):
   return override or os.path.join(workdir, stage, 'checkpoints')
 
 
+def check_dependencies(config, workdir):
+  """Fails at start, naming the directory and the command that creates it, if an earlier
+  stage this one restores (frozen teacher/coach, pretrained HD prior) has no checkpoint."""
+  from mapkd_jax import train_step as step_lib  # avoid a cycle at import time
+  deps = [(f'frozen.{name}', name) for name in step_lib.frozen_names(config)]
+  if config.stage == 'teacher' or (config.stage == 'coach' and config.model.hd.coach_refine):
+    deps.append(INIT_DEPS[config.stage])
+  for key, stage in deps:
+    ckpt_dir = dependency_dir(config, workdir, key, stage)
+    try:
+      ckpt_lib.read_meta(ckpt_dir)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+          f'stage {stage_dir_name(config)} needs {stage} ({key}), but {ckpt_dir} has no finished '
+          f'checkpoint; create it with: {_command(stage, config, workdir)} '
+          f'(or point --config.{key} at one)') from e
+
+
 def shards_dir(config, workdir):
   return config.data.shards or os.path.join(workdir, 'data', f'shards-{config.data.bev_name}')
 
@@ -118,7 +136,9 @@ def apply_init(state, config, workdir, mesh):
   _, mae_vars = ckpt_lib.restore_params(
       ckpt_dir, _abstract_variables(mae, dummy, mesh), what=f'HD prior for stage {config.stage}',
       hint=f'pretrain it first: {_command(stage, config, workdir)} (or set --config.{key})')
-  params = dict(state.params['model'])
-  params['hd_prior'] = mae_vars['params']['hd_prior']
-  logging.info('Initialized %s.hd_prior from %s', config.stage, ckpt_dir)
-  return state.replace(params={**state.params, 'model': params})
+  params = {**state.params['model'], 'hd_prior': mae_vars['params']['hd_prior']}
+  batch_stats = dict(state.batch_stats)
+  if 'hd_prior' in mae_vars.get('batch_stats', {}):  # its BatchNorm statistics come along
+    batch_stats['hd_prior'] = mae_vars['batch_stats']['hd_prior']
+  logging.info('Initialized %s.hd_prior (params and batch stats) from %s', config.stage, ckpt_dir)
+  return state.replace(params={**state.params, 'model': params}, batch_stats=batch_stats)

@@ -16,8 +16,10 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 
 from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax import config_lib
 from mapkd_jax import losses
 from mapkd_jax import metrics as metrics_lib
 from mapkd_jax import models as models_lib
@@ -37,6 +39,8 @@ def _log_start(config, mesh, stage_dir):
 
 def train_and_evaluate(config, workdir):
   """Trains `config.stage` under `workdir/<stage>` and returns its final eval metrics."""
+  config_lib.validate(config)
+  stages.check_dependencies(config, workdir)
   stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
   os.makedirs(stage_dir, exist_ok=True)
   mesh = sharding.make_mesh()
@@ -183,7 +187,7 @@ def run_eval(eval_fn, variables, shards_dir, config, mesh):
   host_batch = config.train.batch_size // jax.process_count()
   batches = pipeline.iterate(shards_dir, 'val', config.data, batch_size=host_batch,
                              seed=config.seed, shuffle=False, num_epochs=1, drop_remainder=False)
-  for i, host in enumerate(batches):
+  for i, host in enumerate(synced_batches(batches, stages.batch_spec(config, host_batch))):
     if config.train.eval_batches and i >= config.train.eval_batches:
       break
     counts = jax.device_get(eval_fn(variables, sharding.host_batch_to_global(
@@ -193,13 +197,36 @@ def run_eval(eval_fn, variables, shards_dir, config, mesh):
   return metrics_lib.iou_from_counts(inter, union, config.data.classes)
 
 
+def synced_batches(batches, spec):
+  """Host batches until every process has run out; exhausted hosts feed empty batches.
+
+  Hosts read different files, so their split sizes may differ; every jitted call is a
+  collective over all devices, so all hosts must make the same number of calls.
+  """
+  while True:
+    host = next(batches, None)
+    has_data = np.asarray(host is not None)
+    if jax.process_count() > 1:
+      has_data = multihost_utils.process_allgather(has_data)
+    if not np.any(has_data):
+      return
+    yield host if host is not None else {
+        k: np.zeros((0,) + tuple(shape[1:]), dtype) for k, (shape, dtype) in spec.items()}
+
+
 def pad_batch(host, batch_size):
-  """Pads a partial last batch to `batch_size` rows (repeating row 0) with a `valid` mask.
+  """Pads a partial (or empty) last batch to `batch_size` rows, with a `valid` mask.
 
   Every device needs an equal share of the batch; the padded rows are masked out of metrics.
   """
   rows = len(host['semantic'])
-  padded = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, axis=0)])
-            for k, v in host.items()}
+
+  def fill(v):  # repeat a real row where there is one: zero calibration is not invertible
+    filler = np.repeat(v[:1], batch_size - rows, 0) if rows else np.zeros(
+        (batch_size,) + v.shape[1:], v.dtype)
+    return np.concatenate([v, filler])
+
+  padded = {k: fill(v) for k, v in host.items()
+            if isinstance(v, np.ndarray) and v.dtype.kind in 'biuf'}
   padded['valid'] = np.arange(batch_size) < rows
   return padded

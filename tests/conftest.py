@@ -8,3 +8,14 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(scope='session')
+def tiny_shards(tmp_path_factory):
+  """Shards of the tiny synthetic world (created once per test process), for configs' data.shards."""
+  from configs import tcs
+  from mapkd_jax import stages
+  root = str(tmp_path_factory.mktemp('tiny_world'))
+  return stages.ensure_data(tcs.get_config('student,tiny'), root)

@@ -18,12 +18,16 @@ from ml_collections import config_flags
 from mapkd_jax import models
 from mapkd_jax.data import schema
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file, e.g. configs/tcs.py:student.', lock_config=True)
-_MODELS = flags.DEFINE_list('models', None, 'Models to summarise (default: every registered '
-                            f'model, currently {sorted(models.MODELS)}).')
 _RNG_STREAMS = ('dropout', 'mask')   # rng collection names the registered models draw from
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 1, 'Batch size of the analysed forward pass.')
+
+
+def define_flags():
+  """CLI flags; defined only when run as a program, so importing this module defines none."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file, e.g. configs/tcs.py:student.', lock_config=True)
+  flags.DEFINE_list('models', None, 'Models to summarise (default: every registered '
+                    f'model, currently {sorted(models.MODELS)}).')
+  flags.DEFINE_integer('batch_size', 1, 'Batch size of the analysed forward pass.')
 
 
 def summarize(name, config, batch_size):
@@ -51,11 +55,13 @@ def summarize(name, config, batch_size):
 
 def main(argv):
   del argv
-  config = ml_collections.FrozenConfigDict(_CONFIG.value)
-  for name in _MODELS.value or sorted(models.MODELS):
-    print(json.dumps(summarize(name, config, _BATCH_SIZE.value)), flush=True)
+  f = flags.FLAGS
+  config = ml_collections.FrozenConfigDict(f.config)
+  for name in f.models or sorted(models.MODELS):
+    print(json.dumps(summarize(name, config, f.batch_size)), flush=True)
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('config')
   app.run(main)

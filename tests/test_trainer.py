@@ -1,0 +1,131 @@
+"""End to end: every TCS stage at `tiny`, exact resume after kill -9, config/dependency errors."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tcs
+from mapkd_jax import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(arg, shards, **train):
+  config = tcs.get_config(arg)
+  config.data.shards = shards
+  config.train.update({'steps': 2, 'checkpoint_every': 2, 'eval_every': 2, **train})
+  return config
+
+
+def _params(stage_dir, step=None):
+  """Latest (or `step`) params item of a stage, as numpy."""
+  mngr = ocp.CheckpointManager(os.path.join(stage_dir, 'checkpoints'),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  step = mngr.latest_step() if step is None else step
+  restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  return step, jax.tree.map(np.asarray, restored['params'])
+
+
+def _snapshot(directory):
+  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, files in os.walk(directory) for f in files}
+
+
+def test_all_stages_chain(tiny_shards, tmp_path):
+  root = str(tmp_path)
+  for arg in ('hd_pretrain,tiny', 'teacher,tiny'):
+    metrics = trainer.train_and_evaluate(_config(arg, tiny_shards), root)
+    assert np.isfinite(metrics['miou'])
+  # The teacher's HD module started from hd_pretrain: 2 Adam steps (lr 5e-4) move it far
+  # less than the spread of a fresh random init.
+  _, mae = _params(os.path.join(root, 'hd_pretrain'))
+  _, teacher = _params(os.path.join(root, 'teacher'))
+  drift = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), mae['params']['hd_prior'],
+                       teacher['params']['hd_prior'])
+  assert max(jax.tree.leaves(drift)) < 5e-3
+
+  teacher_files = _snapshot(os.path.join(root, 'teacher'))
+  for arg in ('coach,tiny', 'student,tiny', 'student,nokd,tiny'):
+    metrics = trainer.train_and_evaluate(_config(arg, tiny_shards), root)
+    assert np.isfinite(metrics['miou'])
+  assert _snapshot(os.path.join(root, 'teacher')) == teacher_files, 'frozen teacher was written'
+  for stage in ('hd_pretrain', 'teacher', 'coach', 'student', 'student_nokd'):
+    step, variables = _params(os.path.join(root, stage))
+    assert step == 2 and set(variables) == {'params', 'batch_stats'}, stage
+    assert os.path.exists(os.path.join(root, stage, 'config.json'))
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(root, stage)))
+  # TGPD projectors are trained state of the distilling stage, kept out of its params item.
+  mngr = ocp.CheckpointManager(os.path.join(root, 'student', 'checkpoints'),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  extra = mngr.restore(2, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore()))
+  assert set(extra['opt_state']['aux']) == {'tgpd_teacher', 'tgpd_coach'}
+
+
+def test_resume_after_kill_is_bit_identical(tiny_shards, tmp_path):
+  """kill -9 after the step-2 checkpoint, rerun: same params as an uninterrupted 4-step run."""
+  arg = 'student,nokd,tiny'
+  overrides = dict(steps=4, checkpoint_every=1, eval_every=100)
+  reference = str(tmp_path / 'reference')
+  trainer.train_and_evaluate(_config(arg, tiny_shards, **overrides), reference)
+
+  killed = str(tmp_path / 'killed')
+  cmd = [sys.executable, 'launch.py', f'--config=configs/tcs.py:{arg}', f'--workdir={killed}',
+         f'--config.data.shards={tiny_shards}', '--config.train.steps=4',
+         '--config.train.checkpoint_every=1', '--config.train.eval_every=100']
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  step_two = os.path.join(killed, 'student_nokd', 'checkpoints', '2')
+  deadline = time.time() + 600
+  while not os.path.isdir(step_two) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.isdir(step_two), 'the run ended before writing its step-2 checkpoint'
+  assert not os.path.isdir(os.path.join(killed, 'student_nokd', 'checkpoints', '4')), \
+      'the run finished before it was killed: nothing was resumed'
+
+  trainer.train_and_evaluate(_config(arg, tiny_shards, **overrides), killed)
+  step_ref, params_ref = _params(os.path.join(reference, 'student_nokd'))
+  step_res, params_res = _params(os.path.join(killed, 'student_nokd'))
+  assert step_ref == step_res == 4
+  jax.tree.map(np.testing.assert_array_equal, params_res, params_ref)
+
+
+def test_missing_dependency_names_directory_and_command(tiny_shards, tmp_path):
+  with pytest.raises(FileNotFoundError, match=r'teacher.*configs/tcs.py:teacher,tiny'):
+    trainer.train_and_evaluate(_config('coach,tiny', tiny_shards), str(tmp_path))
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('train.steps', 0, r'config.train.steps=0'),
+    ('kd.msrd_variant', 'l2', r'config.kd.msrd_variant'),
+    ('kd.tgpd_patch_size', (7, 7), r'config.kd.tgpd_patch_size'),
+    ('data.bev_x', (-30.0, 30.0, 0.7), r'config.data.bev_x'),
+])
+def test_bad_config_values_fail_at_start(tiny_shards, tmp_path, key, value, match):
+  config = _config('student,nokd,tiny', tiny_shards)
+  section, name = key.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_bad_config_args():
+  with pytest.raises(ValueError, match="unknown stage 'techer'"):
+    tcs.get_config('techer')
+  with pytest.raises(ValueError, match="unknown arg 'tinyy'"):
+    tcs.get_config('student,tinyy')
+  with pytest.raises(ValueError, match="arg 'bev'"):
+    tcs.get_config('student,bev=10x10')
+
+
+def test_batch_not_divisible_by_devices(tiny_shards, tmp_path):
+  config = _config('student,nokd,tiny', tiny_shards)
+  config.train.batch_size = 6
+  with pytest.raises(ValueError, match='config.train.batch_size=6'):
+    trainer.train_and_evaluate(config, str(tmp_path))
