@@ -118,7 +118,6 @@ def get_config(arg=None):
                       eval_batches=0)             # 0 = the whole val split
   config.optim = dict(learning_rate=5e-4, decay_steps=35000, decay_factor=0.1, grad_clip=5.0,
                       b1=0.9, b2=0.999)
-  config.mixed_precision = False                  # bf16 compute, f32 params
   # Checkpoint dirs of earlier stages; '' = WORKDIR/<stage>/checkpoints.
   config.frozen = dict(teacher='', coach='')
   config.init = dict(hd_prior='')                 # hd_pretrain ckpt for the teacher's HD module
@@ -134,7 +133,7 @@ def get_config(arg=None):
       range_split=15.0,            # metres of |x|: IoU reported for |x| < split and >= split
       num_images=4)                # PNGs written by the evaluation
 
-  if arg.tiny:
+  if arg.tiny or arg.stage == 'demo':   # the demo trains tiny-size models on a larger world
     config.data.image_size = (64, 176)
     config.data.bev_x = (-30.0, 30.0, 0.6)
     config.data.bev_y = (-15.0, 15.0, 0.6)
@@ -157,4 +156,14 @@ def get_config(arg=None):
                               block_layers=(1, 1, 1), head_channels=(32,), out_channels=32)
     config.model.sd.update(encoder_channels=(8, 16, 16), d_model=16, num_heads=2, ffn_dim=32)
     config.model.hd.update(patch_size=10, width=32, depth=2, num_heads=2, decoder_channels=16)
+  if arg.stage == 'demo':
+    # The main job (mapkd_jax/demo.py): the whole chain at a size that fits 30 minutes on
+    # 2 CPU cores; every stage of the chain is this config with its stage and steps.
+    config.demo = dict(
+        steps=dict(hd_pretrain=150, teacher=300, coach=300, student=300),
+        seeds=(0, 1),                 # student and baseline are trained once per seed
+        ablations=('no_tgpd', 'no_msrd', 'no_coach'),
+        eval_images=2, grid_samples=4, grid_scale=3,
+        bench_iters=20, bench_warmup=3)
+    config.data.synthetic.update(scenes=10, samples_per_scene=30)
   return config

@@ -223,25 +223,28 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4):
   return metrics
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/tcs.py:<stage>[,mods]',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'experiment root (ROOT/<stage>/...)')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number")
-_SPLIT = flags.DEFINE_string('split', 'val', 'dataset split to evaluate')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', None,
-                                   'figures to write; default config.eval.num_images')
+def define_flags():
+  """CLI flags; defined only when run as a program (launch.py imports this module)."""
+  config_flags.DEFINE_config_file('config', None, 'configs/tcs.py:<stage>[,mods]',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'experiment root (ROOT/<stage>/...)')
+  flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number")
+  flags.DEFINE_string('split', 'val', 'dataset split to evaluate')
+  flags.DEFINE_integer('num_images', None, 'figures to write; default config.eval.num_images')
 
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  num_images = config.eval.num_images if _NUM_IMAGES.value is None else _NUM_IMAGES.value
-  metrics = evaluate(config, _WORKDIR.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value,
+  f = flags.FLAGS
+  config = f.config
+  num_images = config.eval.num_images if f.num_images is None else f.num_images
+  metrics = evaluate(config, f.workdir, checkpoint=f.checkpoint, split=f.split,
                      num_images=num_images)
   print(json.dumps({k: metrics[k] for k in ('iou', 'miou', 'ap', 'map', 'num_samples')},
                    indent=2))
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -1,0 +1,129 @@
+"""The main job: the whole Teacher-Coach-Student chain on one machine, measured and reported.
+
+  python launch.py --config configs/tcs.py:demo --workdir runs/demo
+
+Runs, in order and resumably (a finished run is not redone): data creation, hd_pretrain,
+teacher, coach, then for every seed the distilled student and the student baseline (nokd),
+then the ablations (one distillation term or the coach switched off), evaluates every model,
+times teacher/coach/student, and writes ROOT/report.md, ROOT/report.json and ROOT/report.png.
+
+Layout: ROOT/data, ROOT/{hd_pretrain,teacher,coach} (the chain, seed 0), ROOT/seed<k>/
+{student,student_nokd}, ROOT/ablation/<name>/student.
+"""
+import copy
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mapkd_jax import bench
+from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax import evaluate as eval_lib
+from mapkd_jax import report
+from mapkd_jax import stages
+from mapkd_jax import trainer
+
+# name -> kd overrides of an ablation of the distilled student.
+ABLATIONS = {
+    'no_tgpd': {'tgpd_teacher_weight': 0.0, 'tgpd_coach_weight': 0.0},
+    'no_msrd': {'msrd_teacher_weight': 0.0, 'msrd_coach_weight': 0.0},
+    'no_coach': {'msrd_coach_weight': 0.0, 'tgpd_coach_weight': 0.0},
+}
+
+
+def _run_config(config, workdir, *, stage, seed, nokd=False, kd=None):
+  """The config of one run of the chain, derived from the demo config."""
+  run = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
+  run.stage, run.nokd, run.seed = stage, nokd, seed
+  run.data.shards = stages.shards_dir(config, workdir)
+  run.train.steps = config.demo.steps[stage]
+  run.optim.decay_steps = config.demo.steps[stage]
+  run.frozen.teacher = os.path.join(workdir, 'teacher', 'checkpoints')
+  run.frozen.coach = os.path.join(workdir, 'coach', 'checkpoints')
+  run.init.hd_prior = os.path.join(workdir, 'hd_pretrain', 'checkpoints')
+  run.kd.update(kd or {})
+  return run
+
+
+def plan(config, workdir):
+  """[(label, run_root, run_config, evaluate?)] in execution order."""
+  runs = [(stage, workdir, _run_config(config, workdir, stage=stage, seed=config.demo.seeds[0]),
+           stage != 'hd_pretrain') for stage in ('hd_pretrain', 'teacher', 'coach')]
+  for seed in config.demo.seeds:
+    root = os.path.join(workdir, f'seed{seed}')
+    runs.append((f'student/seed{seed}', root, _run_config(config, workdir, stage='student',
+                                                          seed=seed), True))
+    runs.append((f'student_nokd/seed{seed}', root, _run_config(
+        config, workdir, stage='student', seed=seed, nokd=True), True))
+  for name in config.demo.ablations:
+    if name not in ABLATIONS:
+      raise ValueError(f'config.demo.ablations: unknown {name!r}; known: {sorted(ABLATIONS)}')
+    runs.append((f'ablation/{name}', os.path.join(workdir, 'ablation', name), _run_config(
+        config, workdir, stage='student', seed=config.demo.seeds[0], kd=ABLATIONS[name]), True))
+  return runs
+
+
+def _finished(run_root, run_config):
+  ckpt_dir = os.path.join(run_root, stages.stage_dir_name(run_config), 'checkpoints')
+  try:
+    step, _ = ckpt_lib.read_meta(ckpt_dir)
+  except FileNotFoundError:
+    return False
+  return step >= run_config.train.steps
+
+
+def _evaluated(run_root, run_config):
+  path = os.path.join(run_root, stages.stage_dir_name(run_config), 'eval', 'metrics.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def run(config, workdir):
+  """Runs the demo chain under `workdir` and writes the report; returns the report dict."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  stages.ensure_data(config, workdir)
+  runs = plan(config, workdir)
+  results, started = {}, time.time()
+  for index, (label, run_root, run_config, evaluate) in enumerate(runs):
+    elapsed = time.time() - started
+    eta = elapsed / index * (len(runs) - index) if index else float('nan')
+    logging.info('[demo %d/%d] %s (elapsed %.1f min, ETA %.1f min)', index + 1, len(runs), label,
+                 elapsed / 60, eta / 60)
+    if not _finished(run_root, run_config):
+      trainer.train_and_evaluate(run_config, run_root)
+    if evaluate:
+      metrics = _evaluated(run_root, run_config)
+      if metrics is None or metrics['checkpoint_step'] < run_config.train.steps:
+        metrics = eval_lib.evaluate(run_config, run_root, checkpoint='latest',
+                                    num_images=config.demo.eval_images)
+      results[label] = {'metrics': metrics, 'root': run_root, 'stage_dir':
+                        stages.stage_dir_name(run_config), 'seed': run_config.seed}
+  speed = _speed(config)
+  summary = report.build(config, results, speed)
+  report.write(workdir, summary, results, config)
+  logging.info('Demo done in %.1f min: %s', (time.time() - started) / 60,
+               os.path.join(workdir, 'report.md'))
+  return summary
+
+
+def _speed(config):
+  """Frames/s of teacher, coach and student on this machine (same run, so ratios compare)."""
+  records, ratios = bench.run(config, ['teacher', 'coach', 'student'], batch_size=1,
+                              iters=config.demo.bench_iters, warmup=config.demo.bench_warmup,
+                              seed=0, config_name='demo', emit=logging.info)
+  return {'records': {r['name']: r for r in records}, 'ratios': ratios,
+          'device_kind': jax.devices()[0].device_kind}
+
+
+def summarize_seeds(values):
+  """Mean and sample standard deviation (0 for one value) of per-seed numbers."""
+  values = np.asarray(values, np.float64)
+  return {'mean': float(values.mean()), 'std': float(values.std(ddof=1)) if len(values) > 1
+          else 0.0, 'per_seed': [float(v) for v in values]}
