@@ -52,7 +52,9 @@ def model_names(requested, config):
 
 def variant(name, config):
   """(registry name, frozen config) of a benchmarked model name."""
-  config = ml_collections.ConfigDict(config)   # an unfrozen copy, so the variant can be edited
+  # A real copy via to_dict: ConfigDict(frozen) / as_configdict() share state with the frozen
+  # config, so editing them leaks the variant into every later copy.
+  config = ml_collections.ConfigDict(config.to_dict())
   if name == 'coach_norefine':
     config.model.hd.coach_refine = False
     return 'coach', ml_collections.FrozenConfigDict(config)

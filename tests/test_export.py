@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -180,6 +181,15 @@ def test_speed_ratios_and_model_names():
   assert 'coach_norefine' not in bench.model_names(['all'], config)
   with pytest.raises(ValueError, match='--models'):
     bench.model_names(['student', 'pupil'], config)
+
+
+def test_variant_does_not_leak_into_later_models():
+  config = ml_collections.FrozenConfigDict(tcs.get_config('student,tiny'))
+  names = ['coach_norefine', 'coach', 'coach_norefine', 'teacher']
+  refine = [bench.variant(name, config)[1].model.hd.coach_refine for name in names]
+  assert refine == [False, True, False, True]
+  assert [bench.variant(n, config)[0] for n in names] == ['coach', 'coach', 'coach', 'teacher']
+  assert config.model.hd.coach_refine
 
 
 def test_bench_smoke_json_lines():
