@@ -33,6 +33,7 @@ def get_config(arg=None):
   config.stage = arg.stage
   config.nokd = arg.nokd
   config.seed = 0
+  config.mixed_precision = False   # bf16 compute, f32 params and losses (models/precision.py)
 
   x_range, y_range = BEV_RANGES[arg.bev]
   config.data = dict(
@@ -166,4 +167,5 @@ def get_config(arg=None):
         eval_images=2, grid_samples=4, grid_scale=3,
         bench_iters=20, bench_warmup=3)
     config.data.synthetic.update(scenes=10, samples_per_scene=30)
+    config.train.update(log_every=25, checkpoint_every=100, eval_every=150)
   return config

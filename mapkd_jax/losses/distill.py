@@ -3,6 +3,8 @@
 Teacher-side inputs are wrapped in `stop_gradient` here too, so a caller that forgets to freeze
 them still cannot push gradients into a frozen model.
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,10 +112,13 @@ class TGPDProjector(nn.Module):
   the feature scale. The reference re-drew random projections at every step instead.
 
   The two input channel counts may differ. One projector per frozen model (teacher, coach).
+  The standardization runs in float32; the two projections in `dtype`
+  (models.precision.compute_dtype), and the tokens are returned as float32.
   """
   patch_size: tuple[int, int]  # (ph, pw) on bev_small; 5x5 gives 50 patches on 25 x 50
   embed_dim: int               # d of the projected tokens
   norm_epsilon: float = 1e-6   # variance floor of the per-token standardization
+  dtype: Any = jnp.float32     # compute dtype of the projections; params stay float32
 
   def _standardize(self, tokens):
     mean = jnp.mean(tokens, axis=-1, keepdims=True)
@@ -129,16 +134,17 @@ class TGPDProjector(nn.Module):
       teacher_bev: [B, h, w, Ct] frozen model's bev_small (gradient stopped).
 
     Returns:
-      (student_tokens, teacher_tokens): each [B, 1 + N, embed_dim], token 0 = global.
+      (student_tokens, teacher_tokens): each [B, 1 + N, embed_dim] float32, token 0 = global.
     """
     student = self._standardize(patch_tokens(student_bev.astype(jnp.float32), self.patch_size))
     teacher = self._standardize(patch_tokens(
         jax.lax.stop_gradient(teacher_bev.astype(jnp.float32)), self.patch_size))
-    student_tokens = nn.Dense(self.embed_dim, name='student_proj')(student)
+    student_tokens = nn.Dense(self.embed_dim, dtype=self.dtype, name='student_proj')(student)
     teacher_kernel = self.param('teacher_proj', nn.initializers.orthogonal(),
                                 (teacher.shape[-1], self.embed_dim), jnp.float32)
-    teacher_tokens = teacher @ jax.lax.stop_gradient(teacher_kernel)
-    return student_tokens, teacher_tokens
+    teacher_tokens = teacher.astype(self.dtype) @ jax.lax.stop_gradient(
+        teacher_kernel).astype(self.dtype)
+    return student_tokens.astype(jnp.float32), teacher_tokens.astype(jnp.float32)
 
 
 def tgpd_terms(student_bev, teacher_bev, student_tokens, teacher_tokens, *, temperature):

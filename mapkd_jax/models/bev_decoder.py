@@ -6,10 +6,13 @@ to the requested canvas when the canvas is not a multiple of 2**num_layers.
 BEVDecoder: ResNet-18-style trunk (stem + layers 1-3) with the HDMapNet upsampling and three
 heads: semantic (classes + background), instance embedding, direction (bins + none).
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mapkd_jax.models import precision
 from mapkd_jax.models.image_encoder import BasicBlock, ConvBNAct
 
 
@@ -27,10 +30,13 @@ class BEVNeck(nn.Module):
 
   def setup(self):
     cfg = self.config.model.neck
-    self.down_layers = [ConvBNAct(cfg.channels, stride=2) for _ in range(cfg.num_layers)]
+    dtype = precision.compute_dtype(self.config)
+    self.down_layers = [ConvBNAct(cfg.channels, stride=2, dtype=dtype)
+                        for _ in range(cfg.num_layers)]
     self.up_convs = [nn.ConvTranspose(cfg.channels, (3, 3), strides=(2, 2), padding='SAME',
-                                      use_bias=False) for _ in range(cfg.num_layers)]
-    self.up_norms = [nn.BatchNorm() for _ in range(cfg.num_layers)]
+                                      use_bias=False, dtype=dtype)
+                     for _ in range(cfg.num_layers)]
+    self.up_norms = [nn.BatchNorm(dtype=dtype) for _ in range(cfg.num_layers)]
 
   def down(self, x, *, train: bool):
     """x: [B, Hb, Wb, Cin] -> bev_small [B, ceil(Hb/2^L), ceil(Wb/2^L), neck.channels]."""
@@ -56,12 +62,13 @@ class Head(nn.Module):
   """HDMapNet `up2`: bilinear x2 (to `out_hw`), 3x3 conv-BN-ReLU, 1x1 conv to `features`."""
   hidden: int
   features: int
+  dtype: Any = jnp.float32   # compute dtype (precision.compute_dtype)
 
   @nn.compact
   def __call__(self, x, out_hw, *, train: bool):
     x = jax.image.resize(x, (x.shape[0], *out_hw, x.shape[-1]), 'bilinear')
-    x = ConvBNAct(self.hidden)(x, train=train)
-    return nn.Conv(self.features, (1, 1))(x)
+    x = ConvBNAct(self.hidden, dtype=self.dtype)(x, train=train)
+    return nn.Conv(self.features, (1, 1), dtype=self.dtype)(x)
 
 
 class BEVDecoder(nn.Module):
@@ -84,22 +91,25 @@ class BEVDecoder(nn.Module):
       direction [B, Hb, Wb, direction_bins + 1].
     """
     cfg, data = self.config.model.decoder, self.config.data
+    dtype = precision.compute_dtype(self.config)
     canvas = bev.shape[1:3]
     # Stem: 7x7 stride-2 conv as in ResNet-18 (no max-pool, as in HDMapNet's BevEncode).
-    x = nn.Conv(cfg.stem_channels, (7, 7), strides=2, padding='SAME', use_bias=False)(bev)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+    x = nn.Conv(cfg.stem_channels, (7, 7), strides=2, padding='SAME', use_bias=False,
+                dtype=dtype)(bev)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, dtype=dtype)(x))
     skip = None
     for i, width in enumerate(cfg.layer_channels):
       for block in range(cfg.blocks_per_layer):
         stride = 2 if (i > 0 and block == 0) else 1
-        x = BasicBlock(width, stride=stride)(x, train=train)
+        x = BasicBlock(width, stride=stride, dtype=dtype)(x, train=train)
       if i == 0:
         skip = x   # layer-1 output at 1/2 resolution
     x = jax.image.resize(x, (x.shape[0], *skip.shape[1:3], x.shape[-1]), 'bilinear')
     x = jnp.concatenate([skip, x], axis=-1)
-    x = ConvBNAct(cfg.up_channels)(x, train=train)
-    x = ConvBNAct(cfg.up_channels)(x, train=train)
+    x = ConvBNAct(cfg.up_channels, dtype=dtype)(x, train=train)
+    x = ConvBNAct(cfg.up_channels, dtype=dtype)(x, train=train)
     out_sizes = {'semantic': len(data.classes) + 1, 'embedding': cfg.embedding_dim,
                  'direction': data.direction_bins + 1}
-    return {name: Head(cfg.head_channels, size, name=f'{name}_head')(x, canvas, train=train)
+    return {name: Head(cfg.head_channels, size, dtype=dtype, name=f'{name}_head')(
+        x, canvas, train=train)
             for name, size in out_sizes.items()}

@@ -8,6 +8,7 @@ the patch bilinearly; cells outside the patch or outside the camera's image (int
 the batch) are -inf before the max over cameras and 0 where no camera sees them.
 """
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mapkd_jax.data import schema
-from mapkd_jax.models import image_encoder
+from mapkd_jax.models import image_encoder, precision
 
 # Points closer than this to the camera plane (metres) count as behind the camera.
 _MIN_DEPTH = 1e-3
@@ -70,12 +71,13 @@ def ipm_sample(patches, intrinsics, cam_rotation, cam_translation, cell_xy, *, i
     ground_height: ego z of the ground plane, metres.
 
   Returns:
-    [B, h, w, C]: per cell, the max over cameras that see it of the bilinear sample; 0 if none.
+    [B, h, w, C] in patches.dtype: per cell, the max over cameras that see it of the bilinear
+    sample; 0 if none. Coordinates and interpolation weights are float32 whatever that dtype.
   """
   batch, cams, patch_h, patch_w, channels = patches.shape
   h, w = cell_xy.shape[:2]
-  cell_xy = jnp.asarray(cell_xy, patches.dtype)
-  ground = jnp.concatenate([cell_xy, jnp.full((h, w, 1), ground_height, patches.dtype)], -1)
+  cell_xy = jnp.asarray(cell_xy, jnp.float32)
+  ground = jnp.concatenate([cell_xy, jnp.full((h, w, 1), ground_height, jnp.float32)], -1)
   # Ego -> camera: p_cam = R^T (p_ego - t).
   rel = ground[None, None] - cam_translation[:, :, None, None, :]          # [B, N, h, w, 3]
   p_cam = jnp.einsum('bnji,bnhwj->bnhwi', cam_rotation, rel)
@@ -109,7 +111,8 @@ def ipm_sample(patches, intrinsics, cam_rotation, cam_translation, cell_xy, *, i
             + wr * (1 - wc) * gather(row1, col0) + wr * wc * gather(row1, col1))
   sample = jnp.where(valid[..., None], sample, -jnp.inf)
   merged = jnp.max(sample, axis=1)
-  return jnp.where(jnp.any(valid, axis=1)[..., None], merged, 0.0)
+  merged = jnp.where(jnp.any(valid, axis=1)[..., None], merged, 0.0)
+  return merged.astype(patches.dtype)
 
 
 class ViewMLP(nn.Module):
@@ -118,9 +121,11 @@ class ViewMLP(nn.Module):
   Attributes:
     patch_cells: Ph * Pw, cells of the output BEV patch.
     num_layers: Linear+ReLU layers (2 in HDMapNet).
+    dtype: compute dtype (precision.compute_dtype); the kernels are stored float32.
   """
   patch_cells: int
   num_layers: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, features):
@@ -132,6 +137,7 @@ class ViewMLP(nn.Module):
       kernel = self.param(f'kernel_{layer}', nn.initializers.lecun_normal(batch_axis=(0,)),
                           (cams, fan_in, self.patch_cells))
       bias = self.param(f'bias_{layer}', nn.initializers.zeros, (cams, self.patch_cells))
+      x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
       x = nn.relu(jnp.einsum('bnfc,nfo->bnoc', x, kernel) + bias[None, :, :, None])
     return x
 
@@ -156,13 +162,14 @@ class CameraBEV(nn.Module):
       [B, Hb, Wb, camera.channels] with (Hb, Wb) = schema.bev_shape(bev_x, bev_y).
     """
     cfg, data = self.config.model.camera, self.config.data
+    dtype = precision.compute_dtype(self.config)
     images = batch['images']
     b, n, height, width, _ = images.shape
-    features = image_encoder.encoder_from_section(cfg, cfg.channels)(
+    features = image_encoder.encoder_from_section(cfg, cfg.channels, dtype)(
         images.reshape(b * n, height, width, 3), train=train)
     _, fh, fw, channels = features.shape
     patch_h, patch_w = cfg.patch_shape
-    patches = ViewMLP(patch_h * patch_w, cfg.view_mlp_layers)(
+    patches = ViewMLP(patch_h * patch_w, cfg.view_mlp_layers, dtype=dtype)(
         features.reshape(b, n, fh * fw, channels))
     patches = patches.reshape(b, n, patch_h, patch_w, channels)
     forward_range, lateral_range = patch_extent(data.bev_x, data.bev_y, cfg.patch_margin)

@@ -6,6 +6,7 @@ no LiDAR, so it runs on camera-only data while sharing the teacher's prior modul
 """
 import flax.linen as nn
 
+from mapkd_jax.models import precision
 from mapkd_jax.models.camera import CameraBEV
 from mapkd_jax.models.lss import LiftSplat
 from mapkd_jax.models.teacher import decode_with_priors
@@ -24,9 +25,10 @@ class Coach(nn.Module):
     """batch: the schema batch; lidar_points / lidar_mask are never read.
 
     Returns:
-      See `teacher.decode_with_priors`; the `*_pre` keys only with coach_refine.
+      See `teacher.decode_with_priors`; the `*_pre` keys only with coach_refine; float32.
     """
     camera_bev = CameraBEV(self.config, name='camera')(batch, train=train)
     simulated_lidar = LiftSplat(self.config, name='lss')(batch, train=train)
-    return decode_with_priors(self.config, camera_bev, simulated_lidar, batch['sd_prior'],
-                              refine=self.config.model.hd.coach_refine, train=train)
+    return precision.outputs_to_float32(decode_with_priors(
+        self.config, camera_bev, simulated_lidar, batch['sd_prior'],
+        refine=self.config.model.hd.coach_refine, train=train))

@@ -12,13 +12,14 @@ padded points; here they come from valid points only (BatchNorm `mask`). The pil
 BEV canvas itself, so rows follow y and columns x (schema.py raster convention) and no
 transpose is needed.
 """
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mapkd_jax.data import schema
+from mapkd_jax.models import precision
 
 
 def pillar_indices(xyz, mask, *, bev_x, bev_y, z_range):
@@ -59,12 +60,12 @@ def scatter_mean(values, index, valid, num_pillars):
     num_pillars: number of real pillars (Hb * Wb).
 
   Returns:
-    [B, num_pillars, C].
+    [B, num_pillars, C] in values.dtype; sums and counts are accumulated in float32.
   """
-  weight = valid.astype(values.dtype)
-  total = _segment_sum(values * weight[..., None], index, num_pillars + 1)
+  weight = valid.astype(jnp.float32)
+  total = _segment_sum(values.astype(jnp.float32) * weight[..., None], index, num_pillars + 1)
   count = _segment_sum(weight, index, num_pillars + 1)
-  return (total / jnp.maximum(count, 1.0)[..., None])[:, :num_pillars]
+  return (total / jnp.maximum(count, 1.0)[..., None])[:, :num_pillars].astype(values.dtype)
 
 
 def point_features(points, mask, *, bev_x, bev_y, z_range):
@@ -106,12 +107,13 @@ class ConvBNReLU(nn.Module):
   features: int
   stride: int = 1
   kernel: int = 3
+  dtype: Any = jnp.float32   # compute dtype (precision.compute_dtype); params stay float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
-                padding='SAME', use_bias=False)(x)
-    x = nn.BatchNorm(use_running_average=not train)(x)
+                padding='SAME', use_bias=False, dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
     return nn.relu(x)
 
 
@@ -126,6 +128,8 @@ class PointPillars(nn.Module):
       (reference (64, 128, 256), (2, 3, 3), (1, 2, 2)).
     head_channels: 3x3 convs after the concatenation (reference (256, 128)).
     out_channels: output channels (128), a 1x1 conv.
+    dtype: compute dtype of the feature layers; point geometry and pillar indices stay
+      float32 / int32.
   """
   bev_x: Sequence[float]
   bev_y: Sequence[float]
@@ -136,6 +140,7 @@ class PointPillars(nn.Module):
   block_strides: Sequence[int]
   head_channels: Sequence[int]
   out_channels: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, points, mask, *, train: bool):
@@ -146,9 +151,9 @@ class PointPillars(nn.Module):
     height, width = schema.bev_shape(self.bev_x, self.bev_y)
     features, index, valid = point_features(points, mask, bev_x=self.bev_x, bev_y=self.bev_y,
                                             z_range=self.z_range)
-    x = nn.Dense(self.pointnet_channels, use_bias=False)(features)
+    x = nn.Dense(self.pointnet_channels, use_bias=False, dtype=self.dtype)(features)
     # Statistics from valid points only; padding would otherwise pull them towards zero.
-    x = nn.BatchNorm(use_running_average=not train)(x, mask=valid[..., None])
+    x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x, mask=valid[..., None])
     x = nn.relu(x) * valid[..., None]
     pillars = scatter_mean(x, index, valid, height * width)
     x = pillars.reshape(points.shape[0], height, width, self.pointnet_channels)
@@ -156,16 +161,17 @@ class PointPillars(nn.Module):
     for channels, layers, stride in zip(self.block_channels, self.block_layers,
                                         self.block_strides):
       for layer in range(layers):
-        x = ConvBNReLU(channels, stride=stride if layer == 0 else 1)(x, train=train)
+        x = ConvBNReLU(channels, stride=stride if layer == 0 else 1, dtype=self.dtype)(
+            x, train=train)
       # Resize to the canvas (not a fixed x2/x4) so canvases not divisible by 4 work.
       up = x
       if x.shape[1:3] != (height, width):
         up = jax.image.resize(x, (x.shape[0], height, width, channels), method='bilinear')
-      branches.append(ConvBNReLU(channels)(up, train=train))
+      branches.append(ConvBNReLU(channels, dtype=self.dtype)(up, train=train))
     x = jnp.concatenate(branches, axis=-1)
     for channels in self.head_channels:
-      x = ConvBNReLU(channels)(x, train=train)
-    return nn.Conv(self.out_channels, (1, 1))(x)
+      x = ConvBNReLU(channels, dtype=self.dtype)(x, train=train)
+    return nn.Conv(self.out_channels, (1, 1), dtype=self.dtype)(x)
 
 
 def from_config(config, name=None):
@@ -177,4 +183,4 @@ def from_config(config, name=None):
       z_range=tuple(cfg.z_range), pointnet_channels=cfg.pointnet_channels,
       block_channels=tuple(cfg.block_channels), block_layers=tuple(cfg.block_layers),
       block_strides=tuple(cfg.block_strides), head_channels=tuple(cfg.head_channels),
-      out_channels=cfg.out_channels, name=name)
+      out_channels=cfg.out_channels, dtype=precision.compute_dtype(config), name=name)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mapkd_jax.data import schema
-from mapkd_jax.models import image_encoder
+from mapkd_jax.models import image_encoder, precision
 
 
 def depth_values(depth_bins):
@@ -60,8 +60,9 @@ def splat(features, points, *, bev_x, bev_y, z_range):
     z_range: (min, max) metres; points with z outside [min, max) are dropped.
 
   Returns:
-    [B, Hb, Wb, C]: cell (i, j) holds the sum over points with
-    floor((y - y_min) / ry) = i and floor((x - x_min) / rx) = j.
+    [B, Hb, Wb, C] in features.dtype: cell (i, j) holds the sum over points with
+    floor((y - y_min) / ry) = i and floor((x - x_min) / rx) = j; the sum is accumulated in
+    float32 (many points per cell would lose precision in bfloat16).
   """
   height, width = schema.bev_shape(bev_x, bev_y)
   batch, channels = features.shape[0], features.shape[-1]
@@ -75,9 +76,9 @@ def splat(features, points, *, bev_x, bev_y, z_range):
   flat = jnp.arange(batch, dtype=jnp.int32)[:, None] * cells + row * width + col
   dump = batch * cells   # one extra segment collects every dropped point
   flat = jnp.where(inside, flat, dump)
-  summed = jax.ops.segment_sum(features.reshape(-1, channels), flat.reshape(-1),
-                               num_segments=dump + 1)
-  return summed[:dump].reshape(batch, height, width, channels)
+  summed = jax.ops.segment_sum(features.reshape(-1, channels).astype(jnp.float32),
+                               flat.reshape(-1), num_segments=dump + 1)
+  return summed[:dump].reshape(batch, height, width, channels).astype(features.dtype)
 
 
 class LiftSplat(nn.Module):
@@ -99,15 +100,17 @@ class LiftSplat(nn.Module):
       [B, Hb, Wb, lss.out_channels].
     """
     cfg, data = self.config.model.lss, self.config.data
+    dtype = precision.compute_dtype(self.config)
     images = batch['images']
     b, n, height, width, _ = images.shape
     depths = depth_values(cfg.depth_bins)
     num_depths = depths.shape[0]
-    x = image_encoder.encoder_from_section(cfg, num_depths + cfg.context_channels)(
+    x = image_encoder.encoder_from_section(cfg, num_depths + cfg.context_channels, dtype)(
         images.reshape(b * n, height, width, 3), train=train)
     _, fh, fw, _ = x.shape
     x = x.reshape(b, n, fh, fw, -1)
-    depth_prob = jax.nn.softmax(x[..., :num_depths], axis=-1)
+    # Softmax in float32 (bfloat16 rounds small bin probabilities away), then the compute dtype.
+    depth_prob = jax.nn.softmax(x[..., :num_depths].astype(jnp.float32), axis=-1).astype(dtype)
     context = x[..., num_depths:]
     # [B, N, D, fh, fw, C]: context placed at every depth, weighted by its probability.
     lifted = jnp.einsum('bnhwd,bnhwc->bndhwc', depth_prob, context)
@@ -115,4 +118,4 @@ class LiftSplat(nn.Module):
                             batch['cam_translation'], depths, feature_hw=(fh, fw),
                             image_hw=(height, width))
     bev = splat(lifted, points, bev_x=data.bev_x, bev_y=data.bev_y, z_range=cfg.z_range)
-    return nn.Conv(cfg.out_channels, (1, 1))(bev)
+    return nn.Conv(cfg.out_channels, (1, 1), dtype=dtype)(bev)

@@ -16,12 +16,13 @@ The module is always a submodule named `hd_prior`, so `params['hd_prior']` moves
 from the hd_pretrain checkpoint into the teacher and coach.
 """
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mapkd_jax.models import precision
 from mapkd_jax.models.lidar import ConvBNReLU
 
 
@@ -60,6 +61,7 @@ def sine_position_encoding(height, width, *, num_feats, temperature, scale=2 * m
 class SDPriorEncoder(nn.Module):
   """SD raster [B, Hb, Wb, 1] -> tokens [B, ~Hb/8, ~Wb/8, channels[-1]] (three k4 s2 convs)."""
   channels: Sequence[int]
+  dtype: Any = jnp.float32   # compute dtype (precision.compute_dtype); params stay float32
 
   @nn.compact
   def __call__(self, sd, *, train: bool):
@@ -67,9 +69,10 @@ class SDPriorEncoder(nn.Module):
     for i, channels in enumerate(self.channels):
       last = i == len(self.channels) - 1
       # k4 s2 pad 1 as in the reference: each conv halves the grid (floor).
-      x = nn.Conv(channels, (4, 4), strides=2, padding=((1, 1), (1, 1)), use_bias=not last)(x)
+      x = nn.Conv(channels, (4, 4), strides=2, padding=((1, 1), (1, 1)), use_bias=not last,
+                  dtype=self.dtype)(x)
       if last:
-        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
       x = nn.relu(x)
     return x
 
@@ -82,6 +85,7 @@ class SDCrossAttentionLayer(nn.Module):
   num_heads: int
   ffn_dim: int
   dropout: float
+  dtype: Any = jnp.float32   # compute dtype; attention softmax and norm statistics in float32
 
   @nn.compact
   def __call__(self, bev, sd, bev_pos, sd_pos, *, train: bool):
@@ -90,17 +94,17 @@ class SDCrossAttentionLayer(nn.Module):
     def attention(name):
       return nn.MultiHeadDotProductAttention(
           num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train,
-          name=name)
+          dtype=self.dtype, force_fp32_for_softmax=True, name=name)
 
     def drop(x):
       return nn.Dropout(self.dropout, deterministic=not train)(x)
 
     q = bev + bev_pos
-    bev = nn.LayerNorm()(bev + drop(attention('self_attn')(q, q, bev)))
+    bev = nn.LayerNorm(dtype=self.dtype)(bev + drop(attention('self_attn')(q, q, bev)))
     update = attention('cross_attn')(bev + bev_pos, sd + sd_pos, sd)
-    bev = nn.LayerNorm()(bev + drop(update))
-    hidden = drop(nn.relu(nn.Dense(self.ffn_dim)(bev)))
-    return nn.LayerNorm()(bev + drop(nn.Dense(d_model)(hidden)))
+    bev = nn.LayerNorm(dtype=self.dtype)(bev + drop(update))
+    hidden = drop(nn.relu(nn.Dense(self.ffn_dim, dtype=self.dtype)(bev)))
+    return nn.LayerNorm(dtype=self.dtype)(bev + drop(nn.Dense(d_model, dtype=self.dtype)(hidden)))
 
 
 class SDPriorFusion(nn.Module):
@@ -111,6 +115,7 @@ class SDPriorFusion(nn.Module):
     d_model, num_heads, num_layers, ffn_dim, dropout: decoder layers (reference 64, 8, 2, 192,
       0.1).
     pos_temperature: sine encoding wavelength base (10000).
+    dtype: compute dtype (precision.compute_dtype).
   """
   encoder_channels: Sequence[int]
   d_model: int
@@ -119,6 +124,7 @@ class SDPriorFusion(nn.Module):
   ffn_dim: int
   dropout: float
   pos_temperature: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, bev_small, sd_prior, *, train: bool):
@@ -127,18 +133,20 @@ class SDPriorFusion(nn.Module):
       raise ValueError(f'config.model.sd: encoder_channels[-1]={self.encoder_channels[-1]} '
                        f'must equal d_model={self.d_model}')
     batch, height, width, _ = bev_small.shape
-    bev = nn.Conv(self.d_model, (1, 1), name='input_proj')(bev_small)
-    sd = SDPriorEncoder(self.encoder_channels)(sd_prior, train=train)
+    bev = nn.Conv(self.d_model, (1, 1), dtype=self.dtype, name='input_proj')(bev_small)
+    sd = SDPriorEncoder(self.encoder_channels, dtype=self.dtype)(sd_prior, train=train)
     sd_h, sd_w = sd.shape[1:3]
+    # Computed in float32, added in the compute dtype (a float32 term would promote the tokens).
     encode = lambda h, w: sine_position_encoding(
-        h, w, num_feats=self.d_model // 2, temperature=self.pos_temperature).reshape(h * w, -1)
+        h, w, num_feats=self.d_model // 2, temperature=self.pos_temperature).reshape(
+            h * w, -1).astype(self.dtype)
     bev_pos, sd_pos = encode(height, width), encode(sd_h, sd_w)
     bev = bev.reshape(batch, height * width, self.d_model)
     sd = sd.reshape(batch, sd_h * sd_w, self.d_model)
     for _ in range(self.num_layers):
-      bev = SDCrossAttentionLayer(self.num_heads, self.ffn_dim, self.dropout)(
+      bev = SDCrossAttentionLayer(self.num_heads, self.ffn_dim, self.dropout, dtype=self.dtype)(
           bev, sd, bev_pos, sd_pos, train=train)
-    bev = nn.LayerNorm()(bev)
+    bev = nn.LayerNorm(dtype=self.dtype)(bev)
     return bev.reshape(batch, height, width, self.d_model)
 
 
@@ -147,16 +155,20 @@ class ViTBlock(nn.Module):
   num_heads: int
   mlp_ratio: int
   dropout: float
+  dtype: Any = jnp.float32   # compute dtype; attention softmax and norm statistics in float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     width = x.shape[-1]
-    y = nn.LayerNorm()(x)
+    y = nn.LayerNorm(dtype=self.dtype)(x)
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dropout_rate=self.dropout,
-                                        deterministic=not train)(y, y)
+                                        deterministic=not train, dtype=self.dtype,
+                                        force_fp32_for_softmax=True)(y, y)
     x = x + y
-    y = nn.gelu(nn.Dense(width * self.mlp_ratio)(nn.LayerNorm()(x)))
-    y = nn.Dropout(self.dropout, deterministic=not train)(nn.Dense(width)(y))
+    y = nn.gelu(nn.Dense(width * self.mlp_ratio, dtype=self.dtype)(
+        nn.LayerNorm(dtype=self.dtype)(x)))
+    y = nn.Dropout(self.dropout, deterministic=not train)(
+        nn.Dense(width, dtype=self.dtype)(y))
     return x + y
 
 
@@ -169,6 +181,7 @@ class HDPrior(nn.Module):
     num_classes: semantic channels (background + classes).
     embedding_dim: instance embedding channels.
     direction_classes: direction channels (bins + none).
+    dtype: compute dtype (precision.compute_dtype).
   """
   patch_size: int
   width: int
@@ -180,6 +193,7 @@ class HDPrior(nn.Module):
   num_classes: int
   embedding_dim: int
   direction_classes: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, semantic, *, train: bool):
@@ -190,21 +204,24 @@ class HDPrior(nn.Module):
       raise ValueError(f'config.model.hd.patch_size={p} must divide the BEV canvas '
                        f'{height}x{width}')
     grid_h, grid_w = height // p, width // p
-    x = nn.Conv(self.width, (p, p), strides=p, padding='VALID', name='patch_embed')(semantic)
+    x = nn.Conv(self.width, (p, p), strides=p, padding='VALID', dtype=self.dtype,
+                name='patch_embed')(semantic)
     x = x.reshape(batch, grid_h * grid_w, self.width)
     pos = self.param('pos_embed', nn.initializers.normal(0.02), (grid_h * grid_w, self.width))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x + pos)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x + pos.astype(self.dtype))
     for _ in range(self.depth):
-      x = ViTBlock(self.num_heads, self.mlp_ratio, self.dropout)(x, train=train)
-    x = nn.LayerNorm()(x)
-    x = nn.Dense(p * p * self.decoder_channels, name='patch_decoder')(x)
+      x = ViTBlock(self.num_heads, self.mlp_ratio, self.dropout, dtype=self.dtype)(
+          x, train=train)
+    x = nn.LayerNorm(dtype=self.dtype)(x)
+    x = nn.Dense(p * p * self.decoder_channels, dtype=self.dtype, name='patch_decoder')(x)
     x = x.reshape(batch, grid_h, grid_w, p, p, self.decoder_channels)
     x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, self.decoder_channels)
-    x = ConvBNReLU(self.decoder_channels)(x, train=train)
+    x = ConvBNReLU(self.decoder_channels, dtype=self.dtype)(x, train=train)
+    head = lambda features, name: nn.Conv(features, (1, 1), dtype=self.dtype, name=name)(x)
     return {
-        'semantic': nn.Conv(self.num_classes, (1, 1), name='semantic_head')(x),
-        'embedding': nn.Conv(self.embedding_dim, (1, 1), name='embedding_head')(x),
-        'direction': nn.Conv(self.direction_classes, (1, 1), name='direction_head')(x),
+        'semantic': head(self.num_classes, 'semantic_head'),
+        'embedding': head(self.embedding_dim, 'embedding_head'),
+        'direction': head(self.direction_classes, 'direction_head'),
     }
 
 
@@ -249,18 +266,21 @@ class HDMapMAE(nn.Module):
     mask = jnp.repeat(jnp.repeat(patch_mask, p, axis=1), p, axis=2).astype(jnp.float32)
     # Masked patches read as "no information" (all-zero one-hot), not as background.
     out = hd_prior(target * (1.0 - mask[..., None]), train=train)
-    return {'reconstruction': out['semantic'], 'mask': mask, 'target': target}
+    return precision.outputs_to_float32(
+        {'reconstruction': out['semantic'], 'mask': mask, 'target': target})
 
 
 def hd_prior_kwargs(config):
-  """HDPrior fields for a full config (config.model.hd, class/bin counts from config.data)."""
+  """HDPrior fields for a full config (config.model.hd, class/bin counts from config.data,
+  compute dtype from config.mixed_precision)."""
   cfg = config.model.hd
   return dict(
       patch_size=cfg.patch_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
       mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, decoder_channels=cfg.decoder_channels,
       num_classes=len(config.data.classes) + 1,
       embedding_dim=config.model.decoder.embedding_dim,
-      direction_classes=config.data.direction_bins + 1)
+      direction_classes=config.data.direction_bins + 1,
+      dtype=precision.compute_dtype(config))
 
 
 def sd_fusion_from_config(config, name=None):
@@ -269,4 +289,5 @@ def sd_fusion_from_config(config, name=None):
   return SDPriorFusion(
       encoder_channels=tuple(cfg.encoder_channels), d_model=cfg.d_model,
       num_heads=cfg.num_heads, num_layers=cfg.num_layers, ffn_dim=cfg.ffn_dim,
-      dropout=cfg.dropout, pos_temperature=cfg.pos_temperature, name=name)
+      dropout=cfg.dropout, pos_temperature=cfg.pos_temperature,
+      dtype=precision.compute_dtype(config), name=name)

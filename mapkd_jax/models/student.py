@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 
 from mapkd_jax.data import schema
+from mapkd_jax.models import precision
 from mapkd_jax.models.bev_decoder import BEVDecoder, BEVNeck
 from mapkd_jax.models.camera import CameraBEV
 from mapkd_jax.models.image_encoder import ConvBNAct
@@ -27,14 +28,16 @@ class Student(nn.Module):
 
     Returns:
       semantic [B, Hb, Wb, 4], embedding [B, Hb, Wb, E], direction [B, Hb, Wb, 37] (logits),
-      bev_small [B, h, w, neck.channels].
+      bev_small [B, h, w, neck.channels]; all float32 (computed in
+      precision.compute_dtype(config)).
     """
+    dtype = precision.compute_dtype(self.config)
     x = CameraBEV(self.config, name='camera')(batch, train=train)
     for i, width in enumerate(self.config.model.student.expand_channels):
-      x = ConvBNAct(width, name=f'expand_{i}')(x, train=train)
+      x = ConvBNAct(width, dtype=dtype, name=f'expand_{i}')(x, train=train)
     bev_small = BEVNeck(self.config, name='neck').down(x, train=train)
     canvas = schema.bev_shape(self.config.data.bev_x, self.config.data.bev_y)
     x = jax.image.resize(bev_small, (bev_small.shape[0], *canvas, bev_small.shape[-1]),
                          'bilinear')
     out = BEVDecoder(self.config, name='decoder')(x, train=train)
-    return {**out, 'bev_small': bev_small}
+    return precision.outputs_to_float32({**out, 'bev_small': bev_small})

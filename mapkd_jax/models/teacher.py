@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mapkd_jax.data import schema
-from mapkd_jax.models import lidar, prior
+from mapkd_jax.models import lidar, precision, prior
 from mapkd_jax.models.bev_decoder import BEVDecoder, BEVNeck
 from mapkd_jax.models.camera import CameraBEV
 
@@ -34,7 +34,8 @@ def decode_with_priors(config, camera_bev, range_bev, sd_prior, *, refine: bool,
   Returns:
     semantic [B, Hb, Wb, K], embedding [B, Hb, Wb, E], direction [B, Hb, Wb, D] (logits),
     bev_small [B, h, w, neck.channels] and, with `refine`, semantic_pre / embedding_pre /
-    direction_pre: the decoder's logits before refinement.
+    direction_pre: the decoder's logits before refinement; in the compute dtype (the caller
+    casts to float32 with precision.outputs_to_float32).
   """
   canvas = schema.bev_shape(config.data.bev_x, config.data.bev_y)
   if camera_bev.shape[1:3] != canvas or range_bev.shape[1:3] != canvas:
@@ -65,10 +66,10 @@ class Teacher(nn.Module):
     """batch: the schema batch (cameras, lidar_points, lidar_mask, sd_prior).
 
     Returns:
-      See `decode_with_priors` (always refined).
+      See `decode_with_priors` (always refined); float32.
     """
     camera_bev = CameraBEV(self.config, name='camera')(batch, train=train)
     lidar_bev = lidar.from_config(self.config, name='lidar')(
         batch['lidar_points'], batch['lidar_mask'], train=train)
-    return decode_with_priors(self.config, camera_bev, lidar_bev, batch['sd_prior'],
-                              refine=True, train=train)
+    return precision.outputs_to_float32(decode_with_priors(
+        self.config, camera_bev, lidar_bev, batch['sd_prior'], refine=True, train=train))
