@@ -58,6 +58,23 @@ def sine_position_encoding(height, width, *, num_feats, temperature, scale=2 * m
   return jnp.concatenate([pos_y, pos_x], axis=-1)
 
 
+def attention_float32_softmax(query, key, value, *, dropout_rng=None, dropout_rate=0.0,
+                              broadcast_dropout=True, deterministic=False, dtype=None,
+                              precision=None):
+  """`nn.dot_product_attention` with the softmax in float32 and both matmuls in value.dtype.
+
+  Flax's own `force_fp32_for_softmax` keeps the weights float32, which would promote the
+  weights @ values matmul to float32 under bfloat16 compute; here they are cast back first.
+  q, k, v: [B, L, heads, head_dim] -> [B, Lq, heads, head_dim].
+  """
+  weights = nn.dot_product_attention_weights(
+      query, key, broadcast_dropout=broadcast_dropout, dropout_rng=dropout_rng,
+      dropout_rate=dropout_rate, deterministic=deterministic, dtype=dtype, precision=precision,
+      force_fp32_for_softmax=True)
+  return jnp.einsum('...hqk,...khd->...qhd', weights.astype(value.dtype), value,
+                    precision=precision)
+
+
 class SDPriorEncoder(nn.Module):
   """SD raster [B, Hb, Wb, 1] -> tokens [B, ~Hb/8, ~Wb/8, channels[-1]] (three k4 s2 convs)."""
   channels: Sequence[int]
@@ -94,7 +111,7 @@ class SDCrossAttentionLayer(nn.Module):
     def attention(name):
       return nn.MultiHeadDotProductAttention(
           num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train,
-          dtype=self.dtype, force_fp32_for_softmax=True, name=name)
+          dtype=self.dtype, attention_fn=attention_float32_softmax, name=name)
 
     def drop(x):
       return nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -163,7 +180,7 @@ class ViTBlock(nn.Module):
     y = nn.LayerNorm(dtype=self.dtype)(x)
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dropout_rate=self.dropout,
                                         deterministic=not train, dtype=self.dtype,
-                                        force_fp32_for_softmax=True)(y, y)
+                                        attention_fn=attention_float32_softmax)(y, y)
     x = x + y
     y = nn.gelu(nn.Dense(width * self.mlp_ratio, dtype=self.dtype)(
         nn.LayerNorm(dtype=self.dtype)(x)))
