@@ -49,11 +49,13 @@ def _save_student(config, workdir, seed):
   model = models_lib.build('student', config)
   dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
   variables = jax.jit(lambda: model.init(jax.random.key(seed), dummy, train=False))()
-  latest, _ = ckpt_lib.managers(os.path.join(workdir, 'student'), max_to_keep=2)
+  latest, best = ckpt_lib.managers(os.path.join(workdir, 'student'), max_to_keep=2)
   ckpt_lib.save(latest, STEP, variables=variables, opt_state={'aux': jnp.zeros(3)},
                 data_position={'epoch': 0, 'batch_in_epoch': STEP, 'seed': 0},
                 meta={'stage': 'student', 'step': STEP})
   latest.wait_until_finished()
+  latest.close()
+  best.close()
   return model, variables
 
 
