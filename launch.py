@@ -30,6 +30,9 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for an explicit multi-process run.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes of an explicit run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index in an explicit run.')
+_COMPILE_CACHE = flags.DEFINE_string(
+    'compilation_cache', 'auto', "Persistent XLA compilation cache directory: 'auto' = "
+    "WORKDIR/jax_cache (reruns, resumes and the demo's repeated runs skip recompiling), '' = off.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -53,6 +56,11 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   elif _MULTIHOST.value:
     jax.distributed.initialize()
+  cache = _COMPILE_CACHE.value
+  if cache:
+    cache = os.path.join(_WORKDIR.value, 'jax_cache') if cache == 'auto' else cache
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   config = _CONFIG.value
   logging.info('Stage %s, workdir %s', config.stage, _WORKDIR.value)
   if config.stage == 'demo':

@@ -57,6 +57,8 @@ def _require(ok, key, value, wants):
 def validate(config):
   """Checks the values a run depends on before any work; errors name the config key."""
   _require(config.stage in STAGES, 'stage', config.stage, f'one of {list(STAGES)}')
+  _require(isinstance(config.mixed_precision, bool), 'mixed_precision', config.mixed_precision,
+           'True or False')
   for key in ('steps', 'batch_size', 'log_every', 'checkpoint_every', 'eval_every',
               'keep_checkpoints'):
     value = config.train[key]

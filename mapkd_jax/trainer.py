@@ -63,7 +63,8 @@ def train_and_evaluate(config, workdir):
   models = {name: models_lib.build(name, config)
             for name in (step_lib.model_name(config),) + step_lib.frozen_names(config)}
   tgpd = losses.TGPDProjector(patch_size=tuple(config.kd.tgpd_patch_size),
-                              embed_dim=config.kd.tgpd_embed_dim)
+                              embed_dim=config.kd.tgpd_embed_dim,
+                              dtype=models_lib.precision.compute_dtype(config))
   tx = step_lib.make_optimizer(config)
   repl = sharding.replicated(mesh)
   batch_sh = sharding.batch_sharding(mesh)
