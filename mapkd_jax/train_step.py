@@ -178,8 +178,9 @@ def train_step(state, frozen, batch, rng, *, models, tgpd, tx, config):
   new_state = state.replace(step=state.step + 1,
                             params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state, batch_stats=batch_stats)
+  # Norm of the updated params: a non-finite update shows up in this step's metrics.
   return new_state, {**logs, 'train/l2_grads': optax.tree.norm(grads),
-                     'train/l2_params': optax.tree.norm(state.params)}
+                     'train/l2_params': optax.tree.norm(new_state.params)}
 
 
 def eval_step(variables, batch, *, model, num_classes):

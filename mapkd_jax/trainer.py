@@ -119,19 +119,24 @@ def train_and_evaluate(config, workdir):
     batch = sharding.host_batch_to_global(host, mesh)
     state, step_metrics = train_fn(state, frozen, batch, train_rng)
 
-    if step % config.train.log_every == 0 or step == config.train.steps:
+    is_last = step == config.train.steps
+    save_now = step % config.train.checkpoint_every == 0 or is_last
+    if save_now or step % config.train.log_every == 0:
+      # Non-finite params make every later loss non-finite too: checking the current step's
+      # metrics before a save guarantees no checkpoint ever holds NaN/Inf parameters.
       step_metrics = jax.device_get(step_metrics)
       _check_finite(step_metrics, step_last, step)
+    if step % config.train.log_every == 0 or is_last:
       now = time.time()
       steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
       step_metrics['train/steps_per_s'] = steps_per_s
       step_metrics['train/eta_min'] = (config.train.steps - step) / max(steps_per_s, 1e-9) / 60
       writer.write_scalars(step, step_metrics)
       t_last, step_last = now, step
-    if step % config.train.eval_every == 0 or step == config.train.steps:
+    if step % config.train.eval_every == 0 or is_last:
       eval_metrics = evaluate(state)
       writer.write_scalars(step, _flat_eval(eval_metrics))
-    if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+    if save_now:
       _save(latest_mngr, best_mngr, step, state, config, batches.position, eval_metrics)
   if not eval_metrics:
     eval_metrics = evaluate(state)
@@ -159,8 +164,8 @@ def _abstract(tree, sharding_):
 def _check_finite(step_metrics, first, last):
   bad = [k for k, v in step_metrics.items() if not np.all(np.isfinite(v))]
   if bad:
-    raise FloatingPointError(f'non-finite {bad} between steps {first} and {last}; the last '
-                             'good checkpoint is kept, lower config.optim.learning_rate')
+    raise FloatingPointError(f'non-finite {sorted(bad)} between steps {first + 1} and {last}; '
+                             'the last good checkpoint is kept; lower config.optim.learning_rate')
 
 
 def _flat_eval(eval_metrics):

@@ -3,14 +3,15 @@
 Reductions over another device count add floats in another order: gradients differ in the last
 bits. Adam's first steps move every parameter by about +-lr whatever its gradient's size, so a
 parameter whose gradient is ~0 (often a BatchNorm bias) can step the other way: it then differs
-by up to 2 * lr * steps while the rest agrees to float precision. The check says exactly that:
-every element within Adam's bound, and all but a small share of all elements within atol.
+by up to 2 * lr * steps, and the rest drifts by a few percent of lr (atol 1e-4 = 0.2 lr at the
+default lr 5e-4). A wrong batch or a sharding bug flips the update sign of a large share of all
+parameters, each by ~2 lr: every element within Adam's bound, and all but 2% within atol.
 """
 import jax
 import numpy as np
 
 
-def assert_adam_close(actual, desired, *, learning_rate, steps, atol=1e-5, max_flipped=0.02):
+def assert_adam_close(actual, desired, *, learning_rate, steps, atol=1e-4, max_flipped=0.02):
   bound = 2 * learning_rate * steps * 1.01
   far, total = 0, 0
   for (path, a), (_, d) in zip(jax.tree_util.tree_flatten_with_path(actual)[0],

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tcs
+from mapkd_jax import checkpoint as ckpt_lib
 from mapkd_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +61,9 @@ def test_all_stages_chain(tiny_shards, tmp_path):
     assert step == 2 and set(variables) == {'params', 'batch_stats'}, stage
     assert os.path.exists(os.path.join(root, stage, 'config.json'))
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(root, stage)))
+  # best/ keeps the best step by validation mIoU, and the metric is in its meta item.
+  _, meta = ckpt_lib.read_meta(os.path.join(root, 'student', 'best'))
+  assert np.isfinite(meta['metrics']['eval/miou'])
   # TGPD projectors are trained state of the distilling stage, kept out of its params item.
   mngr = ocp.CheckpointManager(os.path.join(root, 'student', 'checkpoints'),
                                options=ocp.CheckpointManagerOptions(read_only=True))
@@ -129,3 +133,16 @@ def test_batch_not_divisible_by_devices(tiny_shards, tmp_path):
   config.train.batch_size = 6
   with pytest.raises(ValueError, match='config.train.batch_size=6'):
     trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_non_finite_update_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp_path):
+  root = str(tmp_path)
+  trainer.train_and_evaluate(_config('student,nokd,tiny', tiny_shards), root)   # steps 1-2
+  config = _config('student,nokd,tiny', tiny_shards, steps=4, checkpoint_every=1,
+                   log_every=100, eval_every=100)
+  config.optim.learning_rate = 1e30   # the resumed run's first update overflows
+  with pytest.raises(FloatingPointError, match=r'non-finite .*l2_params.* steps 3 and 3'):
+    trainer.train_and_evaluate(config, root)
+  step, variables = _params(os.path.join(root, 'student_nokd'))
+  assert step == 2
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
