@@ -16,9 +16,12 @@ import time
 from data_prep import build_shards
 from data_prep import nuscenes_reader
 
-DEFAULT_ROOT = '/work/shared/realdata/nuscenes_scene0916_subset'
+# The project's shared/ folder lies beside the repository checkout.
+_REALDATA = os.path.normpath(os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'realdata'))
+DEFAULT_ROOT = os.path.join(_REALDATA, 'nuscenes_scene0916_subset')
 DEFAULT_VERSION = 'v1.0-mini-extract'
-DEFAULT_OSM = '/work/shared/realdata/osm'
+DEFAULT_OSM = os.path.join(_REALDATA, 'osm')
 
 
 def _builder_kwargs(data, osm_dir):

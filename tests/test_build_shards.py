@@ -13,8 +13,11 @@ from data_prep import build_shards
 from data_prep import nuscenes_reader
 from mapkd_jax.data import schema
 
-REAL_ROOT = '/work/shared/realdata/nuscenes_scene0916_subset'
-REAL_OSM = '/work/shared/realdata/osm'
+# The project's shared/ folder lies beside the repository checkout.
+_REALDATA = os.path.normpath(os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'realdata'))
+REAL_ROOT = os.path.join(_REALDATA, 'nuscenes_scene0916_subset')
+REAL_OSM = os.path.join(_REALDATA, 'osm')
 REAL_VERSION = 'v1.0-mini-extract'
 FIRST_SCENE0523_SAMPLE = 'ce03b6f0c1d2455aa18f6275917485bc'  # no sensor files in the fragment
 
