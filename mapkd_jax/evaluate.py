@@ -127,10 +127,7 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4):
   model = models_lib.build(config.stage, config)
   repl = sharding.replicated(mesh)
   dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
-  shapes = jax.eval_shape(lambda: model.init(
-      {'params': jax.random.key(0), 'dropout': jax.random.key(0), 'mask': jax.random.key(0)},
-      dummy, train=False))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), shapes)
+  abstract = stages.abstract_variables(model, dummy, mesh)
   ckpt_dir, want_step = checkpoint_location(config, workdir, checkpoint)
   step, variables = ckpt_lib.restore_params(
       ckpt_dir, abstract, step=want_step, what=f'{stages.stage_dir_name(config)} evaluation',

@@ -103,7 +103,8 @@ def batch_spec(config, batch_size):
           for k, (shape, dtype) in schema.batch_spec(config.data, batch_size).items()}
 
 
-def _abstract_variables(model, dummy_batch, mesh):
+def abstract_variables(model, dummy_batch, mesh):
+  """Replicated ShapeDtypeStructs of a model's variables: the target of a params restore."""
   from mapkd_jax import sharding  # local: only this function needs shardings
   rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(0), 'mask': jax.random.key(0)}
   shapes = jax.eval_shape(lambda: model.init(rngs, dummy_batch, train=False))
@@ -118,7 +119,7 @@ def restore_frozen(config, workdir, models, dummy_batch, mesh):
   for name in step_lib.frozen_names(config):
     ckpt_dir = dependency_dir(config, workdir, f'frozen.{name}', name)
     _, frozen[name] = ckpt_lib.restore_params(
-        ckpt_dir, _abstract_variables(models[name], dummy_batch, mesh),
+        ckpt_dir, abstract_variables(models[name], dummy_batch, mesh),
         what=f'frozen {name} for stage {config.stage}',
         hint=f'train it first: {_command(name, config, workdir)} (or set --config.frozen.{name})')
   return frozen
@@ -134,7 +135,7 @@ def apply_init(state, config, workdir, mesh):
   mae = models_lib.build('hd_mae', config)
   dummy = {k: jnp.zeros(s, d) for k, (s, d) in batch_spec(config, 1).items()}
   _, mae_vars = ckpt_lib.restore_params(
-      ckpt_dir, _abstract_variables(mae, dummy, mesh), what=f'HD prior for stage {config.stage}',
+      ckpt_dir, abstract_variables(mae, dummy, mesh), what=f'HD prior for stage {config.stage}',
       hint=f'pretrain it first: {_command(stage, config, workdir)} (or set --config.{key})')
   params = {**state.params['model'], 'hd_prior': mae_vars['params']['hd_prior']}
   batch_stats = dict(state.batch_stats)

@@ -22,8 +22,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from mapkd_jax import bench
-from mapkd_jax import losses
-from mapkd_jax import models as models_lib
 from mapkd_jax import sharding
 from mapkd_jax import train_step as step_lib
 
@@ -41,11 +39,9 @@ def bench_stage(config, *, batch_per_device, iters, warmup, seed=0):
   """Times `iters` train steps of `config.stage`; returns a JSON-ready record."""
   mesh = sharding.make_mesh()
   batch_size = batch_per_device * mesh.size
-  names = (step_lib.model_name(config),) + step_lib.frozen_names(config)
-  models = {name: models_lib.build(name, config) for name in names}
-  tgpd = losses.TGPDProjector(patch_size=tuple(config.kd.tgpd_patch_size),
-                              embed_dim=config.kd.tgpd_embed_dim,
-                              dtype=models_lib.precision.compute_dtype(config))
+  models = step_lib.make_models(config)
+  names = tuple(models)
+  tgpd = step_lib.make_tgpd(config)
   tx = step_lib.make_optimizer(config)
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   host = bench.random_batch(config, batch_size, seed=seed)

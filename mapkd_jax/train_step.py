@@ -43,6 +43,21 @@ def model_name(config):
   return 'hd_mae' if config.stage == 'hd_pretrain' else config.stage
 
 
+def make_models(config):
+  """{name: module} of the stage's trained model and the frozen models it distills from."""
+  from mapkd_jax import models as models_lib  # pylint: disable=g-import-not-at-top
+  return {name: models_lib.build(name, config)
+          for name in (model_name(config),) + frozen_names(config)}
+
+
+def make_tgpd(config):
+  """The TGPD projector module of a distilling stage (its params live in params['aux'])."""
+  from mapkd_jax.models import precision  # pylint: disable=g-import-not-at-top
+  return losses.TGPDProjector(patch_size=tuple(config.kd.tgpd_patch_size),
+                              embed_dim=config.kd.tgpd_embed_dim,
+                              dtype=precision.compute_dtype(config))
+
+
 def make_optimizer(config, steps_per_decay=None):
   """Adam with a step decay (x decay_factor every decay_steps) and global-norm clipping."""
   optim = config.optim
@@ -87,8 +102,7 @@ def _distill(outputs, frozen_outputs, aux_params, batch, config, tgpd_fn):
   kd = config.kd
   total, logs = 0.0, {}
   for name, out_t in frozen_outputs.items():
-    msrd_w = kd[f'msrd_{name}_weight'] if config.stage == 'student' else kd.msrd_teacher_weight
-    tgpd_w = kd[f'tgpd_{name}_weight'] if config.stage == 'student' else kd.tgpd_teacher_weight
+    msrd_w, tgpd_w = kd[f'msrd_{name}_weight'], kd[f'tgpd_{name}_weight']
     if msrd_w:
       msrd = losses.msrd_loss(outputs['semantic'], out_t['semantic'], batch['semantic'],
                               temperature=kd.msrd_temperature, variant=kd.msrd_variant)

@@ -20,9 +20,7 @@ from jax.experimental import multihost_utils
 
 from mapkd_jax import checkpoint as ckpt_lib
 from mapkd_jax import config_lib
-from mapkd_jax import losses
 from mapkd_jax import metrics as metrics_lib
-from mapkd_jax import models as models_lib
 from mapkd_jax import sharding
 from mapkd_jax import stages
 from mapkd_jax import train_step as step_lib
@@ -55,16 +53,12 @@ def train_and_evaluate(config, workdir):
   info = info_lib.load_dataset_info(shards_dir)
   info_lib.check_dataset_info(info, config.data, shards_dir)
   host_batch = config.train.batch_size // jax.process_count()
-  steps_per_epoch = info['splits']['train']['num_samples'] // config.train.batch_size
-  if steps_per_epoch == 0:
+  if info['splits']['train']['num_samples'] < config.train.batch_size:
     raise ValueError(f'{shards_dir}: train split has {info["splits"]["train"]["num_samples"]} '
                      f'samples, fewer than config.train.batch_size={config.train.batch_size}')
 
-  models = {name: models_lib.build(name, config)
-            for name in (step_lib.model_name(config),) + step_lib.frozen_names(config)}
-  tgpd = losses.TGPDProjector(patch_size=tuple(config.kd.tgpd_patch_size),
-                              embed_dim=config.kd.tgpd_embed_dim,
-                              dtype=models_lib.precision.compute_dtype(config))
+  models = step_lib.make_models(config)
+  tgpd = step_lib.make_tgpd(config)
   tx = step_lib.make_optimizer(config)
   repl = sharding.replicated(mesh)
   batch_sh = sharding.batch_sharding(mesh)
