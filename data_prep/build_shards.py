@@ -2,7 +2,7 @@
 
   python -m data_prep.build_shards --dataroot DIR --version v1.0-trainval --out SHARDS \
       [--bev 60x30] [--image-size 128x352] [--num-shards 8] [--workers 2] [--skip-bad] \
-      [--osm-dir DIR/osm] [--splits train,val] [--limit N]
+      [--osm-dir DIR/osm] [--splits train,val] [--scenes scene-0916,...] [--limit N]
 
 Writes SHARDS/{split}-NNNNN-of-MMMMM.tfrecord and, last, SHARDS/dataset_info.json. Defaults come
 from `configs/tcs.py` (config.data). Real nuScenes and the synthetic world share this code path.
@@ -10,7 +10,9 @@ from `configs/tcs.py` (config.data). Real nuScenes and the synthetic world share
 Splits: `DIR/<version>/splits.json` ({split: [scene names]}) if present; else the devkit's
 official split (v1.0-mini: mini_train -> train, mini_val -> val; v1.0-test: test; any other
 version, e.g. v1.0-trainval or an extract: train/val). Scenes in no split go to `val` and are
-listed under `unassigned_scenes` in dataset_info.json.
+listed under `unassigned_scenes` in dataset_info.json. `--scenes` keeps only the named scenes
+(each in its own split; splits left without a scene are dropped); dataset_info.json records the
+selection under `selected_scenes` (null: all).
 
 Samples are read by `data_prep.nuscenes_reader`; this module splits, runs the workers (progress
 bar over samples), writes shards atomically, resumes and holds the CLI.
@@ -18,7 +20,11 @@ bar over samples), writes shards atomically, resumes and holds the CLI.
 Bad input: a missing keyframe file (camera or LIDAR_TOP) raises FileNotFoundError naming the
 file, channel and sample; with --skip-bad the sample is left out and listed, with the reason,
 under `skipped` in dataset_info.json. Missing sweep files are counted
-(`lidar_missing_sweep_files`), not an error (see nuscenes_reader).
+(`lidar_missing_sweep_files`), not an error (see nuscenes_reader). Layers absent from a map
+JSON are treated as empty, logged once per location and listed under `missing_map_layers`.
+Before any sample is read, the OSM skeleton of every selected location is loaded (so a missing
+shapefile or a location without a map origin fails at once, naming it, even with --skip-bad)
+and cached in SHARDS/_progress/osm/ for the workers and for reruns.
 
 Resume: each shard is written to a temp file and renamed when complete, then a small record of
 it lands in SHARDS/_progress/; a rerun (e.g. after kill -9) skips shards whose record matches
@@ -40,6 +46,7 @@ from mapkd_jax.data import schema
 
 PROGRESS_DIR = '_progress'
 INFO_FILENAME = 'dataset_info.json'
+OSM_CACHE_DIR = 'osm'  # under PROGRESS_DIR: converted OSM skeletons (sd_prior cache)
 
 
 def scene_splits(nusc, dataroot, version):
@@ -77,6 +84,33 @@ def split_samples(nusc, scene_names):
       tokens.append(token)
       token = nusc.get('sample', token)['next']
   return tokens
+
+
+def select_scenes(split_scenes, wanted, known, max_listed=20):
+  """{split: [scene names]} restricted to `wanted` names; splits left empty are dropped.
+
+  Raises:
+    ValueError naming --scenes and the unknown name(s), listing up to `max_listed` known ones.
+  """
+  unknown = [name for name in wanted if name not in known]
+  if unknown:
+    shown = ', '.join(known[:max_listed])
+    more = f' and {len(known) - max_listed} more' if len(known) > max_listed else ''
+    raise ValueError(f'--scenes: unknown scene name(s) {unknown}; known ({len(known)}): '
+                     f'{shown}{more}')
+  outside = [n for n in wanted if not any(n in names for names in split_scenes.values())]
+  if outside:
+    raise ValueError(f'--scenes: scene(s) {outside} lie outside the selected --splits '
+                     f'{sorted(split_scenes)}')
+  keep = set(wanted)
+  selected = {split: [n for n in names if n in keep] for split, names in split_scenes.items()}
+  return {split: names for split, names in selected.items() if names}
+
+
+def scene_locations(nusc, scene_names):
+  """Sorted map locations (log.location) of the named scenes."""
+  by_name = {scene['name']: scene for scene in nusc.scene}
+  return sorted({nusc.get('log', by_name[n]['log_token'])['location'] for n in scene_names})
 
 
 def _png(array):
@@ -123,11 +157,16 @@ _SOURCES = {}  # per-process cache: (dataroot, version, options) -> nuscenes_rea
 _SAMPLE_COUNTER = None  # in pool workers: shared count of samples done, for the progress bar
 
 
-def _get_source(dataroot, version, options):
-  key = (dataroot, version, options)
+def _get_source(dataroot, version, options, osm_cache_dir=None):
+  key = (dataroot, version, options, osm_cache_dir)
   if key not in _SOURCES:
-    _SOURCES[key] = nuscenes_reader.Source(dataroot, version, options)
+    _SOURCES[key] = nuscenes_reader.Source(dataroot, version, options,
+                                           osm_cache_dir=osm_cache_dir)
   return _SOURCES[key]
+
+
+def _osm_cache_dir(out_dir):
+  return os.path.join(out_dir, PROGRESS_DIR, OSM_CACHE_DIR)
 
 
 def write_shard(task, on_sample=None):
@@ -138,10 +177,11 @@ def write_shard(task, on_sample=None):
     on_sample: called with no argument after each sample (written or skipped), for progress.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  source = _get_source(task['dataroot'], task['version'], task['options'])
+  source = _get_source(task['dataroot'], task['version'], task['options'],
+                       _osm_cache_dir(task['out_dir']))
   path = os.path.join(task['out_dir'], task['file'])
-  record = dict(file=task['file'], settings=task['settings'], num_samples=0, skipped=[],
-                missing_sweeps=0)
+  record = dict(file=task['file'], settings=task['settings'], samples=list(task['samples']),
+                num_samples=0, skipped=[], missing_sweeps=0)
   with tf.io.TFRecordWriter(path + '.tmp') as writer:
     for token in task['samples']:
       try:
@@ -158,6 +198,8 @@ def write_shard(task, on_sample=None):
       if on_sample is not None:
         on_sample()
   os.replace(path + '.tmp', path)
+  record['missing_map_layers'] = {loc: source.missing_map_layers[loc]
+                                  for loc in sorted(source.missing_map_layers)}
   _write_json(_progress_path(task['out_dir'], task['file']), record)
   return record
 
@@ -204,25 +246,27 @@ def _write_json(path, obj):
   os.replace(path + '.tmp', path)
 
 
-def _finished(out_dir, file, settings):
-  """The shard's progress record if it is complete for these settings, else None."""
+def _finished(out_dir, file, settings, samples):
+  """The shard's progress record if it is complete for these settings and samples, else None."""
   try:
     with open(_progress_path(out_dir, file)) as f:
       record = json.load(f)
   except (FileNotFoundError, json.JSONDecodeError):
     return None
-  ok = record.get('settings') == settings and os.path.isfile(os.path.join(out_dir, file))
+  ok = (record.get('settings') == settings and record.get('samples') == list(samples)
+        and os.path.isfile(os.path.join(out_dir, file)))
   return record if ok else None
 
 
 def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_shards, workers,
                  cameras, line_width, direction_bins, lidar_sweeps, lidar_min_range,
                  jpeg_quality, boundary_clip_margin, sd_road_classes, osm_dir=None,
-                 splits=None, skip_bad=False, limit=None, progress=True):
+                 splits=None, scenes=None, skip_bad=False, limit=None, progress=True):
   """Builds (or completes) a shard directory; returns the dataset_info dict it wrote.
 
   Args mirror config.data (see configs/tcs.py); `osm_dir` defaults to `dataroot/osm`; `splits`
-  selects split names (default: all); `limit` keeps the first N samples of each split.
+  selects split names (default: all); `scenes` selects scene names (default: all); `limit`
+  keeps the first N samples of each split.
   """
   dataroot = os.path.abspath(dataroot)
   options = nuscenes_reader.make_options(
@@ -233,28 +277,33 @@ def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_sh
       sd_road_classes=sd_road_classes, osm_dir=osm_dir or os.path.join(dataroot, 'osm'))
   settings = json.loads(json.dumps(dict(dataroot=dataroot, version=version,
                                         **dataclasses.asdict(options))))
-  nusc = _get_source(dataroot, version, options).nusc
-  scenes, unassigned = scene_splits(nusc, dataroot, version)
+  source = _get_source(dataroot, version, options, _osm_cache_dir(out_dir))
+  nusc = source.nusc
+  split_scenes, unassigned = scene_splits(nusc, dataroot, version)
   if splits is not None:
-    unknown = [s for s in splits if s not in scenes]
+    unknown = [s for s in splits if s not in split_scenes]
     if unknown:
-      raise ValueError(f'--splits: unknown split(s) {unknown}; known: {sorted(scenes)}')
-    scenes = {s: scenes[s] for s in splits}
-  os.makedirs(os.path.join(out_dir, PROGRESS_DIR), exist_ok=True)
-  for folder in (out_dir, os.path.join(out_dir, PROGRESS_DIR)):
+      raise ValueError(f'--splits: unknown split(s) {unknown}; known: {sorted(split_scenes)}')
+    split_scenes = {s: split_scenes[s] for s in splits}
+  if scenes is not None:
+    split_scenes = select_scenes(split_scenes, scenes, [s['name'] for s in nusc.scene])
+  for folder in (out_dir, os.path.join(out_dir, PROGRESS_DIR), _osm_cache_dir(out_dir)):
+    os.makedirs(folder, exist_ok=True)
     for name in os.listdir(folder):  # Leftovers of a killed run.
       if name.endswith('.tmp'):
         os.remove(os.path.join(folder, name))
+  for location in scene_locations(nusc, [n for names in split_scenes.values() for n in names]):
+    source.osm_roads(location)  # Fail early, naming the location; fills the disk cache.
 
   tasks, records, split_files = [], {}, {}
-  for split, names in scenes.items():
+  for split, names in split_scenes.items():
     tokens = split_samples(nusc, names)[:limit]
     count = min(num_shards, max(1, len(tokens)))
     split_files[split] = []
     for k, chunk in enumerate(np.array_split(np.array(tokens, dtype=object), count)):
       file = f'{split}-{k:05d}-of-{count:05d}.tfrecord'
       split_files[split].append(file)
-      done = _finished(out_dir, file, settings)
+      done = _finished(out_dir, file, settings, chunk)
       if done:
         records[file] = done
       else:
@@ -280,13 +329,19 @@ def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_sh
       line_width_px=options.line_width, direction_bins=options.direction_bins,
       lidar_sweeps=options.lidar_sweeps, lidar_min_range=options.lidar_min_range,
       sd_prior=dict(osm_dir=options.osm_dir, road_classes=list(options.sd_road_classes)),
-      splits={}, skipped=[], lidar_missing_sweep_files=0, unassigned_scenes=unassigned)
+      splits={}, skipped=[], lidar_missing_sweep_files=0, unassigned_scenes=unassigned,
+      selected_scenes=None if scenes is None else list(scenes), missing_map_layers={})
   for split, files in split_files.items():
     count = sum(records[f]['num_samples'] for f in files)
     info['splits'][split] = dict(num_samples=count, num_examples=count, files=files)
     for f in files:
       info['skipped'] += [dict(split=split, **s) for s in records[f]['skipped']]
       info['lidar_missing_sweep_files'] += records[f]['missing_sweeps']
+      for location, names in records[f].get('missing_map_layers', {}).items():
+        merged = set(info['missing_map_layers'].get(location, [])) | set(names)
+        info['missing_map_layers'][location] = sorted(merged)
+  info['missing_map_layers'] = dict(sorted(info['missing_map_layers'].items()))
+  nuscenes_reader.warn_missing_map_layers(info['missing_map_layers'])
   _write_json(os.path.join(out_dir, INFO_FILENAME), info)
   logging.info('%s: %s; skipped %d samples; %d missing sweep files', out_dir,
                {s: v['num_samples'] for s, v in info['splits'].items()}, len(info['skipped']),
@@ -316,6 +371,8 @@ def main(argv=None):
   parser.add_argument('--skip-bad', action='store_true', help='leave out unreadable samples')
   parser.add_argument('--osm-dir', default=None, help='OSM shapefiles; default DATAROOT/osm')
   parser.add_argument('--splits', default=None, help='comma list, e.g. train,val; default all')
+  parser.add_argument('--scenes', default=None,
+                      help='comma list of scene names, e.g. scene-0916; default all')
   parser.add_argument('--limit', type=int, default=None, help='first N samples per split')
   args = parser.parse_args(argv)
   if args.bev not in tcs.BEV_RANGES:
@@ -329,7 +386,8 @@ def main(argv=None):
                lidar_min_range=data.lidar_min_range, jpeg_quality=data.jpeg_quality,
                boundary_clip_margin=data.boundary_clip_margin,
                sd_road_classes=data.sd_road_classes, osm_dir=args.osm_dir,
-               splits=args.splits.split(',') if args.splits else None, skip_bad=args.skip_bad,
+               splits=args.splits.split(',') if args.splits else None,
+               scenes=args.scenes.split(',') if args.scenes else None, skip_bad=args.skip_bad,
                limit=args.limit)
 
 

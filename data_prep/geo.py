@@ -15,21 +15,22 @@ MAP_ORIGINS = {
 }
 
 
-def _origin(location):
+def map_origin(location):
+  """(latitude, longitude) degrees of the map origin, or ValueError naming the known ones."""
   if location not in MAP_ORIGINS:
-    raise ValueError(f'unknown map location {location!r}; known: {sorted(MAP_ORIGINS)}')
+    raise ValueError(f'no map origin for location {location!r}; known: {sorted(MAP_ORIGINS)}')
   return MAP_ORIGINS[location]
 
 
 def lonlat_to_map(lon, lat, location):
   """WGS84 degrees -> map-frame (x east, y north) metres; arrays of equal shape."""
-  lat0, lon0 = _origin(location)
+  lat0, lon0 = map_origin(location)
   east, north, _ = pymap3d.geodetic2enu(np.asarray(lat), np.asarray(lon), 0.0, lat0, lon0, 0.0)
   return np.asarray(east), np.asarray(north)
 
 
 def map_to_lonlat(x, y, location):
   """Map-frame metres -> WGS84 (lon, lat) degrees; inverse of `lonlat_to_map`."""
-  lat0, lon0 = _origin(location)
+  lat0, lon0 = map_origin(location)
   lat, lon, _ = pymap3d.enu2geodetic(np.asarray(x), np.asarray(y), 0.0, lat0, lon0, 0.0)
   return np.asarray(lon), np.asarray(lat)

@@ -6,11 +6,16 @@ labels (`labels`) and the SD prior (`sd_prior`) of the ego patch. Real nuScenes 
 world share this code path; `build_shards` turns the result into shard records.
 
 Bad input: a missing keyframe file (camera or LIDAR_TOP) raises FileNotFoundError naming the
-file, channel and sample. Missing *sweep* files are not an error: the sample keeps the sweeps
-that exist and the missing ones are counted, because public extracts often ship keyframes only.
+file, channel and sample; a table folder lacking a table the devkit loads raises
+FileNotFoundError naming the JSON file. Missing *sweep* files are not an error: the sample keeps
+the sweeps that exist and the missing ones are counted, because public extracts often ship
+keyframes only. Layers missing from a map-expansion JSON (the devkit would raise KeyError) are
+treated as empty and listed in `Source.missing_map_layers`; the caller reports them once.
 """
 import dataclasses
 import io
+import json
+import logging
 import os
 
 import numpy as np
@@ -22,6 +27,10 @@ from data_prep import sd_prior
 from mapkd_jax.data import schema
 
 LIDAR_CHANNEL = 'LIDAR_TOP'
+# The tables nuscenes-devkit 1.2 `NuScenes.__init__` loads unconditionally.
+REQUIRED_TABLES = ('category', 'attribute', 'visibility', 'instance', 'sensor',
+                   'calibrated_sensor', 'ego_pose', 'log', 'scene', 'sample', 'sample_data',
+                   'sample_annotation', 'map')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +70,74 @@ def open_nuscenes(dataroot, version):
                    if os.path.isfile(os.path.join(dataroot, d, 'scene.json')))
     raise ValueError(f'--version {version!r}: no tables at {table_dir}; versions in '
                      f'{dataroot}: {found}')
+  missing = [os.path.join(table_dir, f'{name}.json') for name in REQUIRED_TABLES
+             if not os.path.isfile(os.path.join(table_dir, f'{name}.json'))]
+  if missing:
+    raise FileNotFoundError(f'--version {version!r}: table file(s) missing: {missing} (a table '
+                            f'folder of nuScenes v1.0 needs {list(REQUIRED_TABLES)})')
+  _require_map_masks(dataroot, table_dir)
   from nuscenes.nuscenes import NuScenes  # pylint: disable=g-import-not-at-top
   return NuScenes(version=version, dataroot=dataroot, verbose=False)
+
+
+def _require_map_masks(dataroot, table_dir):
+  """The devkit asserts that every map.json raster exists; name the absent one instead."""
+  path = os.path.join(table_dir, 'map.json')
+  try:
+    with open(path) as f:
+      records = json.load(f)
+    filenames = [r['filename'] for r in records]
+  except (json.JSONDecodeError, TypeError, KeyError) as e:
+    raise ValueError(f'{path}: expected a list of map records with a filename ({e})') from e
+  absent = [os.path.join(dataroot, f) for f in filenames
+            if not os.path.isfile(os.path.join(dataroot, f))]
+  if absent:
+    raise FileNotFoundError(f'{path}: map raster file(s) missing: {absent}')
+
+
+def load_map(dataroot, location):
+  """NuScenesMap of `location`, with layers absent from its JSON treated as empty.
+
+  The devkit indexes the JSON by every layer name and raises a bare KeyError on the first
+  absent one; map files cut down to a region (or older exports) lack some layers.
+
+  Returns:
+    (NuScenesMap, sorted names of the layers absent from the JSON).
+  """
+  from nuscenes.map_expansion.map_api import NuScenesMap  # pylint: disable=g-import-not-at-top
+  missing = set()
+
+  class TolerantMap(NuScenesMap):
+    """Returns [] / {} for a layer the JSON does not hold, and remembers its name."""
+
+    def _load_layer(self, layer_name):
+      if layer_name not in self.json_obj:
+        missing.add(layer_name)
+        return []
+      return self.json_obj[layer_name]
+
+    def _load_layer_dict(self, layer_name):
+      if layer_name not in self.json_obj:
+        missing.add(layer_name)
+        return {}
+      return self.json_obj[layer_name]
+
+  path = os.path.join(dataroot, 'maps', 'expansion', f'{location}.json')
+  try:
+    nusc_map = TolerantMap(dataroot=dataroot, map_name=location)
+  except KeyError as e:
+    # A record refers to a node/line/polygon token of a layer that is absent or incomplete.
+    raise ValueError(f'{path}: map record refers to unknown token {e} (layers absent from the '
+                     f'file: {sorted(missing)})') from e
+  return nusc_map, sorted(missing)
+
+
+def warn_missing_map_layers(missing_by_location):
+  """Logs one warning per location that lacks map layers ({location: [layer names]})."""
+  for location, names in sorted(missing_by_location.items()):
+    if names:
+      logging.warning('map %s: layer(s) %s absent from the map-expansion JSON; treated as empty',
+                      location, ', '.join(names))
 
 
 def _pose_matrix(record):
@@ -133,9 +208,12 @@ def read_lidar(nusc, keyframe, sample_token, num_sweeps, min_range):
 class Source:
   """Tables, map layers and OSM roads of one dataroot, loaded once per process."""
 
-  def __init__(self, dataroot, version, options):
+  def __init__(self, dataroot, version, options, *, osm_cache_dir=None):
+    """`osm_cache_dir`: where converted OSM skeletons are cached on disk (None: no disk cache)."""
     self.nusc = open_nuscenes(dataroot, version)
     self.options = options
+    self.osm_cache_dir = osm_cache_dir
+    self.missing_map_layers = {}  # location -> [layer names absent from its map JSON]
     self._maps, self._osm = {}, {}
 
   def location(self, sample):
@@ -149,16 +227,16 @@ class Source:
         found = sorted(os.listdir(map_dir)) if os.path.isdir(map_dir) else []
         raise FileNotFoundError(f'{map_dir}/{location}.json: no map for location {location!r}; '
                                 f'maps there: {found}')
-      from nuscenes.map_expansion.map_api import NuScenesMap  # pylint: disable=g-import-not-at-top
-      self._maps[location] = labels.load_map_layers(
-          NuScenesMap(dataroot=self.nusc.dataroot, map_name=location))
+      nusc_map, missing = load_map(self.nusc.dataroot, location)
+      self.missing_map_layers[location] = missing
+      self._maps[location] = labels.load_map_layers(nusc_map)
     return self._maps[location]
 
   def osm_roads(self, location):
     if location not in self._osm:
       path = sd_prior.osm_path(self.options.osm_dir, location)
-      self._osm[location] = sd_prior.load_osm_roads(path, location,
-                                                    self.options.sd_road_classes)
+      self._osm[location] = sd_prior.load_osm_roads(
+          path, location, self.options.sd_road_classes, cache_dir=self.osm_cache_dir)
     return self._osm[location]
 
 
