@@ -371,6 +371,8 @@ def main(argv=None):
   parser.add_argument('--skip-bad', action='store_true', help='leave out unreadable samples')
   parser.add_argument('--osm-dir', default=None, help='OSM shapefiles; default DATAROOT/osm')
   parser.add_argument('--splits', default=None, help='comma list, e.g. train,val; default all')
+  parser.add_argument('--sd-road-classes', default=None,
+                      help='comma list of OSM highway classes; default config.data.sd_road_classes')
   parser.add_argument('--scenes', default=None,
                       help='comma list of scene names, e.g. scene-0916; default all')
   parser.add_argument('--limit', type=int, default=None, help='first N samples per split')
@@ -385,7 +387,8 @@ def main(argv=None):
                direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
                lidar_min_range=data.lidar_min_range, jpeg_quality=data.jpeg_quality,
                boundary_clip_margin=data.boundary_clip_margin,
-               sd_road_classes=data.sd_road_classes, osm_dir=args.osm_dir,
+               sd_road_classes=(args.sd_road_classes.split(',') if args.sd_road_classes
+                                else data.sd_road_classes), osm_dir=args.osm_dir,
                splits=args.splits.split(',') if args.splits else None,
                scenes=args.scenes.split(',') if args.scenes else None, skip_bad=args.skip_bad,
                limit=args.limit)

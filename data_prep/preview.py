@@ -1,11 +1,13 @@
 """Side-by-side picture of one sample as the shard builder sees it.
 
-  python -m data_prep.preview --dataroot DIR --version V --sample K --out x.png [--osm-dir DIR]
+  python -m data_prep.preview --dataroot DIR --version V --sample K --out x.png [--osm-dir DIR] \
+      [--scene scene-0916] [--bev 60x30]
 
 Top: the six cameras (schema order, resized to config.data.image_size). Bottom, three BEV
 panels drawn with x (forward) to the right and y (left) up: LiDAR points with the label
 polylines on top, LiDAR with the SD prior, and the rasterized semantic labels.
-`--sample` is an index into the dataroot's samples (table order) or a sample token.
+`--sample` is a sample token, or an index: into the keyframes of `--scene` (time order) when
+given, else into the dataroot's sample table (table order).
 """
 import argparse
 import os
@@ -61,6 +63,22 @@ def render(fields, bev_x, bev_y):
   return np.concatenate([pad(camera_grid), pad(bev_row)], 0)
 
 
+def scene_keyframes(nusc, scene_name):
+  """Sample tokens of one scene in time order, or ValueError naming --scene and the known ones."""
+  by_name = {scene['name']: scene for scene in nusc.scene}
+  if scene_name not in by_name:
+    raise ValueError(f'--scene {scene_name!r}: not in the tables; known: {sorted(by_name)}')
+  tokens, token = [], by_name[scene_name]['first_sample_token']
+  while token:
+    tokens.append(token)
+    token = nusc.get('sample', token)['next']
+  return tokens
+
+
+def _road_classes(flag_value, default):
+  return tuple(flag_value.split(',')) if flag_value else tuple(default)
+
+
 def main(argv=None):
   from configs import tcs  # pylint: disable=g-import-not-at-top
   data = tcs.get_config().data
@@ -70,6 +88,9 @@ def main(argv=None):
   parser.add_argument('--sample', required=True, help='index in the sample table, or a token')
   parser.add_argument('--out', required=True, help='PNG to write')
   parser.add_argument('--osm-dir', default=None, help='OSM shapefiles; default DATAROOT/osm')
+  parser.add_argument('--sd-road-classes', default=None,
+                      help='comma list of OSM highway classes; default config.data.sd_road_classes')
+  parser.add_argument('--scene', default=None, help='scene name; --sample K = its K-th keyframe')
   parser.add_argument('--bev', default=data.bev_name, help=f'one of {sorted(tcs.BEV_RANGES)}')
   args = parser.parse_args(argv)
   if args.bev not in tcs.BEV_RANGES:
@@ -81,15 +102,20 @@ def main(argv=None):
       line_width=data.line_width_px, direction_bins=data.direction_bins,
       lidar_sweeps=data.lidar_sweeps, lidar_min_range=data.lidar_min_range,
       jpeg_quality=data.jpeg_quality, boundary_clip_margin=data.boundary_clip_margin,
-      sd_road_classes=data.sd_road_classes, osm_dir=args.osm_dir or os.path.join(dataroot, 'osm'))
+      sd_road_classes=_road_classes(args.sd_road_classes, data.sd_road_classes), osm_dir=args.osm_dir or os.path.join(dataroot, 'osm'))
   source = nuscenes_reader.Source(dataroot, args.version, options)
   token = args.sample
   if token.isdigit():
+    candidates = scene_keyframes(source.nusc, args.scene) if args.scene else [
+        s['token'] for s in source.nusc.sample]
     index = int(token)
-    if index >= len(source.nusc.sample):
-      raise ValueError(f'--sample {index}: only {len(source.nusc.sample)} samples')
-    token = source.nusc.sample[index]['token']
-  image = render(nuscenes_reader.read_sample(source, token), bev_x, bev_y)
+    if index >= len(candidates):
+      raise ValueError(f'--sample {index}: only {len(candidates)} samples'
+                       + (f' in --scene {args.scene}' if args.scene else ''))
+    token = candidates[index]
+  fields = nuscenes_reader.read_sample(source, token)
+  nuscenes_reader.warn_missing_map_layers(source.missing_map_layers)
+  image = render(fields, bev_x, bev_y)
   if not cv2.imwrite(args.out, image):
     raise ValueError(f'--out {args.out!r}: could not write the PNG')
   print(f'{args.out}: sample {token}')

@@ -11,15 +11,15 @@ from pyquaternion import Quaternion
 from configs import tcs
 from data_prep import build_shards
 from data_prep import nuscenes_reader
+from data_prep import sd_prior
 from mapkd_jax.data import schema
-
-# The project's shared/ folder lies beside the repository checkout.
-_REALDATA = os.path.normpath(os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'realdata'))
-REAL_ROOT = os.path.join(_REALDATA, 'nuscenes_scene0916_subset')
-REAL_OSM = os.path.join(_REALDATA, 'osm')
-REAL_VERSION = 'v1.0-mini-extract'
-FIRST_SCENE0523_SAMPLE = 'ce03b6f0c1d2455aa18f6275917485bc'  # no sensor files in the fragment
+from realdata_paths import FIRST_SCENE0523_SAMPLE
+from realdata_paths import OTHER_SCENE
+from realdata_paths import REAL_LOCATION
+from realdata_paths import REAL_OSM
+from realdata_paths import REAL_ROOT
+from realdata_paths import REAL_SCENE
+from realdata_paths import REAL_VERSION
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(REAL_ROOT), reason='real fragment absent')
 
@@ -179,3 +179,152 @@ def test_unknown_version_and_split_list_what_exists(tmp_path):
   with pytest.raises(ValueError, match=r"unknown split.*'test'.*known: \['train', 'val'\]"):
     build_shards.build_shards(REAL_ROOT, REAL_VERSION, str(tmp_path),
                               **_kwargs(splits=['test']))
+
+
+def _edited_root(tmp_path, *, drop_tables=(), location=None, drop_map_layers=()):
+  """A dataroot beside the fragment: big folders symlinked, tables/map JSON edited copies.
+
+  Args:
+    drop_tables: table names whose JSON is left out.
+    location: if given, every log row (and the map JSON's name) is moved to this location.
+    drop_map_layers: layer keys deleted from the map-expansion JSON.
+  """
+  root = tmp_path / 'root'
+  (root / REAL_VERSION).mkdir(parents=True)
+  (root / 'maps' / 'expansion').mkdir(parents=True)
+  os.symlink(os.path.join(REAL_ROOT, 'samples'), root / 'samples')
+  for name in os.listdir(os.path.join(REAL_ROOT, 'maps')):
+    if name.endswith('.png'):
+      os.symlink(os.path.join(REAL_ROOT, 'maps', name), root / 'maps' / name)
+  for name in os.listdir(os.path.join(REAL_ROOT, REAL_VERSION)):
+    if name[:-len('.json')] in drop_tables:
+      continue
+    source = os.path.join(REAL_ROOT, REAL_VERSION, name)
+    if name == 'log.json' and location:
+      with open(source) as f:
+        logs = json.load(f)
+      with open(root / REAL_VERSION / name, 'w') as f:
+        json.dump([dict(row, location=location) for row in logs], f)
+    else:
+      os.symlink(source, root / REAL_VERSION / name)
+  with open(os.path.join(REAL_ROOT, 'maps', 'expansion', f'{REAL_LOCATION}.json')) as f:
+    map_json = json.load(f)
+  for layer in drop_map_layers:
+    del map_json[layer]
+  with open(root / 'maps' / 'expansion' / f'{location or REAL_LOCATION}.json', 'w') as f:
+    json.dump(map_json, f)
+  return str(root)
+
+
+def _build_scene(root, out, **overrides):
+  return build_shards.build_shards(root, REAL_VERSION, str(out), **_kwargs(
+      **dict(dict(scenes=[REAL_SCENE], splits=None), **overrides)))
+
+
+def test_unknown_scene_names_flag_bad_name_and_known_scenes(tmp_path):
+  with pytest.raises(ValueError) as error:
+    _build_scene(REAL_ROOT, tmp_path, scenes=[REAL_SCENE, 'scene-9999'])
+  message = str(error.value)
+  assert '--scenes' in message and "'scene-9999'" in message
+  assert REAL_SCENE in message and OTHER_SCENE in message
+  assert not os.path.exists(tmp_path / 'dataset_info.json')
+
+
+def test_select_scenes_lists_at_most_max_listed_known_names():
+  known = [f'scene-{k:04d}' for k in range(30)]
+  with pytest.raises(ValueError, match=r'known \(30\): scene-0000, .*scene-0019 and 10 more'):
+    build_shards.select_scenes({'train': known}, ['nope'], known, max_listed=20)
+  assert build_shards.select_scenes({'train': known[:2], 'val': known[2:]}, ['scene-0001'],
+                                    known) == {'train': ['scene-0001']}
+  with pytest.raises(ValueError, match=r"--scenes: scene\(s\) \['scene-0005'\] lie outside"):
+    build_shards.select_scenes({'train': known[:2]}, ['scene-0005'], known)
+
+
+def test_missing_map_layer_reported_once_and_treated_as_empty(tmp_path, caplog):
+  root = _edited_root(tmp_path, drop_map_layers=('lane_divider',))
+  with caplog.at_level('WARNING'):
+    info = _build_scene(root, tmp_path / 'out', limit=4)
+  assert info['missing_map_layers'] == {REAL_LOCATION: ['lane_divider']}
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert len([w for w in warnings if 'lane_divider' in w]) == 1, warnings
+  assert REAL_LOCATION in warnings[0]
+  assert info['splits']['val']['num_samples'] == 4 and not info['skipped']
+  # The fragment has no road_divider near scene-0916: without lane dividers no divider is left.
+  source = nuscenes_reader.Source(root, REAL_VERSION, _options())
+  fields = nuscenes_reader.read_sample(source, 'b5989651183643369174912bc5641d3b')
+  assert source.missing_map_layers == {REAL_LOCATION: ['lane_divider']}
+  assert not fields['polylines'][1] and fields['polylines'][3]
+
+
+def test_full_map_reports_no_missing_layer(tmp_path):
+  _, missing = nuscenes_reader.load_map(REAL_ROOT, REAL_LOCATION)
+  assert missing == []
+
+
+def test_location_without_origin_fails_naming_it_even_with_skip_bad(tmp_path):
+  root = _edited_root(tmp_path, location='singapore-mars')
+  osm = tmp_path / 'osm'
+  osm.mkdir()
+  for ext in ('shp', 'shx', 'dbf', 'prj', 'cpg'):
+    os.symlink(os.path.join(REAL_OSM, f'{REAL_LOCATION}.{ext}'), osm / f'singapore-mars.{ext}')
+  with pytest.raises(ValueError) as error:
+    _build_scene(root, tmp_path / 'out', osm_dir=str(osm), skip_bad=True)
+  message = str(error.value)
+  assert "'singapore-mars'" in message and 'singapore-mars.shp' in message
+  assert REAL_LOCATION in message and 'boston-seaport' in message
+
+
+def test_missing_shapefile_fails_naming_it_even_with_skip_bad(tmp_path):
+  empty = tmp_path / 'osm'
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match=f'{empty}/{REAL_LOCATION}.shp.*--osm-dir'):
+    _build_scene(REAL_ROOT, tmp_path / 'out', osm_dir=str(empty), skip_bad=True)
+
+
+@pytest.mark.parametrize('table', ['sample_data', 'log'])
+def test_missing_table_json_named_not_a_devkit_traceback(tmp_path, table):
+  root = _edited_root(tmp_path, drop_tables=(table,))
+  with pytest.raises(FileNotFoundError, match=f'{REAL_VERSION}/{table}.json'):
+    _build_scene(root, tmp_path / 'out')
+
+
+def test_missing_map_raster_named(tmp_path):
+  root = _edited_root(tmp_path)
+  with open(os.path.join(REAL_ROOT, REAL_VERSION, 'map.json')) as f:
+    first_png = json.load(f)[0]['filename']
+  os.remove(os.path.join(root, first_png))
+  with pytest.raises(FileNotFoundError, match=first_png):
+    _build_scene(root, tmp_path / 'out')
+
+
+def test_osm_cache_gives_the_converted_lines_and_is_used(tmp_path, monkeypatch):
+  classes = tcs.get_config().data.sd_road_classes
+  shp = sd_prior.osm_path(REAL_OSM, REAL_LOCATION)
+  converted = sd_prior.load_osm_roads(shp, REAL_LOCATION, classes)[0]
+  first = sd_prior.load_osm_roads(shp, REAL_LOCATION, classes, cache_dir=str(tmp_path))[0]
+  cache_file = sd_prior.osm_cache_path(str(tmp_path), shp, REAL_LOCATION, classes)
+  assert os.listdir(tmp_path) == [os.path.basename(cache_file)]
+  assert os.path.basename(cache_file).startswith(REAL_LOCATION + '-')
+
+  def no_conversion(*args):
+    raise AssertionError(f'converted again: {args}')
+
+  monkeypatch.setattr(sd_prior, 'convert_osm_lines', no_conversion)
+  cached = sd_prior.load_osm_roads(shp, REAL_LOCATION, classes, cache_dir=str(tmp_path))[0]
+  assert len(converted) == len(first) == len(cached) > 0
+  for a, b, c in zip(converted, first, cached):
+    np.testing.assert_array_equal(np.asarray(a.coords), np.asarray(b.coords))
+    np.testing.assert_array_equal(np.asarray(a.coords), np.asarray(c.coords))
+  # Another class list is another entry (so it converts, and the patched converter raises).
+  assert sd_prior.osm_cache_path(str(tmp_path), shp, REAL_LOCATION, classes[:2]) != cache_file
+  with pytest.raises(AssertionError, match='converted again'):
+    sd_prior.load_osm_roads(shp, REAL_LOCATION, classes[:2], cache_dir=str(tmp_path))
+
+
+def test_build_writes_osm_cache_under_progress(built):
+  out, _ = built
+  cache = os.path.join(out, build_shards.PROGRESS_DIR, build_shards.OSM_CACHE_DIR)
+  names = sorted(os.listdir(cache))
+  # splits=['val'] holds scene-0916 (queenstown) and scene-0523 (boston): both warmed.
+  assert [n.rsplit('-', 1)[0] for n in names] == ['boston-seaport', REAL_LOCATION]
+  assert all(n.endswith('.npz') for n in names)
