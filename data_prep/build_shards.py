@@ -198,8 +198,8 @@ def write_shard(task, on_sample=None):
       if on_sample is not None:
         on_sample()
   os.replace(path + '.tmp', path)
-  record['missing_map_layers'] = {loc: source.missing_map_layers[loc]
-                                  for loc in sorted(source.missing_map_layers)}
+  record['missing_map_layers'] = {loc: names for loc, names
+                                  in sorted(source.missing_map_layers.items()) if names}
   _write_json(_progress_path(task['out_dir'], task['file']), record)
   return record
 
