@@ -91,9 +91,11 @@ def run(config, workdir):
   stages.ensure_data(config, workdir)
   runs = plan(config, workdir)
   results, started = {}, time.time()
+  # ETA in proportion to training steps still to run (training dominates every run's time).
+  steps = np.array([run_config.train.steps for _, _, run_config, _ in runs], np.float64)
   for index, (label, run_root, run_config, evaluate) in enumerate(runs):
     elapsed = time.time() - started
-    eta = elapsed / index * (len(runs) - index) if index else float('nan')
+    eta = elapsed / steps[:index].sum() * steps[index:].sum() if index else float('nan')
     logging.info('[demo %d/%d] %s (elapsed %.1f min, ETA %.1f min)', index + 1, len(runs), label,
                  elapsed / 60, eta / 60)
     if not _finished(run_root, run_config):
