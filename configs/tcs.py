@@ -176,6 +176,11 @@ def get_config(arg=None):
         bench_iters=20, bench_warmup=3)
     config.data.synthetic.update(scenes=10, samples_per_scene=30)
     config.train.update(log_every=25, checkpoint_every=100, eval_every=500)  # eval: at the end
+    if arg.tiny:   # `demo,tiny`: the whole chain in a few minutes (test suite), tiny world
+      config.demo.update(steps=dict(hd_pretrain=2, teacher=3, coach=3, student=3),
+                         eval_images=1, grid_samples=2, bench_iters=2, bench_warmup=1)
+      config.data.synthetic.update(scenes=3, samples_per_scene=8)
+      config.train.update(log_every=1, checkpoint_every=3, eval_every=3)
     # 4x the reference rate: at 5e-4 these few-hundred-step runs stopped mid-descent (baseline
     # seed 1 at 150 steps: 0.6 mIoU at 5e-4, 19.2 at 2e-3; teacher 250 steps: 23.9 -> 39.0).
     config.optim.learning_rate = 2e-3

@@ -91,15 +91,18 @@ def run(config, workdir):
   stages.ensure_data(config, workdir)
   runs = plan(config, workdir)
   results, started = {}, time.time()
-  # ETA in proportion to training steps still to run (training dominates every run's time).
+  # ETA in proportion to the training steps still to run (training dominates a run's time), at
+  # the rate of the runs trained by this invocation (a resumed demo skips finished ones).
   steps = np.array([run_config.train.steps for _, _, run_config, _ in runs], np.float64)
+  trained_steps = 0.0
   for index, (label, run_root, run_config, evaluate) in enumerate(runs):
     elapsed = time.time() - started
-    eta = elapsed / steps[:index].sum() * steps[index:].sum() if index else float('nan')
+    eta = elapsed / trained_steps * steps[index:].sum() if trained_steps else float('nan')
     logging.info('[demo %d/%d] %s (elapsed %.1f min, ETA %.1f min)', index + 1, len(runs), label,
                  elapsed / 60, eta / 60)
     if not _finished(run_root, run_config):
       trainer.train_and_evaluate(run_config, run_root)
+      trained_steps += steps[index]
     if evaluate:
       metrics = _evaluated(run_root, run_config)
       if metrics is None or metrics['checkpoint_step'] < run_config.train.steps:
