@@ -11,7 +11,6 @@ Layout: ROOT/data, ROOT/{hd_pretrain,teacher,coach} (the chain, seed 0), ROOT/se
 {student,student_nokd}, ROOT/ablation/<name>/student.
 """
 import copy
-import json
 import os
 import time
 
@@ -80,8 +79,7 @@ def _evaluated(run_root, run_config):
   path = os.path.join(run_root, stages.stage_dir_name(run_config), 'eval', 'metrics.json')
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return eval_lib.read_metrics(path)   # null (a class absent from val) back to NaN
 
 
 def run(config, workdir):

@@ -92,6 +92,21 @@ def _vectors_to_json(vectors):
   return [{**v, 'pts': np.asarray(v['pts']).tolist()} for v in vectors]
 
 
+def _nan_from_null(tree):
+  """Inverse of `_json_safe`: null -> NaN."""
+  if isinstance(tree, dict):
+    return {k: _nan_from_null(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return [_nan_from_null(v) for v in tree]
+  return float('nan') if tree is None else tree
+
+
+def read_metrics(path):
+  """metrics.json as `evaluate` returned it (NaN where the file has null)."""
+  with open(path) as f:
+    return _nan_from_null(json.load(f))
+
+
 def _json_safe(tree):
   """NaN (a class absent from the split) -> null, so metrics.json is strict JSON."""
   if isinstance(tree, dict):

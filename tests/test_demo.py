@@ -64,3 +64,13 @@ def test_demo_tiny_runs_the_chain_and_reports_what_was_evaluated(tmp_path):
   again = demo.run(config, root)
   assert _checkpoint_steps(root) == steps_before
   assert again['gain'] == summary['gain']
+
+
+def test_read_metrics_turns_null_back_into_nan(tmp_path):
+  from mapkd_jax import evaluate
+  path = tmp_path / 'metrics.json'
+  path.write_text(json.dumps(evaluate._json_safe(
+      {'miou': 0.25, 'iou': {'divider': float('nan'), 'boundary': 0.5}, 'per': [float('nan')]})))
+  metrics = evaluate.read_metrics(str(path))
+  assert metrics['miou'] == 0.25 and metrics['iou']['boundary'] == 0.5
+  assert np.isnan(metrics['iou']['divider']) and np.isnan(metrics['per'][0])
