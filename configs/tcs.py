@@ -117,8 +117,10 @@ def get_config(arg=None):
   config.train = dict(steps=35000, batch_size=8, log_every=50, checkpoint_every=1000,
                       eval_every=5000, keep_checkpoints=3,
                       eval_batches=0)             # 0 = the whole val split
-  config.optim = dict(learning_rate=5e-4, decay_steps=35000, decay_factor=0.1, grad_clip=5.0,
-                      b1=0.9, b2=0.999)
+  config.optim = dict(learning_rate=5e-4, grad_clip=5.0, b1=0.9, b2=0.999,
+                      schedule='step',            # or 'cosine' (train_step.learning_rate_schedule)
+                      decay_steps=35000, decay_factor=0.1,   # 'step': x decay_factor per decay_steps
+                      cosine_final_fraction=0.0)  # 'cosine': lr at decay_steps / learning_rate
   # Checkpoint dirs of earlier stages; '' = WORKDIR/<stage>/checkpoints.
   config.frozen = dict(teacher='', coach='')
   config.init = dict(hd_prior='')                 # hd_pretrain ckpt for the teacher's HD module

@@ -69,6 +69,10 @@ def validate(config):
   for key in ('learning_rate', 'decay_steps', 'grad_clip'):
     _require(optim[key] > 0, f'optim.{key}', optim[key], 'a positive number')
   _require(0 < optim.decay_factor <= 1, 'optim.decay_factor', optim.decay_factor, 'in (0, 1]')
+  _require(optim.schedule in ('step', 'cosine'), 'optim.schedule', optim.schedule,
+           "'step' or 'cosine'")
+  _require(0 <= optim.cosine_final_fraction <= 1, 'optim.cosine_final_fraction',
+           optim.cosine_final_fraction, 'in [0, 1]')
   for key, value in config.kd.items():
     if key.endswith('_weight'):
       _require(value >= 0, f'kd.{key}', value, 'a non-negative loss weight')

@@ -58,14 +58,29 @@ def make_tgpd(config):
                               dtype=precision.compute_dtype(config))
 
 
-def make_optimizer(config, steps_per_decay=None):
-  """Adam with a step decay (x decay_factor every decay_steps) and global-norm clipping."""
+SCHEDULES = ('step', 'cosine')
+
+
+def learning_rate_schedule(optim):
+  """optim.schedule: 'step' = x decay_factor every decay_steps (the reference recipe);
+  'cosine' = cosine from learning_rate down to learning_rate * cosine_final_fraction at
+  decay_steps (then constant), so a short run ends annealed instead of at its peak rate."""
+  if optim.schedule == 'step':
+    return optax.exponential_decay(init_value=optim.learning_rate,
+                                   transition_steps=optim.decay_steps,
+                                   decay_rate=optim.decay_factor, staircase=True)
+  if optim.schedule == 'cosine':
+    return optax.cosine_decay_schedule(init_value=optim.learning_rate,
+                                       decay_steps=optim.decay_steps,
+                                       alpha=optim.cosine_final_fraction)
+  raise ValueError(f'optim.schedule must be one of {SCHEDULES}, got {optim.schedule!r}')
+
+
+def make_optimizer(config):
+  """Adam on `learning_rate_schedule(config.optim)` after global-norm clipping."""
   optim = config.optim
-  schedule = optax.exponential_decay(
-      init_value=optim.learning_rate, transition_steps=steps_per_decay or optim.decay_steps,
-      decay_rate=optim.decay_factor, staircase=True)
   return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                     optax.adam(schedule, b1=optim.b1, b2=optim.b2))
+                     optax.adam(learning_rate_schedule(optim), b1=optim.b1, b2=optim.b2))
 
 
 def init_state(rng, *, batch, models, tgpd, tx, config):

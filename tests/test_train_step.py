@@ -130,3 +130,19 @@ def test_frozen_names(stage, expected):
 
 def test_nokd_student_has_no_frozen_models():
   assert step_lib.frozen_names(tcs.get_config('student,nokd,tiny')) == ()
+
+
+@pytest.mark.parametrize('schedule', ['step', 'cosine'])
+def test_learning_rate_schedule_matches_closed_form(schedule):
+  """The schedule against the formulas written out per step (reference: step decay)."""
+  config = tcs.get_config('student,tiny')
+  config.optim.update(schedule=schedule, learning_rate=2e-3, decay_steps=10, decay_factor=0.1,
+                      cosine_final_fraction=0.05)
+  lr = step_lib.learning_rate_schedule(config.optim)
+  for step in range(25):
+    if schedule == 'step':
+      expected = 2e-3 * 0.1 ** (step // 10)
+    else:
+      t = min(step, 10) / 10
+      expected = 2e-3 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * t)))
+    np.testing.assert_allclose(float(lr(step)), expected, rtol=1e-5, err_msg=f'step {step}')

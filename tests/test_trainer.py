@@ -108,6 +108,7 @@ def test_missing_dependency_names_directory_and_command(tiny_shards, tmp_path):
 @pytest.mark.parametrize('key,value,match', [
     ('train.steps', 0, r'config.train.steps=0'),
     ('kd.msrd_variant', 'l2', r'config.kd.msrd_variant'),
+    ('optim.schedule', 'linear', r'config.optim.schedule'),
     ('kd.tgpd_patch_size', (7, 7), r'config.kd.tgpd_patch_size'),
     ('data.bev_x', (-30.0, 30.0, 0.7), r'config.data.bev_x'),
 ])
