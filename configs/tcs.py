@@ -101,8 +101,11 @@ def get_config(arg=None):
   )
 
   config.kd = dict(
+      # Distilled student (DESIGN.md section 3): task + MSRD and TGPD from teacher and coach.
       msrd_teacher_weight=0.75, msrd_coach_weight=0.001,
       tgpd_teacher_weight=0.5, tgpd_coach_weight=0.01,
+      # Coach: task + 0.8 TGPD(teacher -> coach) + 0.8 MSRD(teacher -> coach).
+      coach_msrd_teacher_weight=0.8, coach_tgpd_teacher_weight=0.8,
       msrd_temperature=1.0, msrd_variant='bce',   # or 'kl'
       tgpd_patch_size=(5, 5),   # on bev_small (25 x 50 at reference and tiny size): 50 patches
       tgpd_embed_dim=64, tgpd_temperature=1.0,

@@ -25,18 +25,26 @@ class TrainState:
   batch_stats: Any
 
 
+def kd_weights(config):
+  """{frozen model: (MSRD weight, TGPD weight)} of the stage, models with both weights 0 left out.
+
+  The coach distils the teacher with config.kd.coach_{msrd,tgpd}_teacher_weight; the distilled
+  student the teacher and the coach with config.kd.{msrd,tgpd}_{teacher,coach}_weight.
+  """
+  kd = config.kd
+  if config.stage == 'coach':
+    weights = {'teacher': (kd.coach_msrd_teacher_weight, kd.coach_tgpd_teacher_weight)}
+  elif config.stage == 'student' and not config.nokd:
+    weights = {name: (kd[f'msrd_{name}_weight'], kd[f'tgpd_{name}_weight'])
+               for name in ('teacher', 'coach')}
+  else:
+    weights = {}
+  return {name: w for name, w in weights.items() if any(w)}
+
+
 def frozen_names(config):
   """Frozen models a stage distills from, in a fixed order."""
-  if config.stage == 'coach':
-    return ('teacher',)
-  if config.stage == 'student' and not config.nokd:
-    names = []
-    if config.kd.msrd_teacher_weight or config.kd.tgpd_teacher_weight:
-      names.append('teacher')
-    if config.kd.msrd_coach_weight or config.kd.tgpd_coach_weight:
-      names.append('coach')
-    return tuple(names)
-  return ()
+  return tuple(kd_weights(config))
 
 
 def model_name(config):
@@ -114,10 +122,10 @@ def _task(outputs, batch, config, suffix=''):
 
 def _distill(outputs, frozen_outputs, aux_params, batch, config, tgpd_fn):
   """MSRD + TGPD terms from each frozen model; returns (loss, metrics)."""
-  kd = config.kd
+  kd, weights = config.kd, kd_weights(config)
   total, logs = 0.0, {}
   for name, out_t in frozen_outputs.items():
-    msrd_w, tgpd_w = kd[f'msrd_{name}_weight'], kd[f'tgpd_{name}_weight']
+    msrd_w, tgpd_w = weights[name]
     if msrd_w:
       msrd = losses.msrd_loss(outputs['semantic'], out_t['semantic'], batch['semantic'],
                               temperature=kd.msrd_temperature, variant=kd.msrd_variant)

@@ -132,6 +132,20 @@ def test_nokd_student_has_no_frozen_models():
   assert step_lib.frozen_names(tcs.get_config('student,nokd,tiny')) == ()
 
 
+def test_kd_weights_per_stage():
+  """The coach reads its own recipe (kd.coach_*), the student kd.{msrd,tgpd}_*; zero = left out."""
+  coach = tcs.get_config('coach,tiny')
+  coach.kd.update(coach_msrd_teacher_weight=0.3, coach_tgpd_teacher_weight=0.2,
+                  msrd_teacher_weight=9.0, tgpd_teacher_weight=9.0)
+  assert step_lib.kd_weights(coach) == {'teacher': (0.3, 0.2)}
+  coach.kd.update(coach_msrd_teacher_weight=0.0, coach_tgpd_teacher_weight=0.0)
+  assert step_lib.frozen_names(coach) == ()
+  student = tcs.get_config('student,tiny')
+  student.kd.update(msrd_teacher_weight=0.7, tgpd_teacher_weight=0.0, msrd_coach_weight=0.0,
+                    tgpd_coach_weight=0.0, coach_msrd_teacher_weight=9.0)
+  assert step_lib.kd_weights(student) == {'teacher': (0.7, 0.0)}
+
+
 @pytest.mark.parametrize('schedule', ['step', 'cosine'])
 def test_learning_rate_schedule_matches_closed_form(schedule):
   """The schedule against the formulas written out per step (reference: step decay)."""
