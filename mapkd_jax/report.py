@@ -58,6 +58,8 @@ def build(config, results, speed):
   }
   return {'rows': rows, 'gain': gain, 'ablations': ablations, 'speed': speed, 'checks': checks,
           'seeds': seeds, 'steps': dict(config.demo.steps), 'bev_x': list(config.data.bev_x),
+          'optim': {'learning_rate': config.optim.learning_rate,
+                    'schedule': config.optim.schedule, 'batch_size': config.train.batch_size},
           'bev_y': list(config.data.bev_y), 'classes': list(classes)}
 
 
@@ -71,7 +73,9 @@ def markdown(summary):
   head = (['model', 'inputs'] + classes + ['mIoU', 'mAP'] + [f'mIoU {b}' for b in bands] +
           ['params', 'frames/s'])
   lines = ['# MapKD demo report', '',
-           f"BEV x {summary['bev_x']}, y {summary['bev_y']}; steps {summary['steps']}; "
+           f"BEV x {summary['bev_x']}, y {summary['bev_y']}; steps {summary['steps']} at batch "
+           f"{summary['optim']['batch_size']}, Adam lr {summary['optim']['learning_rate']:g} "
+           f"({summary['optim']['schedule']} schedule over each run); "
            f"seeds {summary['seeds']} (student rows: mean over seeds). IoU and AP in %. "
            f"Speed on {summary['speed']['device_kind']}, batch 1.", '',
            '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]

@@ -66,6 +66,7 @@ def test_report_files(tmp_path):
   report.write(str(tmp_path), summary, results, config)
   text = open(os.path.join(tmp_path, 'report.md')).read()
   assert '| student_nokd | C |' in text and 'no_tgpd' in text
+  assert 'Adam lr 0.002 (step schedule over each run)' in text
   with open(os.path.join(tmp_path, 'report.json')) as f:
     assert json.load(f)['gain']['miou']['per_seed'][0] > 0
   assert os.path.getsize(os.path.join(tmp_path, 'report.png')) > 1000
