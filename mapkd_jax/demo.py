@@ -31,6 +31,8 @@ ABLATIONS = {
     'no_tgpd': {'tgpd_teacher_weight': 0.0, 'tgpd_coach_weight': 0.0},
     'no_msrd': {'msrd_teacher_weight': 0.0, 'msrd_coach_weight': 0.0},
     'no_coach': {'msrd_coach_weight': 0.0, 'tgpd_coach_weight': 0.0},
+    # TGPD keeps its attention (relation) term but drops the feature MSE to the frozen BEV.
+    'no_tgpd_feature': {'tgpd_feature_weight': 0.0},
 }
 
 

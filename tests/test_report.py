@@ -87,3 +87,13 @@ def test_demo_plan_order_and_resume_keys(tmp_path):
   assert by_label['teacher'].train.steps == config.demo.steps['teacher']
   assert by_label['student/seed1'].frozen.teacher == os.path.join(str(tmp_path), 'teacher',
                                                                   'checkpoints')
+
+
+def test_optional_ablation_drops_only_the_tgpd_feature_term(tmp_path):
+  config = tcs.get_config('demo')
+  config.demo.ablations = ('no_tgpd_feature',)
+  (label, _, run, _), = [r for r in demo.plan(config, str(tmp_path)) if r[0].startswith('abl')]
+  assert label == 'ablation/no_tgpd_feature'
+  assert run.kd.tgpd_feature_weight == 0.0
+  assert run.kd.tgpd_attention_weight == config.kd.tgpd_attention_weight > 0.0
+  assert run.kd.tgpd_teacher_weight == config.kd.tgpd_teacher_weight > 0.0
