@@ -62,7 +62,10 @@ def plan(config, workdir):
         config, workdir, stage='student', seed=seed, nokd=True), True))
   for name in config.demo.ablations:
     if name not in ABLATIONS:
-      raise ValueError(f'config.demo.ablations: unknown {name!r}; known: {sorted(ABLATIONS)}')
+      # An unquoted tuple on the command line arrives as one name: '(no_tgpd,no_coach)'.
+      raise ValueError(f'config.demo.ablations: unknown {name!r}; known: {sorted(ABLATIONS)}; '
+                       f'on the command line quote each name: '
+                       f'"--config.demo.ablations=(\'no_tgpd\',\'no_coach\')"')
     runs.append((f'ablation/{name}', os.path.join(workdir, 'ablation', name), _run_config(
         config, workdir, stage='student', seed=config.demo.seeds[0], kd=ABLATIONS[name]), True))
   return runs

@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from configs import tcs
 from mapkd_jax import demo
@@ -97,3 +98,11 @@ def test_optional_ablation_drops_only_the_tgpd_feature_term(tmp_path):
   assert run.kd.tgpd_feature_weight == 0.0
   assert run.kd.tgpd_attention_weight == config.kd.tgpd_attention_weight > 0.0
   assert run.kd.tgpd_teacher_weight == config.kd.tgpd_teacher_weight > 0.0
+
+
+def test_unquoted_ablation_tuple_names_the_flag_and_the_fix(tmp_path):
+  config = tcs.get_config('demo')
+  # What config_flags makes of "--config.demo.ablations=(no_tgpd,no_coach)": one name.
+  config.demo.ablations = ('(no_tgpd,no_coach)',)
+  with pytest.raises(ValueError, match=r"unknown '\(no_tgpd,no_coach\)'.*quote each name"):
+    demo.plan(config, str(tmp_path))
