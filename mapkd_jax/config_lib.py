@@ -1,6 +1,9 @@
 """Parsing of the `:arg` string of config files (`configs/tcs.py:student,tiny,bev=120x60`)."""
 import types
 
+# Learning-rate schedules train_step.learning_rate_schedule builds.
+SCHEDULES = ('step', 'cosine')
+
 STAGES = ('hd_pretrain', 'teacher', 'coach', 'student', 'demo')
 
 
@@ -69,8 +72,8 @@ def validate(config):
   for key in ('learning_rate', 'decay_steps', 'grad_clip'):
     _require(optim[key] > 0, f'optim.{key}', optim[key], 'a positive number')
   _require(0 < optim.decay_factor <= 1, 'optim.decay_factor', optim.decay_factor, 'in (0, 1]')
-  _require(optim.schedule in ('step', 'cosine'), 'optim.schedule', optim.schedule,
-           "'step' or 'cosine'")
+  _require(optim.schedule in SCHEDULES, 'optim.schedule', optim.schedule,
+           f'one of {SCHEDULES}')
   _require(0 <= optim.cosine_final_fraction <= 1, 'optim.cosine_final_fraction',
            optim.cosine_final_fraction, 'in [0, 1]')
   for key, value in config.kd.items():

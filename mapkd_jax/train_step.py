@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mapkd_jax import config_lib
 from mapkd_jax import losses
 from mapkd_jax import metrics as metrics_lib
 
@@ -66,9 +67,6 @@ def make_tgpd(config):
                               dtype=precision.compute_dtype(config))
 
 
-SCHEDULES = ('step', 'cosine')
-
-
 def learning_rate_schedule(optim):
   """optim.schedule: 'step' = x decay_factor every decay_steps (the reference recipe);
   'cosine' = cosine from learning_rate down to learning_rate * cosine_final_fraction at
@@ -81,7 +79,8 @@ def learning_rate_schedule(optim):
     return optax.cosine_decay_schedule(init_value=optim.learning_rate,
                                        decay_steps=optim.decay_steps,
                                        alpha=optim.cosine_final_fraction)
-  raise ValueError(f'optim.schedule must be one of {SCHEDULES}, got {optim.schedule!r}')
+  raise ValueError(f'optim.schedule must be one of {config_lib.SCHEDULES}, got '
+                   f'{optim.schedule!r}')
 
 
 def make_optimizer(config):
