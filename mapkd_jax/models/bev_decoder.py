@@ -1,19 +1,158 @@
 """BEV neck (stride-2 convs to `bev_small` and transposed convs back) and the BEV decoder.
 
-BEVNeck.down: num_layers x (3x3 stride-2 conv, BN, ReLU) -> `bev_small` (TGPD aligns it).
-BEVNeck.up: num_layers x (3x3 stride-2 transposed conv, BN, ReLU), then a bilinear resize
-to the requested canvas when the canvas is not a multiple of 2**num_layers.
-BEVDecoder: ResNet-18-style trunk (stem + layers 1-3) with the HDMapNet upsampling and three
-heads: semantic (classes + background), instance embedding, direction (bins + none).
+Both compute the reference's function (P-MapNet / MapKD `conv_bev`, `conv_up` and HDMapNet's
+`BevEncode` as used by P-MapNet and MapKD) given the same weights; `mapkd_jax/convert/pmapnet.py`
+maps their state dicts onto these parameters. Submodule names follow the reference where it
+has one, so the mapping reads as a table.
+
+BEVNeck.down (reference `conv_bev`): num_layers x (4x4 stride-2 conv, padding 1); all but the
+  last with a bias and ReLU, the last without bias, then BN and ReLU -> `bev_small`.
+BEVNeck.up (reference `conv_up`): the same with 4x4 stride-2 transposed convs (exactly x2),
+  then a bilinear resize to the canvas when the canvas is not a multiple of 2**num_layers.
+BEVDecoder (reference `BevEncode`): ResNet-18 stem (7x7 stride 2, no max-pool) and layers 1-3;
+  per head its own `Up` (layer-3 output upsampled with align_corners=True to layer 1's size,
+  concat [layer1, up], two 3x3 conv-BN-ReLU) and `up2` (x2 align_corners=True upsample, 3x3
+  conv-BN-ReLU, 1x1 conv with bias). Heads: semantic, embedding, direction.
+
+Torch conventions kept: symmetric padding (flax 'SAME' pads a stride-2 conv on even input
+(0, 1), torch pads (1, 1): a one-pixel shift), BatchNorm eps 1e-5 and running-average
+momentum 0.1 (flax momentum 0.9), biases exactly where the reference has them.
 """
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mapkd_jax.models import precision
-from mapkd_jax.models.image_encoder import BasicBlock, ConvBNAct
+
+# torch.nn.BatchNorm2d defaults (the reference never changes them). Torch's momentum is the
+# weight of the new batch statistic; flax's is the weight of the running value.
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9   # = 1 - torch's 0.1
+HEADS = ('semantic', 'embedding', 'direction')
+
+
+def batch_norm(train, dtype, name=None):
+  """BatchNorm with torch's defaults (see BN_EPSILON, BN_MOMENTUM)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                      dtype=dtype, name=name)
+
+
+def _align_corners_axis(x, out_size, axis):
+  """Linear resize of one axis with align_corners=True (torch): corners map to corners."""
+  in_size = x.shape[axis]
+  if in_size == out_size:
+    return x
+  # Source coordinate of output i: i * (in - 1) / (out - 1); torch uses 0 when out == 1.
+  scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+  src = np.arange(out_size, dtype=np.float64) * scale
+  lo = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  frac = jnp.asarray((src - lo).reshape(shape), x.dtype)
+  x_lo, x_hi = jnp.take(x, lo, axis=axis), jnp.take(x, hi, axis=axis)
+  return x_lo + (x_hi - x_lo) * frac
+
+
+def resize_align_corners(x, out_hw):
+  """Bilinear resize with align_corners=True (torch `nn.Upsample(..., align_corners=True)`).
+
+  Args:
+    x: [B, H, W, C].
+    out_hw: (H', W') output size. `scale_factor=s` in torch is out = s * in: the same map.
+
+  Returns:
+    [B, H', W', C] in x.dtype; separable (rows, then columns), as torch computes it.
+  """
+  return _align_corners_axis(_align_corners_axis(x, out_hw[0], 1), out_hw[1], 2)
+
+
+def resize_half_pixel(x, out_hw):
+  """Bilinear resize with align_corners=False (torch `F.interpolate(..., 'bilinear')`).
+
+  For upsampling `jax.image.resize` computes exactly this: half-pixel centres, and its
+  renormalised edge weights equal torch's clamp of negative source coordinates to 0. It
+  antialiases when downsampling, which torch does not: not used for that.
+
+  Args:
+    x: [B, H, W, C]; out_hw: (H', W') with H' >= H and W' >= W.
+  """
+  if out_hw[0] < x.shape[1] or out_hw[1] < x.shape[2]:
+    raise ValueError(f'resize_half_pixel upsamples only: {x.shape[1:3]} -> {tuple(out_hw)}')
+  return jax.image.resize(x, (x.shape[0], *out_hw, x.shape[3]), 'bilinear')
+
+
+class ConvBN(nn.Module):
+  """Conv2d with torch's symmetric padding, optional BatchNorm, optional ReLU.
+
+  Submodules 'conv' and (with `norm`) 'bn', so a torch (conv, bn) pair maps onto one ConvBN.
+
+  Attributes:
+    features: output channels.
+    kernel: square kernel size.
+    stride: square stride.
+    padding: torch `padding` (both sides of each spatial axis).
+    use_bias: conv bias (torch `bias=`).
+    norm: BatchNorm after the conv.
+    relu: ReLU at the end.
+    ceil_pad: pad one extra trailing row/column on an odd input axis, so a stride-2 conv
+      returns ceil(in / 2) where torch returns floor; no effect on even inputs, which is all
+      the reference sees.
+    dtype: compute dtype (precision.compute_dtype); params stay float32.
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = False
+  norm: bool = True
+  relu: bool = True
+  ceil_pad: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    """x: [B, H, W, Cin] -> [B, H', W', features], H' = (H + 2 padding - kernel) // stride + 1."""
+    pads = []
+    for size in x.shape[1:3]:
+      extra = int(self.ceil_pad and self.stride > 1 and size % 2 == 1)
+      pads.append((self.padding, self.padding + extra))
+    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding=pads,
+                use_bias=self.use_bias, dtype=self.dtype, name='conv')(x)
+    if self.norm:
+      x = batch_norm(train, self.dtype, name='bn')(x)
+    return nn.relu(x) if self.relu else x
+
+
+class ConvTransposeBN(nn.Module):
+  """torch ConvTranspose2d(kernel 4, stride 2, padding 1) (output exactly 2x), optional BN, ReLU.
+
+  The kernel is stored [kh, kw, Cin, Cout] for the forward convolution of the dilated input,
+  i.e. torch's weight [Cin, Cout, kh, kw] flipped spatially (convert/pmapnet.py does it).
+
+  Attributes:
+    features: output channels.
+    use_bias, norm: as ConvBN (submodules 'conv' and 'bn'). ReLU always follows.
+    dtype: compute dtype.
+  """
+  features: int
+  use_bias: bool = True
+  norm: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    """x: [B, H, W, Cin] -> [B, 2H, 2W, features]."""
+    # torch's transposed conv = a conv over the input dilated by the stride, padded by
+    # kernel - 1 - padding = 2 on each side: (2H - 1) + 4 - 4 + 1 = 2H outputs.
+    x = nn.ConvTranspose(self.features, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                         use_bias=self.use_bias, dtype=self.dtype, name='conv')(x)
+    if self.norm:
+      x = batch_norm(train, self.dtype, name='bn')(x)
+    return nn.relu(x)
 
 
 class BEVNeck(nn.Module):
@@ -21,7 +160,9 @@ class BEVNeck(nn.Module):
 
   Use `neck.down(x, train=...)` and `neck.up(x, canvas_hw, train=...)` from a parent's
   compact method (the teacher puts SD fusion between them; the student uses only `down`);
-  `__call__` runs both and returns (bev_small, bev).
+  `__call__` runs both and returns (bev_small, bev). Parameters: down_0 .. down_{L-1}
+  (reference conv_bev.0/2/4 with bn conv_bev.5), up_0 .. up_{L-1} (conv_up.0/2/4, bn
+  conv_up.5).
 
   Attributes:
     config: the full (frozen) config.
@@ -31,12 +172,15 @@ class BEVNeck(nn.Module):
   def setup(self):
     cfg = self.config.model.neck
     dtype = precision.compute_dtype(self.config)
-    self.down_layers = [ConvBNAct(cfg.channels, stride=2, dtype=dtype)
-                        for _ in range(cfg.num_layers)]
-    self.up_convs = [nn.ConvTranspose(cfg.channels, (3, 3), strides=(2, 2), padding='SAME',
-                                      use_bias=False, dtype=dtype)
-                     for _ in range(cfg.num_layers)]
-    self.up_norms = [nn.BatchNorm(dtype=dtype) for _ in range(cfg.num_layers)]
+    last = cfg.num_layers - 1
+    self.down_layers = [
+        ConvBN(cfg.channels, kernel=4, stride=2, padding=1, use_bias=i != last, norm=i == last,
+               ceil_pad=True, dtype=dtype, name=f'down_{i}')
+        for i in range(cfg.num_layers)]
+    self.up_layers = [
+        ConvTransposeBN(cfg.channels, use_bias=i != last, norm=i == last, dtype=dtype,
+                        name=f'up_{i}')
+        for i in range(cfg.num_layers)]
 
   def down(self, x, *, train: bool):
     """x: [B, Hb, Wb, Cin] -> bev_small [B, ceil(Hb/2^L), ceil(Wb/2^L), neck.channels]."""
@@ -46,9 +190,10 @@ class BEVNeck(nn.Module):
 
   def up(self, x, canvas_hw, *, train: bool):
     """x: [B, h, w, C] -> [B, canvas_hw[0], canvas_hw[1], neck.channels]."""
-    for conv, norm in zip(self.up_convs, self.up_norms):
-      x = nn.relu(norm(conv(x), use_running_average=not train))
+    for layer in self.up_layers:
+      x = layer(x, train=train)
     if x.shape[1:3] != tuple(canvas_hw):
+      # Only for canvases that are not a multiple of 2**num_layers (never the reference's).
       x = jax.image.resize(x, (x.shape[0], *canvas_hw, x.shape[-1]), 'bilinear')
     return x
 
@@ -58,24 +203,65 @@ class BEVNeck(nn.Module):
     return small, self.up(small, x.shape[1:3], train=train)
 
 
+class ResBlock(nn.Module):
+  """torchvision ResNet BasicBlock: conv1-bn1-relu, conv2-bn2, + shortcut, relu.
+
+  Submodules conv1, conv2 (ConvBN) and, when stride or width change, downsample (1x1 conv +
+  BN), as torchvision's `layerK.J.{conv1,bn1,conv2,bn2,downsample.0,downsample.1}`.
+  """
+  features: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    """x: [B, H, W, Cin] -> [B, ceil(H/stride), ceil(W/stride), features]."""
+    y = ConvBN(self.features, 3, self.stride, 1, dtype=self.dtype, name='conv1')(x, train=train)
+    y = ConvBN(self.features, 3, 1, 1, relu=False, dtype=self.dtype, name='conv2')(y, train=train)
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = ConvBN(self.features, 1, self.stride, 0, relu=False, dtype=self.dtype,
+                 name='downsample')(x, train=train)
+    return nn.relu(x + y)
+
+
+class UpFuse(nn.Module):
+  """HDMapNet `Up`: `deep` resized (align_corners=True) to `skip`'s size, concat [skip, deep],
+  two 3x3 conv-BN-ReLU (no bias). Submodules conv1, conv2 (reference conv.0/1 and conv.3/4)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, deep, skip, *, train: bool):
+    """deep: [B, h, w, Cd], skip: [B, H, W, Cs] -> [B, H, W, features]."""
+    # The reference upsamples by scale_factor=4, which is skip's size at a 200 x 400 canvas;
+    # resizing to skip's size keeps other canvases working and is the same map there.
+    x = jnp.concatenate([skip, resize_align_corners(deep, skip.shape[1:3])], axis=-1)
+    x = ConvBN(self.features, 3, 1, 1, dtype=self.dtype, name='conv1')(x, train=train)
+    return ConvBN(self.features, 3, 1, 1, dtype=self.dtype, name='conv2')(x, train=train)
+
+
 class Head(nn.Module):
-  """HDMapNet `up2`: bilinear x2 (to `out_hw`), 3x3 conv-BN-ReLU, 1x1 conv to `features`."""
+  """HDMapNet `up2`: resize (align_corners=True) to `out_hw`, 3x3 conv-BN-ReLU (no bias), 1x1
+  conv with bias to `features`. Submodules conv1 (reference .1/.2) and out (reference .4)."""
   hidden: int
   features: int
   dtype: Any = jnp.float32   # compute dtype (precision.compute_dtype)
 
   @nn.compact
   def __call__(self, x, out_hw, *, train: bool):
-    x = jax.image.resize(x, (x.shape[0], *out_hw, x.shape[-1]), 'bilinear')
-    x = ConvBNAct(self.hidden, dtype=self.dtype)(x, train=train)
-    return nn.Conv(self.features, (1, 1), dtype=self.dtype)(x)
+    """x: [B, h, w, C] -> [B, out_hw[0], out_hw[1], features] (logits)."""
+    x = resize_align_corners(x, out_hw)
+    x = ConvBN(self.hidden, 3, 1, 1, dtype=self.dtype, name='conv1')(x, train=train)
+    return nn.Conv(self.features, (1, 1), dtype=self.dtype, name='out')(x)
 
 
 class BEVDecoder(nn.Module):
-  """ResNet-18-style BEV decoder with semantic / embedding / direction heads.
+  """ResNet-18-style BEV decoder with semantic / embedding / direction heads (HDMapNet BevEncode).
 
   Reads config.model.decoder (stem_channels, layer_channels, blocks_per_layer, up_channels,
-  head_channels, embedding_dim) and config.data (classes, direction_bins).
+  head_channels, embedding_dim) and config.data (classes, direction_bins). Parameters: stem
+  (reference conv1 + bn1), layer{1,2,3}_{j} (ResBlock), up_{head} (reference up1,
+  up1_embedded, up1_direction) and head_{head} (up2, up2_embedded, up2_direction).
 
   Attributes:
     config: the full (frozen) config.
@@ -93,23 +279,23 @@ class BEVDecoder(nn.Module):
     cfg, data = self.config.model.decoder, self.config.data
     dtype = precision.compute_dtype(self.config)
     canvas = bev.shape[1:3]
-    # Stem: 7x7 stride-2 conv as in ResNet-18 (no max-pool, as in HDMapNet's BevEncode).
-    x = nn.Conv(cfg.stem_channels, (7, 7), strides=2, padding='SAME', use_bias=False,
-                dtype=dtype)(bev)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, dtype=dtype)(x))
+    # Stem: 7x7 stride-2 conv as in ResNet-18, no max-pool (HDMapNet's BevEncode).
+    x = ConvBN(cfg.stem_channels, 7, 2, 3, dtype=dtype, name='stem')(bev, train=train)
     skip = None
     for i, width in enumerate(cfg.layer_channels):
       for block in range(cfg.blocks_per_layer):
         stride = 2 if (i > 0 and block == 0) else 1
-        x = BasicBlock(width, stride=stride, dtype=dtype)(x, train=train)
+        x = ResBlock(width, stride=stride, dtype=dtype, name=f'layer{i + 1}_{block}')(
+            x, train=train)
       if i == 0:
         skip = x   # layer-1 output at 1/2 resolution
-    x = jax.image.resize(x, (x.shape[0], *skip.shape[1:3], x.shape[-1]), 'bilinear')
-    x = jnp.concatenate([skip, x], axis=-1)
-    x = ConvBNAct(cfg.up_channels, dtype=dtype)(x, train=train)
-    x = ConvBNAct(cfg.up_channels, dtype=dtype)(x, train=train)
     out_sizes = {'semantic': len(data.classes) + 1, 'embedding': cfg.embedding_dim,
                  'direction': data.direction_bins + 1}
-    return {name: Head(cfg.head_channels, size, dtype=dtype, name=f'{name}_head')(
-        x, canvas, train=train)
-            for name, size in out_sizes.items()}
+    outputs = {}
+    for name in HEADS:
+      # Each head has its own Up block (P-MapNet / MapKD; HDMapNet's original direction head
+      # reused the embedding's, leaving its own unused).
+      y = UpFuse(cfg.up_channels, dtype=dtype, name=f'up_{name}')(x, skip, train=train)
+      outputs[name] = Head(cfg.head_channels, out_sizes[name], dtype=dtype,
+                           name=f'head_{name}')(y, canvas, train=train)
+    return outputs

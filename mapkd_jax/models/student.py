@@ -1,17 +1,20 @@
 """The Student: camera branch only (no LiDAR, SD or HD inputs); the model that ships.
 
-camera BEV [B, Hb, Wb, camera.channels] -> feature expansion (3x3 conv-BN-ReLU per entry of
-student.expand_channels, 64 -> 96 -> 192 in the reference) -> the neck's stride-2 convs ->
-`bev_small` -> bilinear resize back to the canvas derived from config.data -> BEV decoder.
+camera BEV [B, Hb, Wb, camera.channels] -> feature expansion (3x3 conv with bias, BN, ReLU per
+entry of student.expand_channels, 64 -> 96 -> 192 in the reference) -> the neck's stride-2
+convs -> `bev_small` -> bilinear resize (align_corners=False) back to the canvas -> BEV decoder.
+
+Reference: MapKD `PMapNet_sdmap_S` (model/pmapnet_sdmap_S.py), which `convert/pmapnet.py`
+maps onto these parameters. Deviation (DESIGN.md section 3): the reference resizes to a
+hard-coded 200 x 400; here the canvas comes from config.data (200 x 400 at the reference
+ranges, so the same function there).
 """
 import flax.linen as nn
-import jax
 
 from mapkd_jax.data import schema
 from mapkd_jax.models import precision
-from mapkd_jax.models.bev_decoder import BEVDecoder, BEVNeck
+from mapkd_jax.models.bev_decoder import BEVDecoder, BEVNeck, ConvBN, resize_half_pixel
 from mapkd_jax.models.camera import CameraBEV
-from mapkd_jax.models.image_encoder import ConvBNAct
 
 
 class Student(nn.Module):
@@ -34,10 +37,9 @@ class Student(nn.Module):
     dtype = precision.compute_dtype(self.config)
     x = CameraBEV(self.config, name='camera')(batch, train=train)
     for i, width in enumerate(self.config.model.student.expand_channels):
-      x = ConvBNAct(width, dtype=dtype, name=f'expand_{i}')(x, train=train)
+      x = ConvBN(width, 3, 1, 1, use_bias=True, dtype=dtype, name=f'expand_{i}')(x, train=train)
     bev_small = BEVNeck(self.config, name='neck').down(x, train=train)
     canvas = schema.bev_shape(self.config.data.bev_x, self.config.data.bev_y)
-    x = jax.image.resize(bev_small, (bev_small.shape[0], *canvas, bev_small.shape[-1]),
-                         'bilinear')
+    x = resize_half_pixel(bev_small, canvas)
     out = BEVDecoder(self.config, name='decoder')(x, train=train)
     return precision.outputs_to_float32({**out, 'bev_small': bev_small})
