@@ -2,10 +2,23 @@
 
 `ImageEncoder(kind=...)` dispatches on `config.model.camera.image_encoder` (or
 `config.model.lss.image_encoder`):
-  'efficientnet_b0': EfficientNet-B0 (randomly initialised; no weights are downloaded), with
-    the HDMapNet-style fusion of the 1/32 map (upsampled) into the 1/16 map.
+  'efficientnet_b0': EfficientNet-B0 (randomly initialised; no weights are downloaded, but
+    `python -m mapkd_jax.convert efficientnet` converts efficientnet_pytorch / HDMapNet weights),
+    with the HDMapNet-style fusion of the 1/32 map (upsampled) into the 1/16 map.
   'resnet_small': a few residual stages, for tiny CPU configs.
 Both map images [B', H, W, 3] to [B', ceil(H/16), ceil(W/16), out_channels].
+
+EfficientNet-B0 computes the same function as efficientnet_pytorch 0.7.1
+(`EfficientNet.from_name('efficientnet-b0')`) driven as HDMapNet's `CamEncode.get_eff_depth`
+drives it (tests/test_parity_efficientnet.py): TF-SAME padding, BatchNorm eps 1e-3 / torch
+momentum 0.01, swish, squeeze-excitation on the pooled map, drop-connect on the residual
+blocks in training only. The 1/16 (`reduction_4`, 112 ch) and 1/32 (`reduction_5`, 320 ch)
+endpoints are fused by HDMapNet's `Up`: bilinear x2 with align_corners=True, concat
+[skip, upsampled], two conv3x3-BN-ReLU without bias. Two heads, as in the reference:
+  fusion_channels == 0: HDMapNet / P-MapNet / MapKD camera `CamEncode(C)`: Up(432, C) is the
+    output (no 1x1 conv).
+  fusion_channels > 0:  lift-splat `CamEncode(D, C)` / MapKD `CamEncode_L`: Up(432, 512), then a
+    1x1 conv with bias (`depthnet`) to out_channels.
 """
 from typing import Any, Sequence
 
@@ -29,24 +42,56 @@ EFFICIENTNET_SE_RATIO = 0.25
 ENCODER_KINDS = ('efficientnet_b0', 'resnet_small')
 
 
-def _batch_norm(train, dtype):
-  return nn.BatchNorm(use_running_average=not train, dtype=dtype)
+# BatchNorm of efficientnet_pytorch (batch_norm_epsilon 1e-3, batch_norm_momentum 0.99 in TF
+# terms = torch momentum 0.01). Flax's momentum is the weight of the OLD running value, i.e.
+# 1 - torch momentum. torch's default BatchNorm2d (eps 1e-5, momentum 0.1) is TORCH_BN.
+EFFICIENTNET_BN = dict(bn_eps=1e-3, bn_momentum=0.99)
+TORCH_BN = dict(bn_eps=1e-5, bn_momentum=0.9)
+PADDINGS = ('SAME', 'TORCH')
+
+
+def _batch_norm(train, dtype, eps=1e-5, momentum=0.99):
+  return nn.BatchNorm(use_running_average=not train, epsilon=eps, momentum=momentum, dtype=dtype)
+
+
+def conv_padding(padding: str, kernel: int):
+  """Flax padding for a square kernel: 'SAME' (TF-SAME) or 'TORCH' (symmetric kernel // 2).
+
+  TF-SAME (what efficientnet_pytorch's static/dynamic same-padding convs do) pads
+  max((ceil(n/s) - 1) s + k - n, 0) in total, the extra pixel at the end; torch
+  `Conv2d(padding=k // 2)` pads k // 2 on both sides. They agree at stride 1 (odd k) and
+  differ at stride 2 on even inputs (e.g. 3x3: SAME pads (0, 1), TORCH (1, 1)).
+  """
+  if padding == 'SAME':
+    return 'SAME'
+  if padding == 'TORCH':
+    return ((kernel // 2, kernel // 2),) * 2
+  raise ValueError(f'conv padding must be one of {PADDINGS}, got {padding!r}')
 
 
 class ConvBNAct(nn.Module):
-  """Conv (SAME padding) -> BatchNorm -> activation (identity when `act` is None)."""
+  """Conv (no bias) -> BatchNorm -> activation (identity when `act` is None).
+
+  Attributes:
+    padding: 'SAME' (TF-SAME) or 'TORCH' (symmetric kernel // 2); see `conv_padding`.
+    bn_eps, bn_momentum: BatchNorm epsilon and Flax momentum (= 1 - torch momentum).
+  """
   features: int
   kernel: int = 3
   stride: int = 1
   groups: int = 1
   act: str | None = 'relu'   # 'relu', 'swish' or None
+  padding: str = 'SAME'
+  bn_eps: float = 1e-5
+  bn_momentum: float = 0.99
   dtype: Any = jnp.float32   # compute dtype (precision.compute_dtype); params stay float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding='SAME',
+    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
+                padding=conv_padding(self.padding, self.kernel),
                 feature_group_count=self.groups, use_bias=False, dtype=self.dtype)(x)
-    x = _batch_norm(train, self.dtype)(x)
+    x = _batch_norm(train, self.dtype, self.bn_eps, self.bn_momentum)(x)
     if self.act == 'relu':
       x = nn.relu(x)
     elif self.act == 'swish':
@@ -55,84 +100,180 @@ class ConvBNAct(nn.Module):
 
 
 class MBConv(nn.Module):
-  """Inverted residual block with squeeze-excitation (EfficientNet)."""
+  """Inverted residual block with squeeze-excitation (efficientnet_pytorch `MBConvBlock`).
+
+  expand 1x1 (when expand_ratio != 1) -> depthwise kxk -> SE (pool, 1x1 reduce with bias,
+  swish, 1x1 expand with bias, sigmoid gate) -> project 1x1 (no activation) -> drop-connect and
+  identity skip when stride 1 and channels unchanged.
+
+  Attributes:
+    drop_connect_rate: probability of dropping the residual branch per sample, in training
+      only (reference: 0.2 * block_index / 16); needs the 'dropout' rng when > 0.
+  """
   features: int
   expand_ratio: int
   kernel: int
   stride: int
+  drop_connect_rate: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
+    """x: [B, H, W, Cin] -> [B, ceil(H/stride), ceil(W/stride), features]."""
     in_features = x.shape[-1]
     hidden = in_features * self.expand_ratio
     y = x
     if self.expand_ratio != 1:
-      y = ConvBNAct(hidden, kernel=1, act='swish', dtype=self.dtype)(y, train=train)
+      y = ConvBNAct(hidden, kernel=1, act='swish', **EFFICIENTNET_BN, dtype=self.dtype)(
+          y, train=train)
     y = ConvBNAct(hidden, kernel=self.kernel, stride=self.stride, groups=hidden,
-                  act='swish', dtype=self.dtype)(y, train=train)
+                  act='swish', **EFFICIENTNET_BN, dtype=self.dtype)(y, train=train)
     squeezed = max(1, int(in_features * EFFICIENTNET_SE_RATIO))
     scale = jnp.mean(y, axis=(1, 2), keepdims=True)
     scale = nn.swish(nn.Conv(squeezed, (1, 1), dtype=self.dtype)(scale))
     y = y * nn.sigmoid(nn.Conv(hidden, (1, 1), dtype=self.dtype)(scale))
-    y = ConvBNAct(self.features, kernel=1, act=None, dtype=self.dtype)(y, train=train)
+    y = ConvBNAct(self.features, kernel=1, act=None, **EFFICIENTNET_BN, dtype=self.dtype)(
+        y, train=train)
     if self.stride == 1 and in_features == self.features:
+      if train and self.drop_connect_rate > 0:
+        # Per-sample stochastic depth, as efficientnet_pytorch's drop_connect: keep the branch
+        # with probability 1 - rate and rescale it by 1 / (1 - rate).
+        keep = 1.0 - self.drop_connect_rate
+        mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (y.shape[0], 1, 1, 1))
+        y = y * (mask.astype(y.dtype) / keep)
       y = y + x
     return y
 
 
+def resize_bilinear_align_corners(x, out_hw):
+  """Bilinear resize with align_corners=True (torch `F.interpolate` / `nn.Upsample`).
+
+  Output pixel i samples input position i (n_in - 1) / (n_out - 1) (0 when n_out == 1), so the
+  corner pixels of input and output coincide. jax.image.resize uses half-pixel centres
+  (align_corners=False) and gives a different function; HDMapNet's `Up` uses this one.
+
+  Args:
+    x: [B, H, W, C].
+    out_hw: (H_out, W_out).
+  Returns:
+    [B, H_out, W_out, C] in x.dtype.
+  """
+  def along(v, axis, n_out):
+    n_in = v.shape[axis]
+    if n_out == n_in:
+      return v
+    if n_out > 1:
+      # float32 like torch's area_pixel_compute_scale, whatever the compute dtype.
+      src = jnp.arange(n_out, dtype=jnp.float32) * jnp.float32((n_in - 1) / (n_out - 1))
+    else:
+      src = jnp.zeros((1,), jnp.float32)
+    lo = jnp.minimum(jnp.floor(src).astype(jnp.int32), n_in - 1)
+    hi = jnp.minimum(lo + 1, n_in - 1)
+    frac = (src - lo.astype(jnp.float32)).astype(v.dtype)
+    shape = [1] * v.ndim
+    shape[axis] = n_out
+    frac = frac.reshape(shape)
+    return (jnp.take(v, lo, axis=axis) * (1 - frac) + jnp.take(v, hi, axis=axis) * frac)
+
+  if x.ndim != 4:
+    raise ValueError(f'resize_bilinear_align_corners expects [B, H, W, C], got {x.shape}')
+  return along(along(x, 1, out_hw[0]), 2, out_hw[1])
+
+
 class FuseUp(nn.Module):
-  """Upsamples `deep` to `skip`'s size, concatenates, two conv-BN-ReLU (HDMapNet's `Up`)."""
+  """HDMapNet's `Up`: upsample `deep` to `skip`'s size (bilinear, align_corners=True), concat
+  [skip, deep], two conv3x3 (no bias) -BN-ReLU with torch-default BatchNorm.
+
+  The reference upsamples by scale_factor=2 (camera `Up`) or to skip's size (MapKD `Up_L`);
+  with align_corners=True both sample the same positions whenever 2 x deep == skip, so
+  resizing to skip's size is the same function and also defined for odd sizes.
+  """
   features: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, deep, skip, *, train: bool):
-    deep = jax.image.resize(deep, skip.shape[:3] + deep.shape[3:], 'bilinear')
+    """deep: [B, h, w, Cd], skip: [B, H, W, Cs] -> [B, H, W, features]."""
+    deep = resize_bilinear_align_corners(deep, skip.shape[1:3])
     x = jnp.concatenate([skip, deep], axis=-1)
-    x = ConvBNAct(self.features, dtype=self.dtype)(x, train=train)
-    return ConvBNAct(self.features, dtype=self.dtype)(x, train=train)
+    x = ConvBNAct(self.features, **TORCH_BN, dtype=self.dtype)(x, train=train)
+    return ConvBNAct(self.features, **TORCH_BN, dtype=self.dtype)(x, train=train)
 
 
 class EfficientNetB0(nn.Module):
-  """EfficientNet-B0 trunk; 1/32 features fused into 1/16, then a 1x1 conv.
+  """EfficientNet-B0 trunk; 1/32 features fused into 1/16 (HDMapNet `CamEncode`).
 
   Attributes:
     out_channels: channels of the returned map.
-    fusion_channels: width of the 1/16 + 1/32 fusion convs (512 in HDMapNet).
+    fusion_channels: 0 = HDMapNet camera CamEncode (the fusion `Up` outputs out_channels
+      directly); > 0 = lift-splat CamEncode (`Up` to fusion_channels, 512 in the reference,
+      then a 1x1 conv with bias, `depthnet`, to out_channels).
+    drop_connect_rate: efficientnet_pytorch's global drop_connect_rate (0.2 for B0); block i
+      of 16 uses rate * i / 16, in training only.
     dtype: compute dtype (precision.compute_dtype).
   """
   out_channels: int
   fusion_channels: int
+  drop_connect_rate: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images, *, train: bool):
-    """images: [B', H, W, 3] -> [B', H/16, W/16, out_channels]."""
-    x = ConvBNAct(EFFICIENTNET_B0_STEM, stride=2, act='swish', dtype=self.dtype)(
-        images, train=train)
-    endpoints = []
+  def __call__(self, images, *, train: bool, return_endpoints: bool = False):
+    """images: [B', H, W, 3] -> [B', ceil(H/16), ceil(W/16), out_channels].
+
+    With return_endpoints, returns (output, {'reduction_4': [B', H/16, W/16, 112],
+    'reduction_5': [B', H/32, W/32, 320]}) (for parity tests).
+    """
+    if images.shape[1] <= 16:
+      # HDMapNet finds its endpoints where the height shrinks; at H <= 16 the 1/16 -> 1/32
+      # stride leaves height 1 unchanged and the reference has no 'reduction_5'.
+      raise ValueError(f'efficientnet_b0 needs image height > 16 (reference endpoints), got '
+                       f'{images.shape[1]}')
+    x = ConvBNAct(EFFICIENTNET_B0_STEM, stride=2, act='swish', **EFFICIENTNET_BN,
+                  dtype=self.dtype)(images, train=train)
+    num_blocks = sum(stage[2] for stage in EFFICIENTNET_B0_STAGES)
+    endpoints, index = [], 0
     for expand, features, repeats, stride, kernel in EFFICIENTNET_B0_STAGES:
       for i in range(repeats):
-        x = MBConv(features, expand, kernel, stride if i == 0 else 1, dtype=self.dtype)(
-            x, train=train)
+        x = MBConv(features, expand, kernel, stride if i == 0 else 1,
+                   drop_connect_rate=self.drop_connect_rate * index / num_blocks,
+                   dtype=self.dtype)(x, train=train)
+        index += 1
       endpoints.append(x)
-    x = FuseUp(self.fusion_channels, dtype=self.dtype)(endpoints[-1], endpoints[4], train=train)
-    return nn.Conv(self.out_channels, (1, 1), dtype=self.dtype)(x)
+    reduction_4, reduction_5 = endpoints[4], endpoints[-1]
+    if self.fusion_channels:
+      x = FuseUp(self.fusion_channels, dtype=self.dtype)(reduction_5, reduction_4, train=train)
+      x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype)(x)
+    else:
+      x = FuseUp(self.out_channels, dtype=self.dtype)(reduction_5, reduction_4, train=train)
+    if return_endpoints:
+      return x, {'reduction_4': reduction_4, 'reduction_5': reduction_5}
+    return x
 
 
 class BasicBlock(nn.Module):
-  """ResNet basic block (two 3x3 convs) with a projected shortcut when shapes change."""
+  """ResNet basic block (two 3x3 convs) with a projected shortcut when shapes change.
+
+  Attributes:
+    padding: 'SAME' or 'TORCH' (torchvision's resnet pads k // 2: use 'TORCH' for parity).
+    bn_eps, bn_momentum: BatchNorm epsilon and Flax momentum (torchvision: TORCH_BN).
+  """
   features: int
   stride: int = 1
+  padding: str = 'SAME'
+  bn_eps: float = 1e-5
+  bn_momentum: float = 0.99
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    y = ConvBNAct(self.features, stride=self.stride, dtype=self.dtype)(x, train=train)
-    y = ConvBNAct(self.features, act=None, dtype=self.dtype)(y, train=train)
+    """x: [B, H, W, Cin] -> [B, H/stride, W/stride, features]."""
+    common = dict(padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
+                  dtype=self.dtype)
+    y = ConvBNAct(self.features, stride=self.stride, **common)(x, train=train)
+    y = ConvBNAct(self.features, act=None, **common)(y, train=train)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = ConvBNAct(self.features, kernel=1, stride=self.stride, act=None, dtype=self.dtype)(
+      x = ConvBNAct(self.features, kernel=1, stride=self.stride, act=None, **common)(
           x, train=train)
     return nn.relu(x + y)
 
