@@ -30,7 +30,10 @@ def _resample_ref(points, step):
 
 
 def _chamfer_ref(a, b, step):
-  a, b = _resample_ref(a, step), _resample_ref(b, step)
+  return _chamfer_points_ref(_resample_ref(a, step), _resample_ref(b, step))
+
+
+def _chamfer_points_ref(a, b):
   a_to_b = np.mean([min(np.linalg.norm(p - q) for q in b) for p in a])
   b_to_a = np.mean([min(np.linalg.norm(p - q) for q in a) for p in b])
   return 0.5 * (a_to_b + b_to_a)
@@ -189,3 +192,232 @@ def test_cli_recomputes_ap_and_rejects_unknown_class(tmp_path, capsys):
     vector_ap.main(['--pred', str(pred_path), '--gt', str(gt_path)])
   with pytest.raises(FileNotFoundError, match='missing.json'):
     vector_ap.main(['--pred', str(tmp_path / 'missing.json'), '--gt', str(gt_path)])
+
+
+# --- MapTR's rules (the default protocol) against the previous ('legacy') ones -----------------
+
+
+def _resample_fixed_ref(points, num):
+  """`num` stations evenly spaced along the arc, found by walking the segments one by one."""
+  points = [np.asarray(p, float) for p in points]
+  seg = [np.linalg.norm(b - a) for a, b in zip(points[:-1], points[1:])]
+  total = sum(seg)
+  out = []
+  for k in range(num):
+    s = total * k / (num - 1)
+    for i, length in enumerate(seg):
+      if s <= length or i == len(seg) - 1:
+        t = 0.0 if length == 0 else min(s / length, 1.0)
+        out.append(points[i] + t * (points[i + 1] - points[i]))
+        break
+      s -= length
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_maptr_chamfer_matches_loop_without_and_with_gate(seed):
+  rng = np.random.default_rng(100 + seed)
+  # Segments of 2+ vertices, some far apart so that the 2 m gate separates them.
+  preds = [np.cumsum(rng.normal(size=(rng.integers(2, 5), 2)), axis=0) + rng.normal(size=2) * 6
+           for _ in range(4)]
+  gts = [np.cumsum(rng.normal(size=(rng.integers(2, 5), 2)), axis=0) + rng.normal(size=2) * 6
+         for _ in range(3)]
+  num = 20
+  a = [vector_ap.resample_fixed(p, num) for p in preds]
+  b = [vector_ap.resample_fixed(g, num) for g in gts]
+  for got, ref in zip(a + b, preds + gts):
+    np.testing.assert_allclose(got, _resample_fixed_ref(ref, num), atol=1e-9)
+  want = np.array([[_chamfer_points_ref(_resample_fixed_ref(p, num), _resample_fixed_ref(g, num))
+                    for g in gts] for p in preds])
+  np.testing.assert_allclose(vector_ap.maptr_chamfer_matrix(a, b, num_points=num, buffer_m=None),
+                             want, rtol=1e-9)
+  gated = vector_ap.maptr_chamfer_matrix(a, b, num_points=num, buffer_m=2.0)
+  import shapely
+  for i, p in enumerate(a):
+    for j, g in enumerate(b):
+      apart = not shapely.LineString(p).buffer(2.0, cap_style='flat', join_style='mitre') \
+          .intersects(shapely.LineString(g).buffer(2.0, cap_style='flat', join_style='mitre'))
+      assert gated[i, j] == (np.inf if apart else pytest.approx(want[i, j]))
+
+
+def _one_class_ap(preds, gts, protocol):
+  return vector_ap.evaluate_vectors({'s': preds}, {'s': gts}, class_names=CLASSES,
+                                    thresholds=(0.5, 1.0, 1.5), protocol=protocol,
+                                    sample_step=0.15)['ap']['divider']
+
+
+def _div(pts, score=None):
+  return {'cls': 'divider', 'pts': pts, **({} if score is None else {'score': score})}
+
+
+def test_a_resampling_to_100_points_changes_ap():
+  # GT (0,0)-(198,0): 100 points every 2 m at x = 0, 2, ..., 198. The prediction is the same
+  # line shifted 0.8 m along x: 100 points at 0.8, 2.8, ..., 198.8. Every point's nearest
+  # point of the other line is 0.8 m away (0.8 < 2 - 0.8), so MapTR's CD = 0.8 exactly:
+  # FP at 0.5 m (AP 0), TP at 1.0 and 1.5 m (AP 1). Resampled every 0.15 m instead, interior
+  # points are at most 0.075 m from the other line and only the 0.8 m overhangs at the ends
+  # are far: CD ~ 0.05, a TP at every threshold (AP 1, 1, 1).
+  gts, preds = [_div([[0.0, 0.0], [198.0, 0.0]])], [_div([[0.8, 0.0], [198.8, 0.0]], 0.9)]
+  a = vector_ap.resample_fixed(preds[0]['pts'], 100)
+  b = vector_ap.resample_fixed(gts[0]['pts'], 100)
+  assert vector_ap.maptr_chamfer_matrix([a], [b], num_points=100, buffer_m=2.0)[0, 0] == \
+      pytest.approx(0.8, abs=1e-9)
+  assert vector_ap.chamfer_matrix([np.asarray(preds[0]['pts'])], [np.asarray(gts[0]['pts'])],
+                                  sample_step=0.15)[0, 0] < 0.1
+  assert _one_class_ap(preds, gts, 'maptr') == {'0.5': 0.0, '1.0': 1.0, '1.5': 1.0}
+  assert _one_class_ap(preds, gts, 'legacy') == {'0.5': 1.0, '1.0': 1.0, '1.5': 1.0}
+
+
+def test_b_flat_cap_buffer_gate_changes_ap():
+  # GT (0,0)-(0.1,0), prediction (0.2,0)-(0.3,0): end to end, 0.1 m apart. With 100 points
+  # each, pred->GT distances run 0.1 .. 0.2 (mean 0.15) and GT->pred 0.2 .. 0.1 (mean 0.15):
+  # CD = 0.15, within every threshold. But flat caps stop the 2 m buffers at the line ends
+  # (x in [0, 0.1] and [0.2, 0.3]): they do not intersect, so MapTR never matches the pair
+  # (FP: AP 0 at every threshold); without the gate (legacy) it is a TP (AP 1).
+  gts, preds = [_div([[0.0, 0.0], [0.1, 0.0]])], [_div([[0.2, 0.0], [0.3, 0.0]], 0.9)]
+  a = vector_ap.resample_fixed(preds[0]['pts'], 100)
+  b = vector_ap.resample_fixed(gts[0]['pts'], 100)
+  assert vector_ap.maptr_chamfer_matrix([a], [b], num_points=100, buffer_m=None)[0, 0] == \
+      pytest.approx(0.15)
+  assert vector_ap.maptr_chamfer_matrix([a], [b], num_points=100, buffer_m=2.0)[0, 0] == np.inf
+  assert _one_class_ap(preds, gts, 'maptr') == {'0.5': 0.0, '1.0': 0.0, '1.5': 0.0}
+  assert _one_class_ap(preds, gts, 'legacy') == {'0.5': 1.0, '1.0': 1.0, '1.5': 1.0}
+
+
+def test_c_threshold_is_inclusive():
+  # Prediction 0.5 m beside a 10 m GT, same x stations: every nearest distance is exactly 0.5,
+  # CD = 0.5. MapTR counts CD <= 0.5 as a TP (AP 1 at 0.5 m); a strict CD < 0.5 does not
+  # (legacy: AP 0 at 0.5 m, 1 at 1.0 and 1.5 m).
+  gts, preds = [_div([[0.0, 0.0], [10.0, 0.0]])], [_div([[0.0, 0.5], [10.0, 0.5]], 0.9)]
+  assert _one_class_ap(preds, gts, 'maptr') == {'0.5': 1.0, '1.0': 1.0, '1.5': 1.0}
+  assert _one_class_ap(preds, gts, 'legacy') == {'0.5': 0.0, '1.0': 1.0, '1.5': 1.0}
+
+
+def test_d_closest_gt_overall_not_closest_free():
+  # GTs A at y=0 and B at y=0.8 (x 0..10). p1 (score 0.9) lies on A (CD 0): TP. p2 (0.8) at
+  # y=0.1: CD 0.1 to A, 0.7 to B. MapTR gives p2 its closest GT overall, A, already taken:
+  # FP at every threshold -> TP, FP with 2 GTs: precision 1 at recall 1/2 -> AP 0.5.
+  # Closest-free (legacy) gives p2 B when 0.7 is within the threshold: at 1.0 and 1.5 m
+  # TP, TP -> AP 1; at 0.5 m B is out of reach -> AP 0.5 as well.
+  gts = [_div([[0.0, 0.0], [10.0, 0.0]]), _div([[0.0, 0.8], [10.0, 0.8]])]
+  preds = [_div([[0.0, 0.0], [10.0, 0.0]], 0.9), _div([[0.0, 0.1], [10.0, 0.1]], 0.8)]
+  assert _one_class_ap(preds, gts, 'maptr') == pytest.approx({'0.5': 0.5, '1.0': 0.5, '1.5': 0.5})
+  assert _one_class_ap(preds, gts, 'legacy') == pytest.approx({'0.5': 0.5, '1.0': 1.0,
+                                                               '1.5': 1.0})
+
+
+def test_maptr_drops_single_point_predictions_and_keeps_100_vertex_ones():
+  gts = [_div([[0.0, 0.0], [10.0, 0.0]])]
+  # A one-vertex prediction is not scored at all (not even as an FP).
+  result = vector_ap.evaluate_vectors({'s': [_div([[0.0, 0.0]], 0.99), _div(gts[0]['pts'], 0.5)]},
+                                      {'s': gts}, class_names=CLASSES, thresholds=(0.5,))
+  assert result['ap']['divider']['0.5'] == 1.0 and result['num_pred']['divider'] == 1
+  # A 100-vertex prediction is used as given: all vertices bunched at x=0 except the last.
+  bunched = np.concatenate([np.zeros((99, 2)), [[10.0, 0.0]]])
+  assert vector_ap.maptr_points(bunched, 100, is_prediction=True) is not None
+  np.testing.assert_array_equal(vector_ap.maptr_points(bunched, 100, is_prediction=True), bunched)
+  np.testing.assert_allclose(vector_ap.maptr_points(bunched, 100, is_prediction=False)[:, 0],
+                             np.linspace(0, 10, 100))
+
+
+# --- P-MapNet's released protocol (defects on purpose) -----------------------------------------
+
+# A 20 x 10 grid of 1 m pixels; thickness 1 draws one-pixel lines, so instances are easy to
+# count by hand. The row of y = 2.5 is row 2; x = 2.5 .. 15.5 covers columns 2 .. 15.
+PM_X, PM_Y = (0.0, 20.0, 1.0), (0.0, 10.0, 1.0)
+
+
+def _pmapnet(preds, gts):
+  return vector_ap.evaluate_vectors(preds, gts, class_names=CLASSES, thresholds=(0.5, 1.0, 1.5),
+                                    protocol='pmapnet', bev_x=PM_X, bev_y=PM_Y,
+                                    pmapnet_thickness=1)
+
+
+def _maptr(preds, gts):
+  return vector_ap.evaluate_vectors(preds, gts, class_names=CLASSES, thresholds=(0.5, 1.0, 1.5))
+
+
+LINE = [[2.5, 2.5], [15.5, 2.5]]
+
+
+def test_pmapnet_rasterizes_like_the_reference():
+  masks, conf = vector_ap.pmapnet_rasterize(
+      [_div(LINE, 0.7), {'cls': 'boundary', 'pts': [[2.9, 7.9], [2.9, 9.9], [30.0, 9.9]],
+                         'score': 0.4}],
+      class_names=CLASSES, bev_x=PM_X, bev_y=PM_Y, thickness=1)
+  assert masks.shape == (3, 10, 20) and masks.dtype == np.uint8
+  want = np.zeros((10, 20), np.uint8)
+  want[2, 2:16] = 1
+  np.testing.assert_array_equal(masks[0], want)
+  # Clipped at x = 20 (the box), truncated: column 2 rows 7..9, then row 9 columns 2..19 (the
+  # clip point x=20 maps to column 20, off the canvas); id 2 continues the count over classes.
+  want = np.zeros((10, 20), np.uint8)
+  want[7:10, 2] = 2
+  want[9, 2:20] = 2
+  np.testing.assert_array_equal(masks[2], want)
+  assert conf == [-1, 0.7, 0.4]
+
+
+def test_pmapnet_sorts_confidence_ascending():
+  # One GT; an exact copy (0.9) and a far FP (0.1, 5 rows away: CD 5, IoU 0). Ascending order
+  # ranks the FP first: precision 0 then 1/2 at recall 0 then 1; smoothed 1/2 at every
+  # sampled recall 0.1..1.0 -> AP 0.5. MapTR (descending): TP first -> AP 1.
+  gts = {'s': [_div(LINE)]}
+  preds = {'s': [_div(LINE, 0.9), _div([[2.5, 7.5], [15.5, 7.5]], 0.1)]}
+  assert _pmapnet(preds, gts)['ap']['divider'] == pytest.approx({'0.5': 0.5, '1.0': 0.5,
+                                                                 '1.5': 0.5})
+  assert _maptr(preds, gts)['ap']['divider'] == {'0.5': 1.0, '1.0': 1.0, '1.5': 1.0}
+
+
+def test_pmapnet_averages_per_sample():
+  # Sample a: GT and its exact copy (AP 1). Sample b: no GT, one prediction: scored AP 0 and
+  # counted. Per-sample mean 0.5; over the dataset (MapTR) the FP ranks after the TP: AP 1.
+  gts = {'a': [_div(LINE)], 'b': []}
+  preds = {'a': [_div(LINE, 0.9)], 'b': [_div([[2.5, 7.5], [15.5, 7.5]], 0.5)]}
+  assert _pmapnet(preds, gts)['ap']['divider'] == pytest.approx({'0.5': 0.5, '1.0': 0.5,
+                                                                 '1.5': 0.5})
+  assert _maptr(preds, gts)['ap']['divider'] == {'0.5': 1.0, '1.0': 1.0, '1.5': 1.0}
+  # A sample where the class has neither prediction nor GT is not counted.
+  gts['c'], preds['c'] = [], []
+  assert _pmapnet(preds, gts)['ap']['divider']['1.0'] == pytest.approx(0.5)
+
+
+def test_pmapnet_iou_gate_and_one_directional_chamfer():
+  # Prediction one row below the GT: every prediction pixel is 1 m from the GT (CD 1.0 < 1.5)
+  # but the one-pixel lines do not overlap (IoU 0 < 0.1): never matched -> AP 0. MapTR: CD 1.0
+  # -> TP at 1.0 and 1.5 m.
+  gts = {'s': [_div(LINE)]}
+  below = {'s': [_div([[2.5, 3.5], [15.5, 3.5]], 0.9)]}
+  assert _pmapnet(below, gts)['ap']['divider'] == {'0.5': 0.0, '1.0': 0.0, '1.5': 0.0}
+  assert _maptr(below, gts)['ap']['divider'] == {'0.5': 0.0, '1.0': 1.0, '1.5': 1.0}
+  # A 4-pixel piece on top of the 14-pixel GT: one-directional CD (prediction -> GT) is 0 and
+  # IoU 4/14 >= 0.1 -> TP, AP 1. MapTR's symmetric CD: GT->pred distances are 0 over 3 of the
+  # 13 m and average 5 m over the other 10 -> about 3.85 / 2 = 1.92 > 1.5 -> AP 0.
+  piece = {'s': [_div([[2.5, 2.5], [5.5, 2.5]], 0.9)]}
+  assert _pmapnet(piece, gts)['ap']['divider'] == {'0.5': 1.0, '1.0': 1.0, '1.5': 1.0}
+  assert _maptr(piece, gts)['ap']['divider'] == {'0.5': 0.0, '1.0': 0.0, '1.5': 0.0}
+
+
+def test_cli_protocols_and_mismatched_setup(tmp_path, capsys):
+  gts = {'s': [_div(LINE)]}
+  preds = {'s': [_div(LINE, 0.9), _div([[2.5, 7.5], [15.5, 7.5]], 0.1)]}
+  pred_path, gt_path = tmp_path / 'predictions.json', tmp_path / 'gt.json'
+  pred_path.write_text(json.dumps(vector_ap.vector_file(preds, bev_x=PM_X, bev_y=PM_Y,
+                                                        class_names=CLASSES)))
+  gt_path.write_text(json.dumps(vector_ap.vector_file(gts, bev_x=PM_X, bev_y=PM_Y,
+                                                      class_names=CLASSES)))
+  assert vector_ap.main(['--pred', str(pred_path), '--gt', str(gt_path)])['map'] == 1.0
+  pm = vector_ap.main(['--pred', str(pred_path), '--gt', str(gt_path), '--protocol', 'pmapnet'])
+  assert pm['protocol'] == 'pmapnet' and '"defects"' in capsys.readouterr().out
+  other = tmp_path / 'gt_120.json'
+  other.write_text(json.dumps(vector_ap.vector_file(gts, bev_x=(0.0, 40.0, 2.0), bev_y=PM_Y,
+                                                    class_names=CLASSES)))
+  with pytest.raises(ValueError, match=r'predictions\.json has bev_x=.*gt_120\.json has bev_x'):
+    vector_ap.main(['--pred', str(pred_path), '--gt', str(other)])
+  other.write_text(json.dumps(vector_ap.vector_file(gts, bev_x=PM_X, bev_y=PM_Y,
+                                                    class_names=('divider', 'boundary'))))
+  with pytest.raises(ValueError, match=r'predictions\.json has classes=.*gt_120\.json has class'):
+    vector_ap.main(['--pred', str(pred_path), '--gt', str(other)])
+  with pytest.raises(ValueError, match="protocol 'hdmapnet' is unknown"):
+    vector_ap.evaluate_vectors(preds, gts, class_names=CLASSES, thresholds=(1.0,),
+                               protocol='hdmapnet')
