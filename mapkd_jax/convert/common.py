@@ -86,8 +86,9 @@ def load_torch_state_dict(path: str, *, allow_pickle: bool = False) -> dict[str,
   try:
     obj = torch.load(path, map_location='cpu', weights_only=not allow_pickle)
   except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...)
-    hint = ('' if allow_pickle else ' (if it is a trusted checkpoint holding non-tensor objects, '
-            'retry with --allow_pickle)')
+    blocked = 'weights_only' in str(e) or 'Unpickler' in str(e)
+    hint = (' (a trusted checkpoint holding non-tensor objects: retry with --allow_pickle)'
+            if blocked and not allow_pickle else '')
     raise ValueError(f'{path}: torch.load cannot read it: {type(e).__name__}: '
                      f'{str(e).splitlines()[0] if str(e) else ""}{hint}') from e
   return unwrap_state_dict(obj, path)
