@@ -126,7 +126,10 @@ def restore_frozen(config, workdir, models, dummy_batch, mesh):
 
 
 def apply_init(state, config, workdir, mesh):
-  """Fresh state + pretrained parts: the HD-prior module from hd_pretrain (teacher, coach)."""
+  """Fresh state + pretrained parts: converted EfficientNet-B0 weights (init.image_encoder,
+  every stage) and the HD-prior module from hd_pretrain (teacher, coach)."""
+  if config.init.image_encoder:
+    state = _init_image_encoders(state, config)
   if config.stage not in INIT_DEPS or 'hd_prior' not in state.params['model']:
     return state
   key, stage = INIT_DEPS[config.stage]
@@ -142,4 +145,18 @@ def apply_init(state, config, workdir, mesh):
   if 'hd_prior' in mae_vars.get('batch_stats', {}):  # its BatchNorm statistics come along
     batch_stats['hd_prior'] = mae_vars['batch_stats']['hd_prior']
   logging.info('Initialized %s.hd_prior (params and batch stats) from %s', config.stage, ckpt_dir)
+  return state.replace(params={**state.params, 'model': params}, batch_stats=batch_stats)
+
+
+def _init_image_encoders(state, config):
+  """Every EfficientNet-B0 of the model <- the item `python -m mapkd_jax.convert efficientnet`
+  wrote (ImageNet trunk or a reference CamEncode); the rest of each encoder stays at init."""
+  from mapkd_jax.convert import efficientnet as convert_eff  # no torch: loading needs orbax only
+  item = convert_eff.read_item(config.init.image_encoder)
+  params, batch_stats, log = convert_eff.overlay(
+      state.params['model'], state.batch_stats, item, source=config.init.image_encoder)
+  for path, entry in log.items():
+    logging.info('init.image_encoder %s -> %s: loaded %s; left at init: %s',
+                 config.init.image_encoder, path, entry['loaded'] or 'nothing',
+                 entry['left_at_init'] or 'nothing')
   return state.replace(params={**state.params, 'model': params}, batch_stats=batch_stats)

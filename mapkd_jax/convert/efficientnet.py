@@ -256,3 +256,85 @@ def run(args):
   summary.update(item=item, mapped=len(report['mapped']), ignored=len(report['ignored']))
   print(json.dumps(summary, indent=2))
   return summary
+
+
+# -- loading a converted item into a model (config.init.image_encoder; no torch needed) --------
+ENCODER_MODULE = 'EfficientNetB0_0'
+INIT_KEY = 'config.init.image_encoder'
+
+
+def encoder_paths(params) -> list[tuple]:
+  """Paths (tuples of keys) of every EfficientNetB0 subtree in a params tree, sorted."""
+  found = set()
+  for path in traverse_util.flatten_dict(params):
+    if ENCODER_MODULE in path:
+      found.add(path[:path.index(ENCODER_MODULE) + 1])
+  return sorted(found)
+
+
+def read_item(out_dir: str):
+  """The {'params', 'batch_stats'} written by `save` (numpy arrays); errors name INIT_KEY."""
+  import os
+
+  import orbax.checkpoint as ocp
+  item = os.path.join(os.path.abspath(out_dir), ITEM)
+  if not os.path.isdir(item):
+    raise ValueError(f'{INIT_KEY}={out_dir!r}: no converted item {item} (write one with '
+                     f'`python -m mapkd_jax.convert efficientnet --input FILE.pth --out DIR`)')
+  try:
+    variables = ocp.StandardCheckpointer().restore(item)
+  except Exception as e:  # orbax raises many types for a broken / foreign directory
+    raise ValueError(f'{INIT_KEY}={out_dir!r}: cannot read the Orbax item {item}: {e}') from e
+  if not isinstance(variables, dict) or 'params' not in variables:
+    raise ValueError(f"{INIT_KEY}={out_dir!r}: {item} has no 'params' (not written by "
+                     'mapkd_jax.convert efficientnet?)')
+  return variables
+
+
+def overlay(params, batch_stats, item, *, source: str = '?'):
+  """Puts `item` (an EfficientNetB0 variables tree) into every EfficientNetB0 of a model.
+
+  Args:
+    params, batch_stats: the model's variable collections (nested dicts of jax arrays).
+    item: {'params': ..., 'batch_stats': ...} relative to the EfficientNetB0 module (all of it,
+      or only the trunk for a converted bare efficientnet file).
+    source: the item's directory, for messages.
+  Returns:
+    (params, batch_stats, log) with each loaded leaf placed like the leaf it replaces (same
+    dtype and sharding); log = {encoder path: {'loaded': [modules], 'left_at_init': [modules]}}.
+  Raises:
+    ValueError naming INIT_KEY and the path when the model has no EfficientNet-B0, or a leaf of
+    the item is missing from an encoder or has another shape there.
+  """
+  import jax
+  import numpy as np
+  encoders = encoder_paths(params)
+  if not encoders:
+    raise ValueError(f"{INIT_KEY}={source!r}: this model has no EfficientNet-B0 (set "
+                     "config.model.camera.image_encoder / config.model.lss.image_encoder to "
+                     "'efficientnet_b0', or leave init.image_encoder empty)")
+  trees = {'params': params, 'batch_stats': batch_stats}
+  flat = {col: traverse_util.flatten_dict(tree) for col, tree in trees.items()}
+  log = {}
+  for enc in encoders:
+    loaded, present = set(), set()
+    for col in trees:
+      for path in flat[col]:
+        if path[:len(enc)] == enc:
+          present.add(path[len(enc)])
+      for rel, value in traverse_util.flatten_dict(item.get(col, {})).items():
+        path = enc + rel
+        where = '/'.join((col,) + path)
+        if path not in flat[col]:
+          raise ValueError(f'{INIT_KEY}={source!r}: {col}/{"/".join(rel)} of the item has no '
+                           f'counterpart {where} in the model (different encoder head? convert '
+                           'the bare trunk instead)')
+        old = flat[col][path]
+        if tuple(np.shape(value)) != tuple(old.shape):
+          raise ValueError(f'{INIT_KEY}={source!r}: {col}/{"/".join(rel)} has shape '
+                           f'{tuple(np.shape(value))}, the model\'s {where} {tuple(old.shape)}')
+        flat[col][path] = jax.device_put(np.asarray(value, old.dtype), old.sharding)
+        loaded.add(rel[0])
+    log['/'.join(enc)] = {'loaded': sorted(loaded), 'left_at_init': sorted(present - loaded)}
+  return (traverse_util.unflatten_dict(flat['params']),
+          traverse_util.unflatten_dict(flat['batch_stats']), log)

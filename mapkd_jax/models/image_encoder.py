@@ -307,7 +307,8 @@ class ImageEncoder(nn.Module):
   Attributes:
     kind: one of ENCODER_KINDS.
     out_channels: channels of the returned 1/16 map.
-    fusion_channels: EfficientNet fusion width (config `fusion_channels`).
+    fusion_channels: EfficientNet head (config `fusion_channels`): 0 = HDMapNet camera
+      CamEncode, > 0 = lift-splat CamEncode with a 1x1 conv (see EfficientNetB0).
     resnet_widths: ResNetSmall widths (config `resnet_widths`).
     dtype: compute dtype (precision.compute_dtype).
   """
@@ -315,14 +316,16 @@ class ImageEncoder(nn.Module):
   out_channels: int
   fusion_channels: int
   resnet_widths: Sequence[int]
+  drop_connect_rate: float = 0.0   # EfficientNet stochastic depth (config `drop_connect_rate`)
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     """images: [B', H, W, 3] -> [B', ceil(H/16), ceil(W/16), out_channels]."""
     if self.kind == 'efficientnet_b0':
-      return EfficientNetB0(self.out_channels, self.fusion_channels, dtype=self.dtype)(
-          images, train=train)
+      return EfficientNetB0(self.out_channels, self.fusion_channels,
+                            drop_connect_rate=self.drop_connect_rate, dtype=self.dtype)(
+                                images, train=train)
     if self.kind == 'resnet_small':
       return ResNetSmall(self.out_channels, tuple(self.resnet_widths), dtype=self.dtype)(
           images, train=train)
@@ -330,7 +333,9 @@ class ImageEncoder(nn.Module):
 
 
 def encoder_from_section(section, out_channels, dtype=jnp.float32):
-  """ImageEncoder for a config section with image_encoder/fusion_channels/resnet_widths."""
+  """ImageEncoder for a config section with image_encoder / fusion_channels / resnet_widths /
+  drop_connect_rate."""
   return ImageEncoder(kind=section.image_encoder, out_channels=out_channels,
                       fusion_channels=section.fusion_channels,
-                      resnet_widths=tuple(section.resnet_widths), dtype=dtype)
+                      resnet_widths=tuple(section.resnet_widths),
+                      drop_connect_rate=section.drop_connect_rate, dtype=dtype)
