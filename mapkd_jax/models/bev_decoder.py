@@ -23,14 +23,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mapkd_jax.models import precision
+from mapkd_jax.models.image_encoder import TORCH_BN
+from mapkd_jax.models.image_encoder import resize_bilinear_align_corners as resize_align_corners
 
-# torch.nn.BatchNorm2d defaults (the reference never changes them). Torch's momentum is the
-# weight of the new batch statistic; flax's is the weight of the running value.
-BN_EPSILON = 1e-5
-BN_MOMENTUM = 0.9   # = 1 - torch's 0.1
+# torch.nn.BatchNorm2d defaults (the reference never changes them): eps 1e-5, torch momentum
+# 0.1 = flax momentum 0.9 (torch weighs the new batch statistic, flax the running value).
+BN_EPSILON = TORCH_BN['bn_eps']
+BN_MOMENTUM = TORCH_BN['bn_momentum']
 HEADS = ('semantic', 'embedding', 'direction')
 
 
@@ -38,36 +39,6 @@ def batch_norm(train, dtype, name=None):
   """BatchNorm with torch's defaults (see BN_EPSILON, BN_MOMENTUM)."""
   return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                       dtype=dtype, name=name)
-
-
-def _align_corners_axis(x, out_size, axis):
-  """Linear resize of one axis with align_corners=True (torch): corners map to corners."""
-  in_size = x.shape[axis]
-  if in_size == out_size:
-    return x
-  # Source coordinate of output i: i * (in - 1) / (out - 1); torch uses 0 when out == 1.
-  scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-  src = np.arange(out_size, dtype=np.float64) * scale
-  lo = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
-  hi = np.minimum(lo + 1, in_size - 1)
-  shape = [1] * x.ndim
-  shape[axis] = out_size
-  frac = jnp.asarray((src - lo).reshape(shape), x.dtype)
-  x_lo, x_hi = jnp.take(x, lo, axis=axis), jnp.take(x, hi, axis=axis)
-  return x_lo + (x_hi - x_lo) * frac
-
-
-def resize_align_corners(x, out_hw):
-  """Bilinear resize with align_corners=True (torch `nn.Upsample(..., align_corners=True)`).
-
-  Args:
-    x: [B, H, W, C].
-    out_hw: (H', W') output size. `scale_factor=s` in torch is out = s * in: the same map.
-
-  Returns:
-    [B, H', W', C] in x.dtype; separable (rows, then columns), as torch computes it.
-  """
-  return _align_corners_axis(_align_corners_axis(x, out_hw[0], 1), out_hw[1], 2)
 
 
 def resize_half_pixel(x, out_hw):

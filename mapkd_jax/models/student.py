@@ -25,7 +25,14 @@ class Student(nn.Module):
   """
   config: object
 
-  @nn.compact
+  def setup(self):
+    dtype = precision.compute_dtype(self.config)
+    self.camera = CameraBEV(self.config)
+    self.expand = [ConvBN(width, 3, 1, 1, use_bias=True, dtype=dtype, name=f'expand_{i}')
+                   for i, width in enumerate(self.config.model.student.expand_channels)]
+    self.neck = BEVNeck(self.config)
+    self.decoder = BEVDecoder(self.config)
+
   def __call__(self, batch, *, train: bool):
     """batch: the schema batch; only images, intrinsics, cam_rotation, cam_translation are read.
 
@@ -34,12 +41,17 @@ class Student(nn.Module):
       bev_small [B, h, w, neck.channels]; all float32 (computed in
       precision.compute_dtype(config)).
     """
-    dtype = precision.compute_dtype(self.config)
-    x = CameraBEV(self.config, name='camera')(batch, train=train)
-    for i, width in enumerate(self.config.model.student.expand_channels):
-      x = ConvBN(width, 3, 1, 1, use_bias=True, dtype=dtype, name=f'expand_{i}')(x, train=train)
-    bev_small = BEVNeck(self.config, name='neck').down(x, train=train)
+    return self.decode(self.camera(batch, train=train), train=train)
+
+  def decode(self, camera_bev, *, train: bool):
+    """Everything after the camera branch (reference: from `topdown` on).
+
+    camera_bev: [B, Hb, Wb, camera.channels] -> the outputs of __call__.
+    """
+    x = camera_bev
+    for layer in self.expand:
+      x = layer(x, train=train)
+    bev_small = self.neck.down(x, train=train)
     canvas = schema.bev_shape(self.config.data.bev_x, self.config.data.bev_y)
-    x = resize_half_pixel(bev_small, canvas)
-    out = BEVDecoder(self.config, name='decoder')(x, train=train)
+    out = self.decoder(resize_half_pixel(bev_small, canvas), train=train)
     return precision.outputs_to_float32({**out, 'bev_small': bev_small})

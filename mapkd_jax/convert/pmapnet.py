@@ -1,0 +1,272 @@
+"""P-MapNet / MapKD PyTorch checkpoints -> a stage checkpoint of this project.
+
+  python -m mapkd_jax.convert pmapnet --input student.pt --config configs/tcs.py:student \
+      --workdir ROOT
+
+writes ROOT/<stage>/checkpoints/0, read like a trained stage's checkpoint by
+`mapkd_jax.evaluate` / `mapkd_jax.export` (`--checkpoint latest` or `0`: a converted
+checkpoint has no validation metric, so no `best/`) and, for teacher / coach, by a later
+stage's `frozen.teacher` / `frozen.coach`. Its `meta` records the source file; its optimizer
+state is a fresh one, so `launch.py` on the same workdir fine-tunes from the converted weights.
+
+Name mapping (reference module -> our parameters; `reference` = MapKD `PMapNet_sdmap_S`):
+  camencode.*            -> camera/<image encoder>   (convert/efficientnet.py)
+  view_fusion.*          -> camera/<view MLP>        (convert/hdmapnet_camera.py)
+  feature_expand.conv{k}/bn{k}  -> expand_{k-1}/conv, bn
+  conv_bev.{2i}          -> neck/down_i/conv (last: + conv_bev.{2i+1} -> neck/down_i/bn)
+  conv_up.{2i}           -> neck/up_i/conv  (teacher / coach; kernel flipped, see below)
+  bevencode.conv1, bn1   -> decoder/stem/conv, bn
+  bevencode.layer{l}.{j}.conv{k}/bn{k}/downsample.{0,1} -> decoder/layer{l}_{j}/conv{k}|downsample
+  bevencode.up1{,_embedded,_direction}.conv.{0,1,3,4}   -> decoder/up_{semantic,embedding,
+                                                           direction}/conv1, conv2
+  bevencode.up2{,...}.{1,2,4}                           -> decoder/head_{...}/conv1, out
+Ignored by name in a student checkpoint: input_proj, conv_osm, conv_up (built by the reference
+student but never called by its forward) and every BatchNorm's num_batches_tracked.
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from mapkd_jax.convert import common
+from mapkd_jax.models.bev_decoder import HEADS
+
+SEP = common.SEP
+# Reference head module suffixes, in our HEADS order (semantic, embedding, direction).
+_REFERENCE_HEADS = dict(zip(HEADS, ('', '_embedded', '_direction')))
+# Built by the reference student (PMapNet_sdmap_S.__init__) but unused by its forward.
+STUDENT_UNUSED = {
+    'input_proj.': 'student: 1x1 projection for the SD cross-attention, which the student '
+                   'does not run',
+    'conv_osm.': 'student: SD-prior encoder, unused (no SD input at inference)',
+    'conv_up.': 'student: transposed convs after the SD cross-attention, unused',
+}
+# What each stage needs beyond the student's blocks; no mapping for these exists yet.
+_MISSING = {
+    'teacher': ('pp (PointPillars)', 'sdmap_crossattn / input_proj / conv_osm (SD attention)',
+                'mae_head (ViT-B/8 HD refinement)'),
+    'coach': ('lift-splat camencode_L / depthnet (simulated LiDAR)',
+              'sdmap_crossattn / input_proj / conv_osm (SD attention)',
+              'mae_head (ViT-B/8 HD refinement)'),
+    'hd_pretrain': ('ViT-B/8 masked autoencoder (map_mae_head)',),
+}
+
+
+def transposed_conv_kernel(weight: np.ndarray) -> np.ndarray:
+  """torch ConvTranspose2d weight [I, O, kh, kw] -> our ConvTranspose kernel [kh, kw, I, O].
+
+  torch's transposed conv correlates the stride-dilated input with the spatially flipped
+  kernel; flax's ConvTranspose (transpose_kernel=False) correlates with the kernel as stored,
+  so the flip happens here.
+  """
+  if weight.ndim != 4:
+    raise ValueError(f'transposed conv weight must be 4-d [I, O, kh, kw], got {weight.shape}')
+  return np.transpose(weight[:, :, ::-1, ::-1], (2, 3, 0, 1))
+
+
+def _conv_bn(conv, target, conv_source, bn_source=None, *, bias=None):
+  """Our ConvBN at `target` (submodules conv, bn) from a torch conv and optional BN."""
+  conv.conv(f'{target}{SEP}conv', conv_source, bias=bias)
+  if bn_source is not None:
+    conv.batch_norm(f'{target}{SEP}bn', bn_source)
+
+
+def convert_neck_down(conv, num_layers, target='neck', source='conv_bev'):
+  """Reference conv_bev (Sequential: conv, ReLU, ..., conv, BN, ReLU) -> neck/down_i."""
+  for i in range(num_layers):
+    last = i == num_layers - 1
+    _conv_bn(conv, f'{target}{SEP}down_{i}', f'{source}.{2 * i}',
+             f'{source}.{2 * i + 1}' if last else None, bias=not last)
+
+
+def convert_neck_up(conv, num_layers, target='neck', source='conv_up'):
+  """Reference conv_up (ConvTranspose2d k4 s2 p1 ..., BN on the last) -> neck/up_i."""
+  for i in range(num_layers):
+    last = i == num_layers - 1
+    name, path = f'{source}.{2 * i}', f'params{SEP}{target}{SEP}up_{i}{SEP}conv'
+    conv.put(f'{path}{SEP}kernel', f'{name}.weight', transposed_conv_kernel)
+    if not last:
+      conv.put(f'{path}{SEP}bias', f'{name}.bias')
+    elif f'{name}.bias' in conv.source:
+      raise ValueError(f'{conv.origin}: {name}.bias present but the last up conv has no bias')
+    if last:
+      conv.batch_norm(f'{target}{SEP}up_{i}{SEP}bn', f'{source}.{2 * i + 1}')
+
+
+def convert_decoder(conv, layer_blocks, target='decoder', source='bevencode'):
+  """HDMapNet/P-MapNet BevEncode -> our BEVDecoder.
+
+  Args:
+    conv: a common.Conversion.
+    layer_blocks: blocks per ResNet layer (config.model.decoder.blocks_per_layer; 2 = ResNet-18).
+  """
+  _conv_bn(conv, f'{target}{SEP}stem', f'{source}.conv1', f'{source}.bn1', bias=False)
+  for layer in (1, 2, 3):
+    for block in range(layer_blocks):
+      src, dst = f'{source}.layer{layer}.{block}', f'{target}{SEP}layer{layer}_{block}'
+      for k in (1, 2):
+        _conv_bn(conv, f'{dst}{SEP}conv{k}', f'{src}.conv{k}', f'{src}.bn{k}', bias=False)
+      if f'{src}.downsample.0.weight' in conv.source:
+        _conv_bn(conv, f'{dst}{SEP}downsample', f'{src}.downsample.0', f'{src}.downsample.1',
+                 bias=False)
+  for head, suffix in _REFERENCE_HEADS.items():
+    up, up2 = f'{source}.up1{suffix}.conv', f'{source}.up2{suffix}'
+    _conv_bn(conv, f'{target}{SEP}up_{head}{SEP}conv1', f'{up}.0', f'{up}.1', bias=False)
+    _conv_bn(conv, f'{target}{SEP}up_{head}{SEP}conv2', f'{up}.3', f'{up}.4', bias=False)
+    _conv_bn(conv, f'{target}{SEP}head_{head}{SEP}conv1', f'{up2}.1', f'{up2}.2', bias=False)
+    conv.conv(f'{target}{SEP}head_{head}{SEP}out', f'{up2}.4', bias=True)
+
+
+def convert_feature_expansion(conv, num_convs, target='', source='feature_expand'):
+  """MapKD FeatureExpansionModule (conv{k} with bias, bn{k}) -> expand_{k-1}."""
+  if num_convs != 2:
+    raise ValueError(f'config.model.student.expand_channels has {num_convs} entries; the '
+                     'reference FeatureExpansionModule has exactly 2 convs (64 -> 96 -> 192)')
+  for k in (1, 2):
+    _conv_bn(conv, f'{target}expand_{k - 1}', f'{source}.conv{k}', f'{source}.bn{k}', bias=True)
+
+
+def _convert_camera(conv, config):
+  """camencode.* and view_fusion.* -> camera/*, via the camera converters (A and B2)."""
+  try:
+    from mapkd_jax.convert import hdmapnet_camera
+  except ImportError as e:
+    raise ValueError(f'{conv.origin}: not yet supported: missing mappings for camencode / '
+                     f'view_fusion (mapkd_jax/convert/hdmapnet_camera.py: {e})') from e
+  hdmapnet_camera.convert_camera(conv, config, target='camera', source='')
+
+
+def student_tail_conversion(conv, config):
+  """Everything of the student after the camera branch, plus the reference's unused blocks."""
+  convert_feature_expansion(conv, len(config.model.student.expand_channels))
+  convert_neck_down(conv, config.model.neck.num_layers)
+  convert_decoder(conv, config.model.decoder.blocks_per_layer)
+  for prefix, reason in STUDENT_UNUSED.items():
+    conv.ignore_prefix(prefix, reason)
+
+
+# Names a MapKD student checkpoint must have: the first, readable check of a wrong file.
+EXPECTED_STUDENT_NAMES = ('feature_expand.conv1.weight', 'conv_bev.0.weight',
+                          'bevencode.conv1.weight', 'bevencode.up1_direction.conv.0.weight',
+                          'camencode.trunk._conv_stem.weight', 'view_fusion.hw_mat.0.0.weight')
+
+
+def convert_state_dict(state_dict, config, abstract_variables, *, origin='state dict',
+                       camera=True):
+  """A reference state dict -> (our variables {'params', 'batch_stats'}, conversion report).
+
+  Args:
+    state_dict: {name: np.ndarray} (common.load_torch_state_dict).
+    config: the stage's config; only 'student' is supported.
+    abstract_variables: the stage model's variables tree (shapes), e.g. from jax.eval_shape.
+    origin: the file name, for errors.
+    camera: convert the camera branch (False: the tail only, for tests of the tail).
+  Raises:
+    ValueError naming the stage's missing mappings for teacher / coach / hd_pretrain, naming
+    missing and unexpected tensors for a state dict of another model, and naming both sides
+    of any shape mismatch.
+  """
+  stage = config.stage
+  if stage in _MISSING:
+    raise ValueError(f'convert pmapnet: stage {stage!r} is not yet supported: missing mappings '
+                     f'for {"; ".join(_MISSING[stage])}. Only the student converts today.')
+  if stage != 'student':
+    raise ValueError(f'convert pmapnet: unknown stage {stage!r}')
+  names = [n for n in EXPECTED_STUDENT_NAMES
+           if camera or not n.startswith(('camencode.', 'view_fusion.'))]
+  common.check_names(state_dict, names, what='MapKD student (PMapNet_sdmap_S)', origin=origin)
+  target = abstract_variables if camera else _without_camera(abstract_variables)
+  conv = common.Conversion(state_dict, target, origin=origin)
+  if camera:
+    _convert_camera(conv, config)
+  else:
+    conv.ignore_prefix('camencode.', 'camera branch not converted (camera=False)')
+    conv.ignore_prefix('view_fusion.', 'camera branch not converted (camera=False)')
+  student_tail_conversion(conv, config)
+  return conv.finish(), conv.report()
+
+
+def _without_camera(variables):
+  return {col: {k: v for k, v in tree.items() if k != 'camera'}
+          for col, tree in variables.items()}
+
+
+def convert_file(path, config_name, config, workdir, *, allow_pickle=False):
+  """Reads `path`, converts it for `config`'s stage and saves ROOT/<stage>/checkpoints/0.
+
+  Returns:
+    A summary dict (also written to ROOT/<stage>/convert.json): the source file, step,
+    checkpoint directory, tensors mapped / ignored, seconds.
+  """
+  import jax
+  from mapkd_jax import checkpoint as ckpt_lib
+  from mapkd_jax import sharding, stages, trainer
+  from mapkd_jax import train_step as step_lib
+
+  start = time.time()
+  state_dict = common.load_torch_state_dict(path, allow_pickle=allow_pickle)
+  if config.stage in _MISSING:   # before building any model: fail fast
+    convert_state_dict(state_dict, config, {}, origin=path)
+  mesh = sharding.make_mesh()
+  models = step_lib.make_models(config)
+  state, _, _, _ = trainer.initial_state(config, models, step_lib.make_tgpd(config),
+                                         step_lib.make_optimizer(config), mesh)
+  variables, report = convert_state_dict(
+      state_dict, config, jax.device_get(trainer._variables_of(state)), origin=path)
+  repl = sharding.replicated(mesh)
+  variables = jax.tree.map(lambda x: jax.device_put(x, repl), variables)
+  stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
+  latest, _ = ckpt_lib.managers(stage_dir, max_to_keep=config.train.keep_checkpoints)
+  if latest.latest_step() is not None:
+    raise ValueError(f'{latest.directory}: already holds checkpoints (latest step '
+                     f'{latest.latest_step()}); convert into an empty workdir')
+  meta = {'stage': config.stage, 'nokd': config.nokd, 'step': 0,
+          'config': json.loads(config.to_json_best_effort()), 'metrics': {},
+          'converted_from': os.path.abspath(path), 'converter': 'mapkd_jax.convert pmapnet',
+          'config_name': config_name}
+  ckpt_lib.save(latest, 0, variables=variables, opt_state=trainer._train_extra_of(state),
+                data_position={'epoch': 0, 'batch': 0}, meta=meta)
+  latest.wait_until_finished()
+  summary = {'source': os.path.abspath(path), 'stage': config.stage, 'step': 0,
+             'checkpoint_dir': str(latest.directory), 'mapped': len(report['mapped']),
+             'ignored': report['ignored'], 'seconds': round(time.time() - start, 2)}
+  with open(os.path.join(stage_dir, 'convert.json'), 'w') as f:
+    json.dump({**summary, 'mapping': report['mapped']}, f, indent=2)
+  return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+  parser.add_argument('--input', required=True, help='P-MapNet / MapKD torch checkpoint (.pt)')
+  parser.add_argument('--config', required=True,
+                      help='configs/tcs.py:<stage>[,modifiers]: the stage to convert into')
+  parser.add_argument('--workdir', required=True, help='ROOT; writes ROOT/<stage>/checkpoints/0')
+  parser.add_argument('--allow_pickle', action='store_true',
+                      help='unpickle arbitrary objects in the file (trusted files only)')
+
+
+def load_config(spec):
+  """'configs/tcs.py:<arg>' -> the validated, frozen config (as launch.py's --config builds it)."""
+  import importlib.util
+
+  import ml_collections
+  from mapkd_jax import config_lib
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'--config {spec!r}: no config file {path!r}')
+  module_spec = importlib.util.spec_from_file_location('_convert_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  config_lib.validate(config)
+  return ml_collections.FrozenConfigDict(config)
+
+
+def run(args):
+  """Entry point for `python -m mapkd_jax.convert pmapnet` (args from add_arguments)."""
+  config = load_config(args.config)
+  summary = convert_file(args.input, args.config, config, args.workdir,
+                         allow_pickle=args.allow_pickle)
+  print(json.dumps(summary, indent=2))
+  return summary
