@@ -71,11 +71,12 @@ def get_config(arg=None):
           fusion_channels=0,                 # 0 = HDMapNet CamEncode: Up(320+112, channels), no 1x1
           drop_connect_rate=0.2,             # efficientnet_pytorch B0 stochastic depth (training)
           resnet_widths=(32, 64, 128, 256),  # resnet_small stem + 3 stages
-          patch_shape=(40, 80),              # view-MLP BEV patch (forward, lateral) cells
-          patch_margin=2.0,                  # metres added to the canvas reach of the patch
+          view_transform='hdmapnet',         # reference IPM, or 'metric' (models/camera.py)
+          patch_divisor=5,                   # view-MLP patch = canvas // this (reference 40x80)
           view_mlp_layers=2,
-          ipm_stride=2,                      # IPM on the canvas / stride, then upsampled
-          ground_height=0.0),                # ego z of the ground plane, metres
+          patch_margin=2.0,                  # 'metric': metres added to the patch's reach
+          ipm_stride=2,                      # 'metric': IPM on the canvas / stride, upsampled
+          ground_height=0.0),                # 'metric': ego z of the ground plane, metres
       lss=dict(          # lift-splat simulated LiDAR (coach; models/lss.py)
           image_encoder='efficientnet_b0', fusion_channels=512,   # LSS CamEncode: Up to 512, 1x1
           drop_connect_rate=0.2,
@@ -153,7 +154,7 @@ def get_config(arg=None):
     config.data.synthetic = dict(scenes=3, samples_per_scene=8, seed=0, image_size=(108, 192), sweeps=2,
                                  val_fraction=0.2)
     config.model.camera.update(image_encoder='resnet_small', channels=16,
-                               resnet_widths=(8, 16, 24, 32), patch_shape=(8, 16))
+                               resnet_widths=(8, 16, 24, 32))
     config.model.lss.update(image_encoder='resnet_small', resnet_widths=(8, 16, 24, 32),
                             depth_bins=(4.0, 44.0, 4.0), context_channels=16, out_channels=32)
     config.model.neck.update(channels=32, num_layers=1)

@@ -82,6 +82,61 @@ def _ipm_ref(patches, intr, rot, trans, *, bev_x, bev_y, stride, image_hw, forwa
   return out
 
 
+def _hdmapnet_ipm_ref(patches, rot, trans, canvas_hw):
+  """HDMapNet IPM per grid point and camera: clip-then-weight bilinear, max incl. unseen zeros."""
+  batch, cams, ph, pw, channels = patches.shape
+  res = pw * 3 // 4
+  h, w = canvas_hw[0] // 2, canvas_hw[1] // 2
+  out = np.zeros((batch, h, w, channels))
+  for b in range(batch):
+    for i in range(h):
+      for j in range(w):
+        point = np.array([-res + j * 2 * res / (w - 1), -res / 2 + i * res / (h - 1), 0.0])
+        values = []
+        for n in range(cams):
+          p_cam = rot[b, n].T.astype(np.float64) @ (point - trans[b, n])
+          x, y = p_cam[2] - pw / 8, p_cam[0] + ph / 2     # patch column, row
+          x0, y0 = math.floor(x), math.floor(y)
+          x0c, x1c = min(max(x0, 0), pw - 1), min(max(x0 + 1, 0), pw - 1)
+          y0c, y1c = min(max(y0, 0), ph - 1), min(max(y0 + 1, 0), ph - 1)
+          patch = patches[b, n].astype(np.float64)
+          values.append((x1c - x) * (y1c - y) * patch[y0c, x0c]
+                        + (x1c - x) * (y - y0c) * patch[y1c, x0c]
+                        + (x - x0c) * (y1c - y) * patch[y0c, x1c]
+                        + (x - x0c) * (y - y0c) * patch[y1c, x1c])
+        out[b, i, j] = np.max(values, axis=0)
+  return out
+
+
+@pytest.mark.parametrize('batch,canvas_hw,channels', [
+    (1, (20, 40), 1),    # patch 4 x 8: most points outside
+    (2, (50, 100), 3),   # the tiny config's canvas: patch 10 x 20, IPM 25 x 50
+])
+def test_hdmapnet_ipm_matches_loop(batch, canvas_hw, channels):
+  patch_hw = camera.view_patch_shape(canvas_hw, 5)
+  rng = np.random.default_rng(batch)
+  patches = rng.normal(size=(batch, 6, *patch_hw, channels)).astype(np.float32)   # signed
+  _, rot, trans = _rig(batch, 6, (16, 40), seed=batch)
+  x_bound, y_bound, grid_hw = camera.hdmapnet_ipm_bounds(canvas_hw, patch_hw)
+  assert grid_hw == (canvas_hw[0] // 2, canvas_hw[1] // 2)
+  got = jax.jit(camera.hdmapnet_ipm)(patches, rot, trans,
+                                     camera.hdmapnet_plane_grid(x_bound, y_bound, grid_hw))
+  want = _hdmapnet_ipm_ref(patches, rot, trans, canvas_hw)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+  assert np.count_nonzero(want) > 0 and np.count_nonzero(want == 0) > 0
+
+
+def test_hdmapnet_ipm_bounds_reference_sizes():
+  # HDMapNet.__init__ at the 200 x 400 canvas: bv_size 40 x 80, res_x 60, IPM 100 x 200.
+  x_bound, y_bound, grid_hw = camera.hdmapnet_ipm_bounds((200, 400), (40, 80))
+  assert x_bound == (-60, 60, 0.6) and y_bound == (-30.0, 30.0, 0.6) and grid_hw == (100, 200)
+  assert camera.view_patch_shape((200, 400), 5) == (40, 80)
+  with pytest.raises(ValueError, match='IPM grid'):
+    camera.hdmapnet_ipm_bounds((51, 100), (10, 20))   # odd canvas: x2 upsampling misses it
+  with pytest.raises(ValueError, match='patch_divisor'):
+    camera.view_patch_shape((8, 16), 5)
+
+
 @pytest.mark.parametrize('batch,cams,patch_hw,channels,stride,reach_margin', [
     (1, 1, (4, 6), 1, 2, 2.0),
     (2, 3, (5, 8), 3, 1, 2.0),
@@ -270,6 +325,36 @@ def test_camera_bev_and_lift_splat(tiny_config):
   assert out.shape == (1, *canvas, tiny_config.model.lss.out_channels)
   assert np.all(np.isfinite(out)) and np.any(out != 0)
   _assert_grads_finite_nonzero(grads)
+
+
+@pytest.mark.parametrize('view_transform', camera.VIEW_TRANSFORMS)
+def test_view_transforms_use_intrinsics_or_not(tiny_config, view_transform):
+  """Both view transforms fill the canvas; 'hdmapnet' ignores the intrinsics, 'metric' not."""
+  config = ml_collections.ConfigDict(tiny_config)
+  config.model.camera.view_transform = view_transform
+  config = ml_collections.FrozenConfigDict(config)
+  batch = _batch(config, 1)
+  image_hw = config.data.image_size
+  features = np.random.default_rng(0).normal(
+      size=(1, 6, image_hw[0] // 16, image_hw[1] // 16, 3)).astype(np.float32)
+  module = camera.ViewTransform(config)
+  variables = jax.jit(lambda b: module.init(jax.random.key(0, impl='rbg'), features, b,
+                                             image_hw=image_hw))(batch)
+  apply = jax.jit(lambda b: module.apply(variables, features, b, image_hw=image_hw))
+  out = np.asarray(apply(batch))
+  canvas = schema.bev_shape(config.data.bev_x, config.data.bev_y)
+  assert out.shape == (1, *canvas, 3) and np.any(out != 0)
+  zoomed = np.asarray(apply(dict(batch, intrinsics=batch['intrinsics'] * [[[2], [2], [1]]])))
+  assert np.array_equal(out, zoomed) == (view_transform == 'hdmapnet')
+
+
+def test_camera_bev_unknown_view_transform(tiny_config):
+  config = ml_collections.ConfigDict(tiny_config)
+  config.model.camera.view_transform = 'lss'
+  camera_bev = camera.CameraBEV(ml_collections.FrozenConfigDict(config))
+  with pytest.raises(ValueError, match='view_transform'):
+    jax.eval_shape(lambda b: camera_bev.init(jax.random.key(0), b, train=False),
+                   _batch(config, 1))
 
 
 def test_neck_and_decoder_shapes(tiny_config):
