@@ -46,7 +46,14 @@ def get_config(arg=None):
       bev_x=x_range,              # (min, max, step) metres; canvas width = (max-min)/step
       bev_y=y_range,              # (min, max, step) metres; canvas height = (max-min)/step
       classes=('divider', 'ped_crossing', 'boundary'),
-      line_width_px=5,            # label and SD-prior line thickness
+      # Label and SD-prior lines as the reference draws them: cv2.polylines thickness in pixels
+      # of thickness_ref_step metres (HDMapNet thickness 5 covers 7 px = 1.05 m); other steps
+      # draw the same metres (mapkd_jax/data/dataset_info.thickness_px: 0.15 m -> 5, 0.3 -> 3,
+      # 0.6 -> 1, 0.6x0.3 -> 2). Recorded in dataset_info.json and checked against the shards.
+      label_thickness_ref=5,      # semantic / instance / direction labels (HDMapNet `thickness`)
+      sd_thickness_ref=5,         # SD prior (P-MapNet `sd_thickness`)
+      thickness_ref_step=0.15,    # metres per pixel the two thicknesses above are given at
+      line_width_px=5,            # legacy: stages/preview/evaluate read it until they use the above
       direction_bins=36,          # 10 degree bins; label 0 = none
       lidar_sweeps=3,
       lidar_min_range=2.2,        # metres; closer points (the ego car) are dropped
@@ -68,18 +75,15 @@ def get_config(arg=None):
       camera=dict(       # image encoder + HDMapNet view transform (models/camera.py)
           image_encoder='efficientnet_b0',   # or 'resnet_small'
           channels=64,                       # 1/16 feature and BEV output channels
-          fusion_channels=0,                 # 0 = HDMapNet CamEncode: Up(320+112, channels), no 1x1
-          drop_connect_rate=0.2,             # efficientnet_pytorch B0 stochastic depth (training)
+          fusion_channels=512,               # EfficientNet 1/16 + 1/32 fusion width
           resnet_widths=(32, 64, 128, 256),  # resnet_small stem + 3 stages
-          view_transform='hdmapnet',         # reference IPM, or 'metric' (models/camera.py)
-          patch_divisor=5,                   # view-MLP patch = canvas // this (reference 40x80)
+          patch_shape=(40, 80),              # view-MLP BEV patch (forward, lateral) cells
+          patch_margin=2.0,                  # metres added to the canvas reach of the patch
           view_mlp_layers=2,
-          patch_margin=2.0,                  # 'metric': metres added to the patch's reach
-          ipm_stride=2,                      # 'metric': IPM on the canvas / stride, upsampled
-          ground_height=0.0),                # 'metric': ego z of the ground plane, metres
+          ipm_stride=2,                      # IPM on the canvas / stride, then upsampled
+          ground_height=0.0),                # ego z of the ground plane, metres
       lss=dict(          # lift-splat simulated LiDAR (coach; models/lss.py)
-          image_encoder='efficientnet_b0', fusion_channels=512,   # LSS CamEncode: Up to 512, 1x1
-          drop_connect_rate=0.2,
+          image_encoder='efficientnet_b0', fusion_channels=512,
           resnet_widths=(32, 64, 128, 256),
           depth_bins=(4.0, 45.0, 1.0),       # (min, max, step) metres -> 41 bins
           context_channels=64,
@@ -129,9 +133,7 @@ def get_config(arg=None):
                       cosine_final_fraction=0.0)  # 'cosine': lr at decay_steps / learning_rate
   # Checkpoint dirs of earlier stages; '' = WORKDIR/<stage>/checkpoints.
   config.frozen = dict(teacher='', coach='')
-  config.init = dict(hd_prior='',                 # hd_pretrain ckpt for the teacher's HD module
-                     image_encoder='')            # `python -m mapkd_jax.convert efficientnet` OUT dir:
-                                                  # loaded into every EfficientNet-B0 of the model
+  config.init = dict(hd_prior='')                 # hd_pretrain ckpt for the teacher's HD module
   # Evaluation (mapkd_jax/evaluate.py; protocol in DESIGN.md section 4).
   config.eval = dict(
       dbscan_eps=1.5,              # instance-embedding distance of DBSCAN neighbours
@@ -154,7 +156,7 @@ def get_config(arg=None):
     config.data.synthetic = dict(scenes=3, samples_per_scene=8, seed=0, image_size=(108, 192), sweeps=2,
                                  val_fraction=0.2)
     config.model.camera.update(image_encoder='resnet_small', channels=16,
-                               resnet_widths=(8, 16, 24, 32))
+                               resnet_widths=(8, 16, 24, 32), patch_shape=(8, 16))
     config.model.lss.update(image_encoder='resnet_small', resnet_widths=(8, 16, 24, 32),
                             depth_bins=(4.0, 44.0, 4.0), context_channels=16, out_channels=32)
     config.model.neck.update(channels=32, num_layers=1)

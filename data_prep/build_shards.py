@@ -259,19 +259,23 @@ def _finished(out_dir, file, settings, samples):
 
 
 def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_shards, workers,
-                 cameras, line_width, direction_bins, lidar_sweeps, lidar_min_range,
-                 jpeg_quality, boundary_clip_margin, sd_road_classes, osm_dir=None,
+                 cameras, direction_bins, lidar_sweeps, lidar_min_range, jpeg_quality,
+                 boundary_clip_margin, sd_road_classes, label_thickness_ref=None,
+                 sd_thickness_ref=None, thickness_ref_step=0.15, line_width=None, osm_dir=None,
                  splits=None, scenes=None, skip_bad=False, limit=None, progress=True):
   """Builds (or completes) a shard directory; returns the dataset_info dict it wrote.
 
   Args mirror config.data (see configs/tcs.py); `osm_dir` defaults to `dataroot/osm`; `splits`
   selects split names (default: all); `scenes` selects scene names (default: all); `limit`
-  keeps the first N samples of each split.
+  keeps the first N samples of each split. `line_width` is the legacy spelling of both
+  reference thicknesses (nuscenes_reader.make_options).
   """
   dataroot = os.path.abspath(dataroot)
   options = nuscenes_reader.make_options(
       bev_x=bev_x, bev_y=bev_y, image_size=image_size, cameras=cameras,
-      line_width=line_width, direction_bins=direction_bins,
+      label_thickness_ref=label_thickness_ref, sd_thickness_ref=sd_thickness_ref,
+      thickness_ref_step=thickness_ref_step, line_width=line_width,
+      direction_bins=direction_bins,
       lidar_sweeps=lidar_sweeps, lidar_min_range=lidar_min_range,
       jpeg_quality=jpeg_quality, boundary_clip_margin=boundary_clip_margin,
       sd_road_classes=sd_road_classes, osm_dir=osm_dir or os.path.join(dataroot, 'osm'))
@@ -326,7 +330,8 @@ def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_sh
                shape=list(schema.bev_shape(options.bev_x, options.bev_y))),
       bev_x=list(options.bev_x), bev_y=list(options.bev_y),
       bev_shape=list(schema.bev_shape(options.bev_x, options.bev_y)),
-      line_width_px=options.line_width, direction_bins=options.direction_bins,
+      label_width=nuscenes_reader.label_width_spec(options),
+      direction_bins=options.direction_bins,
       lidar_sweeps=options.lidar_sweeps, lidar_min_range=options.lidar_min_range,
       sd_prior=dict(osm_dir=options.osm_dir, road_classes=list(options.sd_road_classes)),
       splits={}, skipped=[], lidar_missing_sweep_files=0, unassigned_scenes=unassigned,
@@ -383,8 +388,10 @@ def main(argv=None):
   bev_x, bev_y = tcs.BEV_RANGES[args.bev]
   build_shards(args.dataroot, args.version, args.out, bev_x=bev_x, bev_y=bev_y,
                image_size=_pair(args.image_size, '--image-size'), num_shards=args.num_shards,
-               workers=args.workers, cameras=data.cameras, line_width=data.line_width_px,
-               direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
+               workers=args.workers, cameras=data.cameras,
+               label_thickness_ref=data.label_thickness_ref,
+               sd_thickness_ref=data.sd_thickness_ref,
+               thickness_ref_step=data.thickness_ref_step, direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
                lidar_min_range=data.lidar_min_range, jpeg_quality=data.jpeg_quality,
                boundary_clip_margin=data.boundary_clip_margin,
                sd_road_classes=(args.sd_road_classes.split(',') if args.sd_road_classes

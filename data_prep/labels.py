@@ -7,8 +7,13 @@ exterior and interior rings of the union of road_segment and lane polygons, as f
 inside the patch. Polylines are [N, 2] arrays (x forward, y left, metres, keyframe ego frame).
 
 Rasters follow mapkd_jax/data/schema.py: row i is y = y_min + (i + 0.5) ry, column j is
-x = x_min + (j + 0.5) rx. A line covers every pixel within the `line_width_px` disk of a pixel
-its 1-px rasterization passes (a straight line 5 px thick covers exactly 5 rows or columns).
+x = x_min + (j + 0.5) rx. They are drawn by the reference's rule (HDMapNet data/rasterize.py,
+which P-MapNet and MapKD use; see `rasterize_polylines`): vertices truncated to int32 pixels,
+lines drawn with cv2.polylines(..., thickness), which covers thickness + 2 pixels across for
+an odd thickness > 1 (5 -> 7 rows for a horizontal line), thickness + 1 for an even one and 1
+for thickness 1. The thickness is given once in reference pixels of 0.15 m
+(config.data.label_thickness_ref) and converted per canvas by
+mapkd_jax/data/dataset_info.thickness_px.
 """
 import dataclasses
 import math
@@ -19,10 +24,10 @@ import shapely
 from shapely import affinity
 from shapely import geometry
 
+from mapkd_jax.data import schema
+
 # Semantic ids of the classes, in drawing order (later classes win overlaps); 0 = background.
 DIVIDER, PED_CROSSING, BOUNDARY = 1, 2, 3
-# Sub-pixel bits of cv2's fixed-point drawing: vertices keep 1/16 px precision.
-_CV2_SHIFT = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,97 +156,160 @@ def extract_polylines(layers, ego_xy, ego_yaw, bev_x, bev_y, *, clip_margin):
 
 
 def to_pixels(points, bev_x, bev_y):
-  """Ego-frame metres [N, 2] (x, y) -> continuous pixel coordinates [N, 2] (column, row)."""
+  """Ego-frame metres [N, 2] (x, y) -> continuous pixel coordinates [N, 2] (column, row) of
+  this project's pixel centres (previews; the labels use `to_reference_pixels`)."""
   points = np.asarray(points, dtype=np.float64)
   col = (points[:, 0] - bev_x[0]) / bev_x[2] - 0.5
   row = (points[:, 1] - bev_y[0]) / bev_y[2] - 0.5
   return np.stack([col, row], axis=1)
 
 
+def to_reference_pixels(points, bev_x, bev_y):
+  """Ego-frame metres [N, 2] (x, y) -> int32 [N, 2] (column, row) as HDMapNet moves them.
+
+  HDMapNet shifts the patch corner to the origin, scales by canvas size / patch size and casts
+  to int32 (truncation): column = int((x - x_min) * (W / (x_max - x_min))), row likewise from
+  y with H (same float operations as its shapely translate + scale on its centred patch).
+  """
+  height, width = schema.bev_shape(bev_x, bev_y)
+  points = np.asarray(points, dtype=np.float64)
+  col = (points[:, 0] - bev_x[0]) * (width / (bev_x[1] - bev_x[0]))
+  row = (points[:, 1] - bev_y[0]) * (height / (bev_y[1] - bev_y[0]))
+  return np.stack([col, row], axis=1).astype(np.int32)
+
+
 def direction_bins(pixels, num_bins):
-  """Bin 1..num_bins of each segment's angle in the raster (atan2(d row, d column)); 0 if empty.
+  """Bin 1..num_bins of each segment of int pixel vertices, as HDMapNet's get_discrete_degree.
+
+  The angle atan2(d row, d column) in [0, 360) is rounded to the nearest bin centre (bin k
+  centred at (k - 1) * 360 / num_bins degrees); a zero-length segment has angle 0 -> bin 1.
 
   Args:
-    pixels: [N, 2] (column, row) vertices of one polyline.
+    pixels: [N, 2] (column, row) int vertices of one polyline.
 
   Returns:
-    [N - 1] int array.
+    [N - 1] int64 array.
   """
-  delta = np.diff(np.asarray(pixels, dtype=np.float64), axis=0)
-  angle = np.degrees(np.arctan2(delta[:, 1], delta[:, 0])) % 360.0
-  bins = np.minimum((angle // (360.0 / num_bins)).astype(np.int64), num_bins - 1) + 1
-  return np.where(np.hypot(delta[:, 0], delta[:, 1]) > 0, bins, 0)
+  delta = np.diff(np.asarray(pixels), axis=0)
+  degrees = np.mod(np.degrees(np.arctan2(delta[:, 1], delta[:, 0])), 360)
+  return (np.floor(degrees / (360 / num_bins) + 0.5).astype(np.int64) % num_bins) + 1
 
 
-def _disk(line_width):
-  return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (line_width, line_width))
+def _clipped_pixel_lines(line, patch, bev_x, bev_y):
+  """The parts of one polyline inside `patch`, each as int32 [M, 2] reference pixels (M >= 2).
 
-
-def _draw_polyline(canvas_hw, pixels, values, line_width):
-  """Thick rasterization of one polyline in a window around it.
-
-  Returns:
-    (window slices, covered mask, per-pixel segment value) or None if off canvas; the value
-    of a covered pixel is the largest value among the segments whose 1-px line is in reach.
+  Like HDMapNet, each part of a clip that splits the line is a line of its own (own instance
+  id); a clip that only touches the patch (a point) draws nothing. Where the reference would
+  fail (a clip returning a GeometryCollection), its line parts are drawn.
   """
-  height, width = canvas_hw
-  radius = line_width // 2 + 1
-  lo = np.floor(pixels.min(axis=0)).astype(int) - radius
-  hi = np.ceil(pixels.max(axis=0)).astype(int) + radius + 1
-  c0, r0 = max(lo[0], 0), max(lo[1], 0)
-  c1, r1 = min(hi[0], width), min(hi[1], height)
-  if c0 >= c1 or r0 >= r1:
-    return None
-  # Draw on the window grown by `radius` so that lines just outside it still dilate in.
-  gc0, gr0 = lo[0], lo[1]
-  thin = np.zeros((hi[1] - lo[1], hi[0] - lo[0]), np.uint8)
-  fixed = np.round((pixels - [gc0, gr0]) * (1 << _CV2_SHIFT)).astype(np.int32)
-  for k, value in enumerate(values):
-    if value:
-      cv2.line(thin, tuple(map(int, fixed[k])), tuple(map(int, fixed[k + 1])), int(value),
-               thickness=1, lineType=cv2.LINE_8, shift=_CV2_SHIFT)
-  thick = cv2.dilate(thin, _disk(line_width))
-  window = thick[r0 - gr0:r1 - gr0, c0 - gc0:c1 - gc0]
-  return (slice(r0, r1), slice(c0, c1)), window > 0, window
+  line = np.asarray(line, dtype=np.float64)
+  if len(line) < 2:
+    return []
+  clipped = geometry.LineString(line).intersection(patch)
+  return [to_reference_pixels(part, bev_x, bev_y) for part in geometry_to_polylines(clipped)]
 
 
-def rasterize_polylines(polylines, bev_x, bev_y, *, line_width, num_direction_bins):
-  """Semantic, instance and direction rasters of per-class polylines.
+def _draw(canvas, pixels, value, thickness):
+  cv2.polylines(canvas, [pixels], False, int(value), thickness=int(thickness))
+
+
+def rasterize_polylines(polylines, bev_x, bev_y, *, thickness, filter_thickness,
+                        num_direction_bins, with_backward=False):
+  """Semantic, instance and direction rasters of per-class polylines, by HDMapNet's rule.
+
+  HDMapNet (data/rasterize.py `preprocess_map`, used by P-MapNet and MapKD): per class, each
+  polyline is clipped to the patch, moved to int32 pixels (`to_reference_pixels`) and drawn
+  with `cv2.polylines(..., thickness)`:
+  - instance: the whole polyline in colour idx (1, 2, ... over all classes in order; later
+    lines of a class overwrite earlier ones);
+  - forward direction: for i = 0..N-2 the sub-polyline from vertex i on, in the bin of segment
+    i (`direction_bins`), so a pixel holds the bin of the last segment whose stroke covers it;
+  - backward direction: the same on the reversed polyline (the opposite bins, and at a vertex
+    the bin of the first segment instead of the last);
+  - overlap filter: each class also drawn `filter_thickness` wide (reference: thickness + 4);
+    every earlier class is erased under each later class's filter stroke, so a class overlaps
+    no other and later classes win with a margin.
+  Here each segment is drawn once as a 2-point cv2.polylines in that order (last write wins),
+  which covers the same pixels with the same values: a cv2 polyline is the union of its
+  segments' strokes, each a quad plus round caps at its own vertices.
+
+  Pixel mapping: cv2 point (column, row) is canvas[row, column], rows follow +y and columns +x
+  with no flip; under this project's convention (schema.py: row i centred at y_min + (i + 0.5)
+  ry) the truncated vertex is the pixel whose cell contains it, so the reference's pixel sets
+  are reproduced on our axes unchanged.
+
+  Deviation: instance ids are uint16; the reference draws them on uint8 (ids above 255
+  saturate to 255 and merge). A patch with more than 65535 polylines raises.
 
   Args:
-    polylines: {class id (1..): [[N, 2] ego-frame metres, ...]}; classes are drawn in
-      ascending id order so later classes win overlaps; instance ids count polylines from 1
-      in that order.
+    polylines: {class id (1..): [[N, 2] ego-frame metres, ...]}, classes in ascending order.
     bev_x, bev_y: (min, max, step) metres.
-    line_width: pixels (odd).
+    thickness: cv2 thickness on this canvas (dataset_info.thickness_px).
+    filter_thickness: cv2 thickness of the overlap filter on this canvas.
     num_direction_bins: direction bins over 360 degrees (label 0 = none).
+    with_backward: also return the reference's backward direction raster.
 
   Returns:
-    semantic [H, W] uint8, instance [H, W] uint16, direction [H, W] uint8.
+    semantic [H, W] uint8 (class id), instance [H, W] uint16, direction [H, W] uint8 (the
+    forward bins; 0 = no line) [, backward [H, W] uint8].
   """
-  height = int(round((bev_y[1] - bev_y[0]) / bev_y[2]))
-  width = int(round((bev_x[1] - bev_x[0]) / bev_x[2]))
-  semantic = np.zeros((height, width), np.uint8)
-  instance = np.zeros((height, width), np.uint16)
-  direction = np.zeros((height, width), np.uint8)
-  instance_id = 0
-  for class_id in sorted(polylines):
+  height, width = schema.bev_shape(bev_x, bev_y)
+  patch = ego_patch(bev_x, bev_y)
+  classes = sorted(polylines)
+  layers = []   # per class: (instance, filter, forward, backward) canvases
+  next_id = 1
+  for class_id in classes:
+    instance = np.zeros((height, width), np.uint16)
+    keep_out = np.zeros((height, width), np.uint8)
+    forward = np.zeros((height, width), np.uint8)
+    backward = np.zeros((height, width), np.uint8) if with_backward else None
     for line in polylines[class_id]:
-      instance_id += 1
-      pixels = to_pixels(line, bev_x, bev_y)
-      drawn = _draw_polyline((height, width), pixels, direction_bins(pixels, num_direction_bins),
-                             line_width)
-      if drawn is None:
-        continue
-      window, mask, values = drawn
-      semantic[window][mask] = class_id
-      instance[window][mask] = instance_id
-      direction[window][mask] = values[mask]
-  return semantic, instance, direction
+      for pixels in _clipped_pixel_lines(line, patch, bev_x, bev_y):
+        if next_id > np.iinfo(np.uint16).max:
+          raise ValueError(f'more than {next_id - 1} polylines in one patch: instance ids '
+                           f'exceed uint16 (label/instance)')
+        _draw(instance, pixels, next_id, thickness)
+        next_id += 1
+        _draw(keep_out, pixels, 1, filter_thickness)
+        bins = direction_bins(pixels, num_direction_bins)
+        for k in range(len(pixels) - 1):
+          _draw(forward, pixels[k:k + 2], bins[k], thickness)
+        if with_backward:
+          reverse = pixels[::-1].copy()
+          back_bins = direction_bins(reverse, num_direction_bins)
+          for k in range(len(reverse) - 1):
+            _draw(backward, reverse[k:k + 2], back_bins[k], thickness)
+    layers.append((instance, keep_out, forward, backward))
+  semantic = np.zeros((height, width), np.uint8)
+  instance_out = np.zeros((height, width), np.uint16)
+  forward_out = np.zeros((height, width), np.uint8)
+  backward_out = np.zeros((height, width), np.uint8)
+  for k, class_id in enumerate(classes):
+    instance, _, forward, backward = layers[k]
+    erased = np.zeros((height, width), bool)
+    for _, later_filter, _, _ in layers[k + 1:]:
+      erased |= later_filter != 0
+    drawn = (instance != 0) & ~erased
+    semantic[drawn] = class_id
+    instance_out[drawn] = instance[drawn]
+    forward_out[drawn] = forward[drawn]
+    if with_backward:
+      backward_out[drawn] = backward[drawn]
+  if with_backward:
+    return semantic, instance_out, forward_out, backward_out
+  return semantic, instance_out, forward_out
 
 
-def rasterize_lines(polylines, bev_x, bev_y, *, line_width):
-  """Binary [H, W] bool raster of polylines ([N, 2] ego-frame metres) drawn `line_width` px."""
-  semantic, _, _ = rasterize_polylines({1: list(polylines)}, bev_x, bev_y, line_width=line_width,
-                                       num_direction_bins=1)
-  return semantic > 0
+def rasterize_lines(polylines, bev_x, bev_y, *, thickness):
+  """Binary [H, W] bool raster of polylines ([N, 2] ego-frame metres), P-MapNet's SD rule.
+
+  P-MapNet's `preprocess_osm_map`: every line clipped to the patch, moved to int32 pixels and
+  drawn with cv2.polylines(..., thickness) (no overlap filter); any drawn pixel is road.
+  """
+  height, width = schema.bev_shape(bev_x, bev_y)
+  patch = ego_patch(bev_x, bev_y)
+  mask = np.zeros((height, width), np.uint8)
+  for line in polylines:
+    for pixels in _clipped_pixel_lines(line, patch, bev_x, bev_y):
+      _draw(mask, pixels, 1, thickness)
+  return mask > 0

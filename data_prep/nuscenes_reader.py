@@ -24,6 +24,7 @@ from pyquaternion import Quaternion
 
 from data_prep import labels
 from data_prep import sd_prior
+from mapkd_jax.data import dataset_info
 from mapkd_jax.data import schema
 
 LIDAR_CHANNEL = 'LIDAR_TOP'
@@ -40,7 +41,9 @@ class BuildOptions:
   bev_y: tuple
   image_size: tuple          # (H, W)
   cameras: tuple
-  line_width: int
+  label_thickness_ref: int   # cv2 thickness at thickness_ref_step (config.data)
+  sd_thickness_ref: int
+  thickness_ref_step: float
   direction_bins: int
   lidar_sweeps: int          # keyframe included
   lidar_min_range: float
@@ -50,14 +53,38 @@ class BuildOptions:
   osm_dir: str
 
 
-def make_options(*, bev_x, bev_y, image_size, cameras, line_width, direction_bins, lidar_sweeps,
-                 lidar_min_range, jpeg_quality, boundary_clip_margin, sd_road_classes, osm_dir):
-  """`BuildOptions` with canonical types (tuples, floats, absolute osm_dir)."""
-  return BuildOptions(tuple(map(float, bev_x)), tuple(map(float, bev_y)),
-                      tuple(map(int, image_size)), tuple(cameras), int(line_width),
-                      int(direction_bins), int(lidar_sweeps), float(lidar_min_range),
-                      int(jpeg_quality), float(boundary_clip_margin), tuple(sd_road_classes),
-                      os.path.abspath(osm_dir))
+def make_options(*, bev_x, bev_y, image_size, cameras, direction_bins, lidar_sweeps,
+                 lidar_min_range, jpeg_quality, boundary_clip_margin, sd_road_classes, osm_dir,
+                 label_thickness_ref=None, sd_thickness_ref=None, thickness_ref_step=0.15,
+                 line_width=None):
+  """`BuildOptions` with canonical types (tuples, floats, absolute osm_dir).
+
+  `line_width` is the pre-issue-15 spelling still passed by mapkd_jax/stages.py and
+  data_prep/preview.py: it sets both reference thicknesses (config.data.line_width_px equals
+  label_thickness_ref there); the shards record what was drawn and
+  dataset_info.check_dataset_info refuses them if the config says otherwise.
+  """
+  if line_width is not None:
+    label_thickness_ref = line_width if label_thickness_ref is None else label_thickness_ref
+    sd_thickness_ref = line_width if sd_thickness_ref is None else sd_thickness_ref
+  if label_thickness_ref is None or sd_thickness_ref is None:
+    raise ValueError('make_options: label_thickness_ref and sd_thickness_ref are required '
+                     '(config.data.label_thickness_ref / sd_thickness_ref)')
+  options = BuildOptions(tuple(map(float, bev_x)), tuple(map(float, bev_y)),
+                         tuple(map(int, image_size)), tuple(cameras), int(label_thickness_ref),
+                         int(sd_thickness_ref), float(thickness_ref_step), int(direction_bins),
+                         int(lidar_sweeps), float(lidar_min_range), int(jpeg_quality),
+                         float(boundary_clip_margin), tuple(sd_road_classes),
+                         os.path.abspath(osm_dir))
+  label_width_spec(options)  # Fails now, naming the key, on a bad thickness or step.
+  return options
+
+
+def label_width_spec(options):
+  """dataset_info's `label_width` record (cv2 thicknesses on this canvas) of `BuildOptions`."""
+  return dataset_info.label_width_spec(dict(
+      label_thickness_ref=options.label_thickness_ref, sd_thickness_ref=options.sd_thickness_ref,
+      thickness_ref_step=options.thickness_ref_step, bev_x=options.bev_x, bev_y=options.bev_y))
 
 
 def open_nuscenes(dataroot, version):
@@ -259,11 +286,12 @@ def read_sample(source, sample_token):
   location = source.location(sample)
   polylines = labels.extract_polylines(source.map_layers(location), ego_xy, ego_yaw, opts.bev_x,
                                        opts.bev_y, clip_margin=opts.boundary_clip_margin)
+  width = label_width_spec(opts)
   semantic, instance, direction = labels.rasterize_polylines(
-      polylines, opts.bev_x, opts.bev_y, line_width=opts.line_width,
-      num_direction_bins=opts.direction_bins)
+      polylines, opts.bev_x, opts.bev_y, thickness=width['label_thickness_px'],
+      filter_thickness=width['filter_thickness_px'], num_direction_bins=opts.direction_bins)
   sd = sd_prior.sd_raster(source.osm_roads(location), ego_xy, ego_yaw, opts.bev_x, opts.bev_y,
-                          line_width=opts.line_width)
+                          thickness=width['sd_thickness_px'])
   vectors = [(c, line) for c in sorted(polylines) for line in polylines[c]]
   return {
       schema.SAMPLE_TOKEN: sample_token.encode(),

@@ -3,8 +3,8 @@
 OSM shapefiles (WGS84 lon/lat LineStrings, one per location, `<osm_dir>/<location>.shp`, as
 P-MapNet ships them) are converted to the nuScenes map frame with `data_prep.geo`, filtered to
 the road classes of `config.data.sd_road_classes` (shapefile column `type`), cropped and rotated
-to the ego patch and drawn as lines `line_width_px` thick. The raster is uint8 0 (no road) /
-255 (road); the reader maps it to -1 / +1.
+to the ego patch and drawn as P-MapNet draws them (cv2.polylines, `sd_thickness`). The raster
+is uint8 0 (no road) / 255 (road); the reader maps it to -1 / +1.
 
 The converted skeleton of a location can be cached on disk (`cache_dir`), so that worker
 processes and reruns skip the lon/lat -> ENU conversion: one .npz per (shapefile path, size,
@@ -138,8 +138,12 @@ def sd_polylines(roads, ego_xy, ego_yaw, bev_x, bev_y):
   return [line for g in clipped for line in labels.geometry_to_polylines(g)]
 
 
-def sd_raster(roads, ego_xy, ego_yaw, bev_x, bev_y, *, line_width):
-  """[H, W] uint8 SD prior: 255 on OSM roads drawn `line_width` px thick, else 0."""
+def sd_raster(roads, ego_xy, ego_yaw, bev_x, bev_y, *, thickness):
+  """[H, W] uint8 SD prior: 255 on OSM roads, else 0.
+
+  Drawn by P-MapNet's rule (`labels.rasterize_lines`): cv2.polylines with cv2 `thickness` on
+  this canvas (dataset_info.thickness_px of config.data.sd_thickness_ref).
+  """
   mask = labels.rasterize_lines(sd_polylines(roads, ego_xy, ego_yaw, bev_x, bev_y), bev_x,
-                                bev_y, line_width=line_width)
+                                bev_y, thickness=thickness)
   return np.where(mask, 255, 0).astype(np.uint8)

@@ -61,7 +61,7 @@ def _line_rasters(rng, data_config, bev_h, bev_w, num_lines):
              'semantic': np.zeros((bev_h, bev_w), np.uint8),
              'instance': np.zeros((bev_h, bev_w), np.uint16),
              'direction': np.zeros((bev_h, bev_w), np.uint8)}
-  thickness = data_config.line_width_px
+  thickness = dataset_info.label_width_spec(data_config)['label_thickness_px']
   for instance in range(1, num_lines + 1):
     ends = [(int(rng.integers(0, bev_w)), int(rng.integers(0, bev_h))) for _ in range(2)]
     values = {'sd_prior': 255, 'semantic': int(rng.integers(1, len(data_config.classes) + 1)),
@@ -165,6 +165,7 @@ def write_dataset_info(directory, data_config, split_files, split_sizes):
       'classes': list(data_config.classes),
       'cameras': list(data_config.cameras),
       'image_size': list(data_config.image_size),
+      'label_width': dataset_info.label_width_spec(data_config),
       'splits': {split: {'files': files, 'num_examples': split_sizes[split]}
                  for split, files in split_files.items()},
   }

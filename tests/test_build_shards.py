@@ -27,8 +27,10 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(REAL_ROOT), reason='real fragm
 def _kwargs(**overrides):
   data = tcs.get_config().data
   kwargs = dict(bev_x=(-30.0, 30.0, 1.0), bev_y=(-15.0, 15.0, 1.0), image_size=(32, 88),
-                num_shards=2, workers=1, cameras=data.cameras, line_width=data.line_width_px,
-                direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
+                num_shards=2, workers=1, cameras=data.cameras,
+                label_thickness_ref=data.label_thickness_ref,
+                sd_thickness_ref=data.sd_thickness_ref,
+                thickness_ref_step=data.thickness_ref_step, direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
                 lidar_min_range=data.lidar_min_range, jpeg_quality=data.jpeg_quality,
                 boundary_clip_margin=data.boundary_clip_margin,
                 sd_road_classes=data.sd_road_classes, osm_dir=REAL_OSM, splits=['val'],
@@ -40,7 +42,8 @@ def _kwargs(**overrides):
 def _options():
   kwargs = _kwargs()
   return nuscenes_reader.make_options(**{k: kwargs[k] for k in (
-      'bev_x', 'bev_y', 'image_size', 'cameras', 'line_width', 'direction_bins', 'lidar_sweeps',
+      'bev_x', 'bev_y', 'image_size', 'cameras', 'label_thickness_ref', 'sd_thickness_ref',
+      'thickness_ref_step', 'direction_bins', 'lidar_sweeps',
       'lidar_min_range', 'jpeg_quality', 'boundary_clip_margin', 'sd_road_classes', 'osm_dir')})
 
 
@@ -328,3 +331,26 @@ def test_build_writes_osm_cache_under_progress(built):
   # splits=['val'] holds scene-0916 (queenstown) and scene-0523 (boston): both warmed.
   assert [n.rsplit('-', 1)[0] for n in names] == ['boston-seaport', REAL_LOCATION]
   assert all(n.endswith('.npz') for n in names)
+
+
+def test_dataset_info_records_the_label_width_and_the_check_refuses_another(built):
+  from mapkd_jax.data import dataset_info
+  out, info = built
+  data = tcs.get_config().data
+  # 1.0 m pixels: 5 x 0.15 / 1.0 = 0.75 -> cv2 thickness 1; filter 9 x 0.15 = 1.35 -> 1.
+  assert info['label_width'] == dict(
+      rule='reference_cv2', thickness_ref_step=0.15, label_thickness_ref=5, sd_thickness_ref=5,
+      label_thickness_px=1, filter_thickness_px=1, sd_thickness_px=1)
+  data.bev_x, data.bev_y, data.image_size = (-30.0, 30.0, 1.0), (-15.0, 15.0, 1.0), (32, 88)
+  dataset_info.check_dataset_info(info, data, out)   # the config the shards were built for
+  data.label_thickness_ref = 3
+  with pytest.raises(ValueError) as error:
+    dataset_info.check_dataset_info(info, data, out)
+  message = str(error.value)
+  assert out in message and 'thickness 5 (labels)' in message
+  assert 'thickness 3 (labels)' in message
+  # Shards built before the reference rule (no label_width record): refused, named.
+  data.label_thickness_ref = 5
+  legacy = {k: v for k, v in info.items() if k != 'label_width'}
+  with pytest.raises(ValueError, match='exact 5 px'):
+    dataset_info.check_dataset_info({**legacy, 'line_width_px': 5}, data, out)

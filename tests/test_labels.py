@@ -1,7 +1,9 @@
 """Map-label geometry and rasterization (data_prep/labels.py) and the SD prior (sd_prior.py)."""
 import json
 import math
+from fractions import Fraction
 
+import cv2
 import numpy as np
 import pytest
 import shapefile
@@ -11,110 +13,161 @@ from data_prep import geo
 from data_prep import labels
 from data_prep import sd_prior
 
-BEV_X = (-6.0, 6.0, 0.5)   # 24 columns
-BEV_Y = (-3.0, 3.0, 0.5)   # 12 rows
-WIDTH = 5
+import raster_reference
+from mapkd_jax.data import dataset_info
+
+# Reference pixels (0.15 m) on a small centred canvas: 80 columns x 40 rows.
+BEV_X = (-6.0, 6.0, 0.15)
+BEV_Y = (-3.0, 3.0, 0.15)
+THICKNESS, FILTER = 5, 9          # HDMapNet: thickness 5, overlap filter thickness + 4
+WIDTH = 5                         # SD prior test below (cv2 thickness on its 0.5 m canvas)
 
 
-def _point_segment_distance_ref(p, a, b):
-  ab, ap = b - a, p - a
-  denom = float(ab @ ab)
-  t = 0.0 if denom == 0 else min(max(float(ap @ ab) / denom, 0.0), 1.0)
-  return math.dist(p, a + t * ab)
+def _ours(polylines, bev_x=BEV_X, bev_y=BEV_Y, thickness=THICKNESS, filter_thickness=FILTER):
+  return labels.rasterize_polylines(polylines, bev_x, bev_y, thickness=thickness,
+                                    filter_thickness=filter_thickness, num_direction_bins=36,
+                                    with_backward=True)
 
 
-def _direction_bins_ref(pixels, num_bins):
-  out = []
-  for (c0, r0), (c1, r1) in zip(pixels[:-1], pixels[1:]):
-    if c0 == c1 and r0 == r1:
-      out.append(0)
-      continue
-    angle = math.degrees(math.atan2(r1 - r0, c1 - c0))
-    angle = angle + 360.0 if angle < 0 else angle
-    out.append(min(int(angle // (360.0 / num_bins)), num_bins - 1) + 1)
-  return out
+def _assert_equal_to_reference(polylines, bev_x=BEV_X, bev_y=BEV_Y, thickness=THICKNESS,
+                               filter_thickness=FILTER):
+  got = _ours(polylines, bev_x, bev_y, thickness, filter_thickness)
+  want = raster_reference.label_rasters(polylines, bev_x, bev_y, thickness=thickness,
+                                        filter_thickness=filter_thickness, angle_class=36)
+  for name, g, w in zip(('semantic', 'instance', 'forward', 'backward'), got, want):
+    np.testing.assert_array_equal(g, w, err_msg=name)
+  return got
 
 
-def _pixel_distances_ref(line, bev_x, bev_y):
-  """Per pixel: (distance in px to the polyline, segment index of the nearest segment)."""
-  pixels = labels.to_pixels(line, bev_x, bev_y)
-  height = int(round((bev_y[1] - bev_y[0]) / bev_y[2]))
-  width = int(round((bev_x[1] - bev_x[0]) / bev_x[2]))
-  dist = np.full((height, width), np.inf)
-  nearest = np.zeros((height, width), int)
-  for r in range(height):
-    for c in range(width):
-      for k in range(len(pixels) - 1):
-        d = _point_segment_distance_ref(np.array([c, r], float), pixels[k], pixels[k + 1])
-        if d < dist[r, c]:
-          dist[r, c], nearest[r, c] = d, k
-  return dist, nearest
+@pytest.mark.parametrize('thickness, rows', [(5, 7), (3, 5), (1, 1)])
+def test_cv2_thickness_covers_thickness_plus_two_rows(thickness, rows):
+  # The reference's rule itself: a horizontal line drawn with cv2 thickness 5 sets 7 rows.
+  mask = np.zeros((20, 40), np.uint8)
+  cv2.polylines(mask, [np.array([[5, 10], [30, 10]], np.int32)], False, 1, thickness=thickness)
+  np.testing.assert_array_equal(np.nonzero(mask.any(axis=1))[0],
+                                np.arange(10 - rows // 2, 10 + rows // 2 + 1))
 
 
-@pytest.mark.parametrize('row', [0, 3, 6, 11])
-def test_horizontal_divider_covers_exact_rows(row):
-  y = BEV_Y[0] + (row + 0.5) * BEV_Y[2]
-  line = np.array([[-4.0, y], [4.0, y]])
-  semantic, instance, direction = labels.rasterize_polylines(
-      {labels.DIVIDER: [line]}, BEV_X, BEV_Y, line_width=WIDTH, num_direction_bins=36)
+@pytest.mark.parametrize('y, row', [(0.1, 20), (-2.99, 0), (0.149, 20), (-0.001, 19)])
+def test_horizontal_divider_covers_seven_rows_around_the_truncated_row(y, row):
+  # Row = int((y + 3) / 0.15): the vertex's cell (truncation), not the nearest pixel centre.
+  semantic, instance, direction, backward = _assert_equal_to_reference(
+      {labels.DIVIDER: [np.array([[-4.0, y], [4.0, y]])]})
   rows = np.nonzero(semantic.any(axis=1))[0]
-  expected = [r for r in range(row - WIDTH // 2, row + WIDTH // 2 + 1) if 0 <= r < 12]
-  np.testing.assert_array_equal(rows, expected)
+  np.testing.assert_array_equal(rows, [r for r in range(row - 3, row + 4) if 0 <= r < 40])
   assert set(np.unique(semantic)) == {0, labels.DIVIDER}
   np.testing.assert_array_equal(instance > 0, semantic > 0)
-  assert set(np.unique(direction[semantic > 0])) == {1}  # +x is angle 0 -> bin 1
+  assert set(np.unique(direction[semantic > 0])) == {1}    # +x: 0 degrees -> bin 1
+  assert set(np.unique(backward[semantic > 0])) == {19}    # 180 degrees -> bin 19
 
 
-@pytest.mark.parametrize('col', [2, 12, 23])
-def test_vertical_line_covers_exact_columns_and_points_down(col):
-  x = BEV_X[0] + (col + 0.5) * BEV_X[2]
-  line = np.array([[x, -2.0], [x, 2.0]])   # +y = increasing rows = 90 degrees -> bin 10
-  semantic, _, direction = labels.rasterize_polylines(
-      {labels.BOUNDARY: [line]}, BEV_X, BEV_Y, line_width=WIDTH, num_direction_bins=36)
-  cols = np.nonzero(semantic.any(axis=0))[0]
-  np.testing.assert_array_equal(cols, [c for c in range(col - 2, col + 3) if 0 <= c < 24])
-  assert set(np.unique(direction[semantic > 0])) == {10}
+HAND_MADE = {
+    'horizontal': {labels.DIVIDER: [[[-4.0, 0.1], [4.0, 0.1]]]},
+    'vertical': {labels.BOUNDARY: [[[1.03, -2.5], [1.03, 2.5]]]},
+    'diagonal': {labels.PED_CROSSING: [[[-5.0, -2.6], [4.4, 2.7]]]},
+    'corner': {labels.DIVIDER: [[[-5.0, -2.0], [0.0, 1.5], [5.0, -1.0]]]},
+    'leaving_the_canvas': {labels.DIVIDER: [[[-8.0, -1.0], [-2.0, 4.0], [1.0, 0.0], [3.0, 5.0],
+                                             [9.0, -0.5]]],   # clipped into three parts
+                           labels.BOUNDARY: [[[-10.0, 0.0], [10.0, 0.5]],
+                                             [[6.0, -2.0], [6.0, 2.0]],       # on the far edge
+                                             [[6.0, 3.0], [7.0, 4.0]]]},      # touches a corner
+    'sub_pixel_vertices': {labels.BOUNDARY: [[[0.01, 0.02], [0.07, 0.11], [0.5, 0.13],
+                                              [0.52, 0.9], [0.53, 0.91]]]},  # last: 0 length
+    'zero_length_first_segment': {labels.DIVIDER: [[[-2.0, 0.0], [-1.99, 0.01], [2.0, 1.0]]]},
+    'classes_overlap': {labels.DIVIDER: [[[-5.0, 0.2], [5.0, 0.2]], [[-5.0, 0.9], [5.0, 1.1]]],
+                        labels.PED_CROSSING: [[[-1.0, -2.5], [-0.5, 2.5]]],
+                        labels.BOUNDARY: [[[2.0, -2.5], [2.2, 2.5]]]},
+}
 
 
-@pytest.mark.parametrize('num_points,num_bins', [(2, 36), (7, 36), (12, 8)])
-def test_direction_bins_match_loop_reference(num_points, num_bins):
-  rng = np.random.default_rng(num_points)
-  pixels = rng.uniform(-20, 20, (num_points, 2))
-  pixels[1] = pixels[0]  # a zero-length segment -> 0
-  got = labels.direction_bins(pixels, num_bins)
-  np.testing.assert_array_equal(got, _direction_bins_ref(pixels, num_bins))
+@pytest.mark.parametrize('name', sorted(HAND_MADE))
+def test_hand_made_geometry_equals_reference_transcription(name):
+  polylines = {c: [np.array(line) for line in lines] for c, lines in HAND_MADE[name].items()}
+  semantic, _, _, _ = _assert_equal_to_reference(polylines)
+  assert semantic.any()
 
 
-@pytest.mark.parametrize('seed', [0, 1, 2])
-def test_raster_matches_per_pixel_distance_reference(seed):
-  rng = np.random.default_rng(seed)
-  line = np.stack([rng.uniform(-7, 7, 4), rng.uniform(-3.5, 3.5, 4)], axis=1)
-  semantic, instance, direction = labels.rasterize_polylines(
-      {labels.PED_CROSSING: [line]}, BEV_X, BEV_Y, line_width=WIDTH, num_direction_bins=36)
-  dist, _ = _pixel_distances_ref(line, BEV_X, BEV_Y)
-  # A 1-px line is within 0.71 px of the true line and the 5-px disk reaches 2 px in every
-  # direction (2.24 at most): pixels closer than 1.25 px must be drawn, pixels beyond 3 px not.
-  drawn = semantic == labels.PED_CROSSING
-  assert drawn[dist <= 1.25].all()
-  assert not drawn[dist > 3.0].any()
-  assert (semantic[~drawn] == 0).all() and (instance[drawn] == 1).all()
-  bins = np.array(_direction_bins_ref(labels.to_pixels(line, BEV_X, BEV_Y), 36))
-  per_segment = [_pixel_distances_ref(line[k:k + 2], BEV_X, BEV_Y)[0] for k in range(3)]
-  for k in range(3):
-    others = np.min([per_segment[j] for j in range(3) if j != k], axis=0)
-    alone = (per_segment[k] <= 0.5) & (others > 3.5)  # only segment k is in reach
-    np.testing.assert_array_equal(direction[alone], bins[k])
-  assert (direction[drawn] > 0).all() and (direction[~drawn] == 0).all()
+def test_later_classes_erase_earlier_ones_under_a_wider_stroke():
+  divider = np.array([[-5.0, 0.1], [5.0, 0.1]])          # row 20
+  boundary = np.array([[0.1, -2.5], [0.1, 2.5]])         # column 40
+  semantic, instance, _, _ = _assert_equal_to_reference(
+      {labels.BOUNDARY: [boundary], labels.DIVIDER: [divider]})
+  assert semantic[20, 40] == labels.BOUNDARY and instance[20, 40] == 2
+  assert semantic[20, 10] == labels.DIVIDER and instance[20, 10] == 1
+  # The boundary covers columns 37..43; the filter (thickness 9: 11 px) erases the divider on
+  # columns 35..45, leaving two background columns each side of the boundary.
+  np.testing.assert_array_equal(semantic[20, 34:47], [1, 0, 0] + [3] * 7 + [0, 0, 1])
 
 
-def test_later_classes_win_and_instances_count_in_order():
-  divider = np.array([[-5.0, 0.25], [5.0, 0.25]])
-  boundary = np.array([[0.25, -2.5], [0.25, 2.5]])
-  semantic, instance, _ = labels.rasterize_polylines(
-      {labels.BOUNDARY: [boundary], labels.DIVIDER: [divider]}, BEV_X, BEV_Y, line_width=WIDTH,
-      num_direction_bins=36)
-  assert semantic[6, 12] == labels.BOUNDARY and instance[6, 12] == 2
-  assert semantic[6, 2] == labels.DIVIDER and instance[6, 2] == 1
+def test_clipped_parts_are_instances_of_their_own():
+  line = np.array([[-8.0, -1.0], [-2.0, 4.0], [1.0, 0.0], [3.0, 5.0], [9.0, -0.5]])
+  _, instance, _, _ = _assert_equal_to_reference({labels.DIVIDER: [line]})
+  assert set(np.unique(instance)) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize('bev_x, bev_y', [
+    (BEV_X, BEV_Y),                              # 0.15 m: thickness 5, filter 9
+    ((-6.0, 6.0, 0.3), (-3.0, 3.0, 0.3)),         # 0.3 m: 3, 5
+    ((-6.0, 6.0, 0.6), (-3.0, 3.0, 0.6)),         # 0.6 m (demo): 1, 2
+    ((-12.0, 12.0, 0.6), (-3.0, 3.0, 0.3)),       # 240x60's 0.6 x 0.3 m: 2, 3
+])
+def test_random_polylines_equal_reference_at_every_step(bev_x, bev_y):
+  data = dict(label_thickness_ref=THICKNESS, sd_thickness_ref=5, thickness_ref_step=0.15,
+              bev_x=bev_x, bev_y=bev_y)
+  spec = dataset_info.label_width_spec(data)
+  for seed in range(6):
+    rng = np.random.default_rng(seed)
+    polylines = {c: [np.stack([rng.uniform(1.2 * bev_x[0], 1.2 * bev_x[1], n),
+                               rng.uniform(1.2 * bev_y[0], 1.2 * bev_y[1], n)], axis=1)
+                     for n in rng.integers(2, 9, rng.integers(0, 5))]
+                 for c in (labels.DIVIDER, labels.PED_CROSSING, labels.BOUNDARY)}
+    _assert_equal_to_reference(polylines, bev_x, bev_y, spec['label_thickness_px'],
+                               spec['filter_thickness_px'])
+
+
+def _thickness_px_ref(thickness_ref, ref_step, step_x, step_y):
+  """Half-up rounding of thickness_ref * ref_step / sqrt(rx * ry), in exact decimals."""
+  target = Fraction(thickness_ref) * Fraction(str(ref_step))
+  best = 1
+  for t in range(1, 100):   # largest t with t - 1/2 <= target / step, i.e. (t - 1/2)^2 rx ry <= target^2
+    if (Fraction(2 * t - 1, 2)) ** 2 * Fraction(str(step_x)) * Fraction(str(step_y)) <= target ** 2:
+      best = t
+  return best
+
+
+@pytest.mark.parametrize('thickness_ref, steps, want', [
+    (5, (0.15, 0.15), 5), (5, (0.3, 0.3), 3), (5, (0.6, 0.6), 1), (5, (0.6, 0.3), 2),
+    (9, (0.3, 0.3), 5), (9, (0.6, 0.6), 2), (9, (0.6, 0.3), 3), (3, (0.5, 0.5), 1),
+    (5, (0.5, 0.5), 2), (5, (0.05, 0.05), 15),
+])
+def test_thickness_conversion_draws_the_same_metres(thickness_ref, steps, want):
+  bev_x, bev_y = (-30.0, 30.0, steps[0]), (-15.0, 15.0, steps[1])
+  assert dataset_info.thickness_px(thickness_ref, 0.15, bev_x, bev_y) == want
+  assert _thickness_px_ref(thickness_ref, 0.15, *steps) == want
+  with pytest.raises(ValueError, match='label_thickness_ref'):
+    dataset_info.thickness_px(0, 0.15, bev_x, bev_y)
+
+
+def test_label_width_of_configs_metas_and_shards():
+  from configs import tcs
+  config = tcs.get_config()
+  new = 'reference cv2 thickness 5 (labels) / 5 (SD prior) at 0.15 m'
+  assert dataset_info.label_width_of(config) == new
+  assert dataset_info.label_width_of(config.data) == new
+  meta = {'stage': 'student', 'config': json.loads(config.to_json_best_effort())}
+  assert dataset_info.label_width_of(meta) == new
+  assert dataset_info.label_width_of({'label_width': dataset_info.label_width_spec(
+      config.data)}) == new
+  # Checkpoints and shards from before: exact-width lines, line_width_px (default 5) px wide.
+  old_meta = json.loads(json.dumps(meta))
+  for key in ('label_thickness_ref', 'sd_thickness_ref', 'thickness_ref_step'):
+    del old_meta['config']['data'][key]
+  assert dataset_info.label_width_of(old_meta) == (
+      'exact 5 px (labels and SD prior; before issue 15)')
+  assert dataset_info.label_width_of({'config': {}}) == dataset_info.label_width_of(old_meta)
+  assert dataset_info.label_width_of({'line_width_px': 3}).startswith('exact 3 px')
+  config.data.label_thickness_ref = 3
+  assert dataset_info.label_width_of(config) != new
 
 
 def test_ped_crossing_two_longest_edges():
@@ -204,10 +257,13 @@ def test_sd_prior_keeps_road_classes_and_lands_on_expected_rows(tmp_path):
                                   ('primary',))
   assert len(roads[0]) == 1
   bev_x, bev_y = (-30.0, 30.0, 0.5), (-15.0, 15.0, 0.5)
-  raster = sd_prior.sd_raster(roads, ego, 0.0, bev_x, bev_y, line_width=WIDTH)
-  row = int((3.0 - bev_y[0]) / bev_y[2] - 0.5 + 0.5)  # y = 3 m -> row 35.5 -> cv2 rounds
+  raster = sd_prior.sd_raster(roads, ego, 0.0, bev_x, bev_y, thickness=WIDTH)
+  row = int((3.0 - bev_y[0]) / bev_y[2])  # y = 3 m -> 36.0 -> row 36 (+- 1: the OSM round trip)
   rows = np.nonzero((raster == 255).any(axis=1))[0]
-  assert rows.min() >= row - 3 and rows.max() <= row + 3 and len(rows) == WIDTH
+  assert rows.min() >= row - 4 and rows.max() <= row + 4 and len(rows) == WIDTH + 2
   assert set(np.unique(raster)) == {0, 255}
+  lines = sd_prior.sd_polylines(roads, ego, 0.0, bev_x, bev_y)
+  np.testing.assert_array_equal(raster == 255, raster_reference.sd_mask(
+      lines, bev_x, bev_y, thickness=WIDTH))
   with pytest.raises(FileNotFoundError, match='boston-seaport'):
     sd_prior.osm_path(str(tmp_path), 'boston-seaport')

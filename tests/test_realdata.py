@@ -18,8 +18,11 @@ from shapely import geometry
 from configs import tcs
 from data_prep import build_shards
 from data_prep import geo
+from data_prep import labels
 from data_prep import nuscenes_reader
+from data_prep import sd_prior
 from mapkd_jax.data import schema
+import raster_reference
 from realdata_paths import REAL_LOCATION
 from realdata_paths import REAL_OSM
 from realdata_paths import REAL_ROOT
@@ -45,7 +48,8 @@ def shards(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('real'))
   info = build_shards.build_shards(
       REAL_ROOT, REAL_VERSION, out, bev_x=BEV_X, bev_y=BEV_Y, image_size=IMAGE_SIZE,
-      num_shards=1, workers=1, cameras=data.cameras, line_width=data.line_width_px,
+      num_shards=1, workers=1, cameras=data.cameras, label_thickness_ref=data.label_thickness_ref,
+      sd_thickness_ref=data.sd_thickness_ref, thickness_ref_step=data.thickness_ref_step,
       direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
       lidar_min_range=data.lidar_min_range, jpeg_quality=data.jpeg_quality,
       boundary_clip_margin=data.boundary_clip_margin,
@@ -69,6 +73,7 @@ def _decode(feature):
 
   return dict(token=feature[schema.SAMPLE_TOKEN].bytes_list.value[0].decode(),
               semantic=png(schema.LABEL_SEMANTIC), sd=png(schema.SD_PRIOR),
+              instance=png(schema.LABEL_INSTANCE), direction=png(schema.LABEL_DIRECTION),
               lidar=floats(schema.LIDAR_POINTS, (-1, 5)),
               intrinsics=floats(schema.CAMERA_INTRINSICS, (-1, 3, 3)),
               ego_pose=floats(schema.EGO_POSE, (4, 4)))
@@ -154,8 +159,8 @@ def test_osm_skeleton_fits_the_drivable_area_best_unshifted(nusc):
   the map's road areas without any shift (a 12 m north-south offset appears with the WGS84
   ellipsoid instead of the devkit's sphere, see data_prep/geo.py)."""
   options = nuscenes_reader.make_options(
-      bev_x=BEV_X, bev_y=BEV_Y, image_size=IMAGE_SIZE, cameras=(), line_width=1,
-      direction_bins=1, lidar_sweeps=1, lidar_min_range=0.0, jpeg_quality=90,
+      bev_x=BEV_X, bev_y=BEV_Y, image_size=IMAGE_SIZE, cameras=(), label_thickness_ref=1,
+      sd_thickness_ref=1, direction_bins=1, lidar_sweeps=1, lidar_min_range=0.0, jpeg_quality=90,
       boundary_clip_margin=1.0,
       sd_road_classes=tuple(tcs.get_config().data.sd_road_classes) + EXTRA_ROAD_CLASSES,
       osm_dir=REAL_OSM)
@@ -171,6 +176,92 @@ def test_osm_skeleton_fits_the_drivable_area_best_unshifted(nusc):
              for s in shifts}
   assert min(medians, key=medians.get) == (0.0, 0.0), medians
   assert medians[(0.0, 0.0)] < 3.0, medians
+
+
+def _keyframe_pose(nusc, token):
+  """(ego x, y, yaw) of a keyframe as nuscenes_reader.read_sample takes it (LIDAR_TOP pose)."""
+  sample_data = nusc.get('sample_data', nusc.get('sample', token)['data']['LIDAR_TOP'])
+  pose = nuscenes_reader._pose_matrix(nusc.get('ego_pose', sample_data['ego_pose_token']))  # pylint: disable=protected-access
+  return pose[:2, 3], float(np.arctan2(pose[1, 0], pose[0, 0]))
+
+
+def _real_source(bev_x, bev_y):
+  data = tcs.get_config().data
+  options = nuscenes_reader.make_options(
+      bev_x=bev_x, bev_y=bev_y, image_size=IMAGE_SIZE, cameras=(),
+      label_thickness_ref=data.label_thickness_ref, sd_thickness_ref=data.sd_thickness_ref,
+      thickness_ref_step=data.thickness_ref_step, direction_bins=data.direction_bins,
+      lidar_sweeps=1, lidar_min_range=0.0, jpeg_quality=90,
+      boundary_clip_margin=data.boundary_clip_margin,
+      sd_road_classes=tuple(data.sd_road_classes) + EXTRA_ROAD_CLASSES, osm_dir=REAL_OSM)
+  return nuscenes_reader.Source(REAL_ROOT, REAL_VERSION, options)
+
+
+def _reference_of(source, ego_xy, ego_yaw):
+  """The reference transcription's (semantic, instance, forward, backward, sd) of an ego pose."""
+  opts = source.options
+  width = nuscenes_reader.label_width_spec(opts)
+  polylines = labels.extract_polylines(source.map_layers(REAL_LOCATION), ego_xy, ego_yaw,
+                                       opts.bev_x, opts.bev_y,
+                                       clip_margin=opts.boundary_clip_margin)
+  rasters = raster_reference.label_rasters(
+      polylines, opts.bev_x, opts.bev_y, thickness=width['label_thickness_px'],
+      filter_thickness=width['filter_thickness_px'], angle_class=opts.direction_bins)
+  sd_lines = sd_prior.sd_polylines(source.osm_roads(REAL_LOCATION), ego_xy, ego_yaw,
+                                   opts.bev_x, opts.bev_y)
+  sd = raster_reference.sd_mask(sd_lines, opts.bev_x, opts.bev_y,
+                                thickness=width['sd_thickness_px'])
+  return (*rasters, sd), polylines
+
+
+def test_shard_labels_equal_the_reference_rasterization(shards, nusc):
+  """The shards' rasters (0.5 m: thickness 2, filter 3) are the reference transcription's."""
+  info, records = shards
+  assert info['label_width']['label_thickness_px'] == 2
+  source = _real_source(BEV_X, BEV_Y)
+  for record in records:
+    (semantic, instance, forward, _, sd), _ = _reference_of(
+        source, *_keyframe_pose(nusc, record['token']))
+    np.testing.assert_array_equal(record['semantic'], semantic, err_msg=record['token'])
+    np.testing.assert_array_equal(record['instance'], instance, err_msg=record['token'])
+    np.testing.assert_array_equal(record['direction'], forward, err_msg=record['token'])
+    np.testing.assert_array_equal(record['sd'] > 0, sd, err_msg=record['token'])
+
+
+def test_reference_size_labels_equal_the_reference_rasterization(nusc):
+  """60x30 at 0.15 m (thickness 5, 7 px): labels.py vs the transcription on every keyframe
+  pose of scene-0916 (its map labels need no sensor file) and, since the scene passes no
+  ped_crossing, at the map's ped crossing nearest the scene: equal everywhere (IoU 1.0)."""
+  source = _real_source((-30.0, 30.0, 0.15), (-15.0, 15.0, 0.15))
+  opts = source.options
+  width = nuscenes_reader.label_width_spec(opts)
+  assert (width['label_thickness_px'], width['filter_thickness_px']) == (5, 9)
+  scene = next(s for s in nusc.scene if s['name'] == REAL_SCENE)
+  poses, token = [], scene['first_sample_token']
+  while token:
+    poses.append((token, *_keyframe_pose(nusc, token)))
+    token = nusc.get('sample', token)['next']
+  start = poses[0][1]
+  peds = source.map_layers(REAL_LOCATION).ped_crossings
+  nearest = min(peds, key=lambda p: p.distance(geometry.Point(start)))
+  poses.append(('ped_crossing', np.array(nearest.centroid.coords[0]), 0.3))
+  drawn = np.zeros(4, np.int64)
+  for name, ego_xy, ego_yaw in poses:
+    (semantic, instance, forward, backward, sd), polylines = _reference_of(source, ego_xy,
+                                                                           ego_yaw)
+    got = labels.rasterize_polylines(
+        polylines, opts.bev_x, opts.bev_y, thickness=width['label_thickness_px'],
+        filter_thickness=width['filter_thickness_px'], num_direction_bins=opts.direction_bins,
+        with_backward=True)
+    for key, ours, ref in zip(('semantic', 'instance', 'forward', 'backward'), got,
+                              (semantic, instance, forward, backward)):
+      np.testing.assert_array_equal(ours, ref, err_msg=f'{name} {key}')
+    ours_sd = sd_prior.sd_raster(source.osm_roads(REAL_LOCATION), ego_xy, ego_yaw, opts.bev_x,
+                                 opts.bev_y, thickness=width['sd_thickness_px'])
+    np.testing.assert_array_equal(ours_sd > 0, sd, err_msg=f'{name} sd')
+    drawn += [(semantic == c).sum() for c in range(1, 4)] + [sd.sum()]
+  assert len(poses) > REAL_SCENE_KEYFRAMES_WITH_FILES
+  assert (drawn > 0).all(), drawn   # every class and the prior are exercised
 
 
 def _devkit_latlon_ref(x, y, location):

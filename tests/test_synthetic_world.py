@@ -10,6 +10,8 @@ from nuscenes.map_expansion.map_api import NuScenesMap
 from nuscenes.nuscenes import NuScenes
 from nuscenes.utils.data_classes import LidarPointCloud
 
+import raster_reference
+
 from configs import tcs
 from data_prep import geo
 from data_prep import labels
@@ -117,7 +119,9 @@ def test_every_sample_has_divider_labels_and_sd_prior(world, nusc):
   data = tcs.get_config().data
   options = nuscenes_reader.make_options(
       bev_x=(-30.0, 30.0, 0.6), bev_y=(-15.0, 15.0, 0.6), image_size=(16, 32), cameras=CAMERAS,
-      line_width=3, direction_bins=data.direction_bins, lidar_sweeps=1, lidar_min_range=2.2,
+      label_thickness_ref=data.label_thickness_ref, sd_thickness_ref=data.sd_thickness_ref,
+      thickness_ref_step=data.thickness_ref_step, direction_bins=data.direction_bins,
+      lidar_sweeps=1, lidar_min_range=2.2,
       jpeg_quality=50, boundary_clip_margin=data.boundary_clip_margin,
       sd_road_classes=data.sd_road_classes, osm_dir=os.path.join(world, 'osm'))
   source = nuscenes_reader.Source(world, 'v1.0-synthetic', options)
@@ -126,6 +130,14 @@ def test_every_sample_has_divider_labels_and_sd_prior(world, nusc):
     name = nusc.get('scene', sample['scene_token'])['name']
     assert fields['polylines'][labels.DIVIDER], (name, sample['token'])
     assert (fields['label/semantic'] == labels.DIVIDER).any(), name
+    # Labels drawn by the reference rule (tests/raster_reference.py) on the synthetic world too.
+    width = nuscenes_reader.label_width_spec(options)
+    semantic, instance, forward, _ = raster_reference.label_rasters(
+        fields['polylines'], options.bev_x, options.bev_y, thickness=width['label_thickness_px'],
+        filter_thickness=width['filter_thickness_px'], angle_class=options.direction_bins)
+    np.testing.assert_array_equal(fields['label/semantic'], semantic)
+    np.testing.assert_array_equal(fields['label/instance'], instance)
+    np.testing.assert_array_equal(fields['label/direction'], forward)
     sd = fields['prior/sd'] > 0
     assert sd.any(), (name, sample['token'])
     # The SD road runs near the ego (the route is on a mapped road, misaligned by a few metres):
