@@ -75,15 +75,18 @@ def get_config(arg=None):
       camera=dict(       # image encoder + HDMapNet view transform (models/camera.py)
           image_encoder='efficientnet_b0',   # or 'resnet_small'
           channels=64,                       # 1/16 feature and BEV output channels
-          fusion_channels=512,               # EfficientNet 1/16 + 1/32 fusion width
+          fusion_channels=0,                 # 0 = HDMapNet CamEncode: Up(320+112, channels), no 1x1
+          drop_connect_rate=0.2,             # efficientnet_pytorch B0 stochastic depth (training)
           resnet_widths=(32, 64, 128, 256),  # resnet_small stem + 3 stages
-          patch_shape=(40, 80),              # view-MLP BEV patch (forward, lateral) cells
-          patch_margin=2.0,                  # metres added to the canvas reach of the patch
+          view_transform='hdmapnet',         # reference IPM, or 'metric' (models/camera.py)
+          patch_divisor=5,                   # view-MLP patch = canvas // this (reference 40x80)
           view_mlp_layers=2,
-          ipm_stride=2,                      # IPM on the canvas / stride, then upsampled
-          ground_height=0.0),                # ego z of the ground plane, metres
+          patch_margin=2.0,                  # 'metric': metres added to the patch's reach
+          ipm_stride=2,                      # 'metric': IPM on the canvas / stride, upsampled
+          ground_height=0.0),                # 'metric': ego z of the ground plane, metres
       lss=dict(          # lift-splat simulated LiDAR (coach; models/lss.py)
-          image_encoder='efficientnet_b0', fusion_channels=512,
+          image_encoder='efficientnet_b0', fusion_channels=512,   # LSS CamEncode: Up to 512, 1x1
+          drop_connect_rate=0.2,
           resnet_widths=(32, 64, 128, 256),
           depth_bins=(4.0, 45.0, 1.0),       # (min, max, step) metres -> 41 bins
           context_channels=64,
@@ -133,7 +136,9 @@ def get_config(arg=None):
                       cosine_final_fraction=0.0)  # 'cosine': lr at decay_steps / learning_rate
   # Checkpoint dirs of earlier stages; '' = WORKDIR/<stage>/checkpoints.
   config.frozen = dict(teacher='', coach='')
-  config.init = dict(hd_prior='')                 # hd_pretrain ckpt for the teacher's HD module
+  config.init = dict(hd_prior='',                 # hd_pretrain ckpt for the teacher's HD module
+                     image_encoder='')            # `python -m mapkd_jax.convert efficientnet` OUT dir:
+                                                  # loaded into every EfficientNet-B0 of the model
   # Evaluation (mapkd_jax/evaluate.py; protocol in DESIGN.md section 4).
   config.eval = dict(
       dbscan_eps=1.5,              # instance-embedding distance of DBSCAN neighbours
@@ -156,7 +161,7 @@ def get_config(arg=None):
     config.data.synthetic = dict(scenes=3, samples_per_scene=8, seed=0, image_size=(108, 192), sweeps=2,
                                  val_fraction=0.2)
     config.model.camera.update(image_encoder='resnet_small', channels=16,
-                               resnet_widths=(8, 16, 24, 32), patch_shape=(8, 16))
+                               resnet_widths=(8, 16, 24, 32))
     config.model.lss.update(image_encoder='resnet_small', resnet_widths=(8, 16, 24, 32),
                             depth_bins=(4.0, 44.0, 4.0), context_channels=16, out_channels=32)
     config.model.neck.update(channels=32, num_layers=1)
