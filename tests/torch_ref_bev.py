@@ -10,6 +10,8 @@ module names, so `state_dict()` has the checkpoint's names:
   feature_expand.conv1 / bn1 / conv2 / bn2 (3x3 convs with bias)
   conv_bev.0 / .2 (4x4 stride-2 convs with bias), .4 (no bias), .5 bn
   built but never called by the student's forward: input_proj, conv_osm, conv_up
+  whole student (`Student`): + camencode.* (A's torch_ref_efficientnet.CamEncodeRef) and
+    view_fusion.* (B2's torch_ref_camera.ViewTransformation), IPM and x2 upsampler
 
 Only tests import this file (torch is a test / converter dependency).
 """
@@ -130,6 +132,29 @@ class StudentTail(nn.Module):
     semantic, embedding, direction = self.bevencode(x)
     return {'semantic': semantic, 'embedding': embedding, 'direction': direction,
             'bev_small': bev_small}
+
+
+class Student(StudentTail):
+  """The whole MapKD student (PMapNet_sdmap_S): CamEncode -> view_fusion -> IPM -> x2 upsample
+  (align_corners=True) -> the tail. Built from the other parity tests' torch references."""
+
+  def __init__(self, image_hw=(128, 352), canvas=(200, 400), cam_channels=64, n_views=6):
+    super().__init__(cam_channels=cam_channels, canvas=canvas)
+    import torch_ref_camera
+    import torch_ref_efficientnet
+    self.camencode = torch_ref_efficientnet.CamEncodeRef(cam_channels)
+    fv_size, bv_size, self.xbound, self.ybound = torch_ref_camera.hdmapnet_sizes(image_hw, canvas)
+    self.view_fusion = torch_ref_camera.ViewTransformation(fv_size, bv_size, n_views)
+
+  def forward(self, images, rots, trans):
+    """images [B, N, 3, H, W], rots / trans camera -> ego -> heads and bev_small (NCHW)."""
+    import torch_ref_camera
+    b, n = images.shape[:2]
+    feats, _ = self.camencode(images.flatten(0, 1))
+    feats = feats.reshape(b, n, *feats.shape[1:])
+    topdown = torch_ref_camera.ipm(self.view_fusion(feats), rots, trans, self.xbound,
+                                   self.ybound)
+    return super().forward(torch_ref_camera.upsample(topdown))
 
 
 def randomize_(module, seed):

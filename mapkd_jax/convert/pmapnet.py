@@ -129,13 +129,22 @@ def convert_feature_expansion(conv, num_convs, target='', source='feature_expand
 
 
 def _convert_camera(conv, config):
-  """camencode.* and view_fusion.* -> camera/*, via the camera converters (A and B2)."""
-  try:
-    from mapkd_jax.convert import hdmapnet_camera
-  except ImportError as e:
-    raise ValueError(f'{conv.origin}: not yet supported: missing mappings for camencode / '
-                     f'view_fusion (mapkd_jax/convert/hdmapnet_camera.py: {e})') from e
-  hdmapnet_camera.convert_camera(conv, config, target='camera', source='')
+  """camencode.* -> the camera's EfficientNetB0 (convert/efficientnet.py) and view_fusion.* ->
+  camera/view_fusion (convert/hdmapnet_camera.py)."""
+  if config.model.camera.image_encoder != 'efficientnet_b0':
+    raise ValueError(f'{conv.origin}: the reference camera encoder is EfficientNet-B0; '
+                     f'config.model.camera.image_encoder is '
+                     f'{config.model.camera.image_encoder!r}')
+  from mapkd_jax.convert import efficientnet, hdmapnet_camera
+  prefix = f'params{SEP}camera{SEP}'
+  encoders = sorted({p[len('params' + SEP):p.index('EfficientNetB0_0') + len('EfficientNetB0_0')]
+                     for p in conv.target
+                     if p.startswith(prefix) and 'EfficientNetB0_0' in p})
+  if len(encoders) != 1:
+    raise ValueError(f'{conv.origin}: expected one EfficientNetB0 under {prefix}, found '
+                     f'{encoders or "none"}')
+  efficientnet.map_camencode(conv, encoders[0], 'camencode.', depthnet=False)
+  hdmapnet_camera.convert_view_fusion(conv, f'camera{SEP}view_fusion', 'view_fusion.')
 
 
 def student_tail_conversion(conv, config):
@@ -193,40 +202,65 @@ def _without_camera(variables):
           for col, tree in variables.items()}
 
 
-def convert_file(path, config_name, config, workdir, *, allow_pickle=False):
+def _fresh_train_extra(config, variables, dummy):
+  """{'tx': optimizer state, 'aux': TGPD projectors} as a fresh run of `config` starts them.
+
+  Mirrors train_step.init_state (same rng split as trainer.initial_state, projectors initialised
+  on bev_small's shape) without running the model, so the converted checkpoint resumes like a
+  trained one: `launch.py` on this workdir fine-tunes from the converted weights.
+  """
+  import jax
+  import jax.numpy as jnp
+  from mapkd_jax import train_step as step_lib
+  models, tgpd = step_lib.make_models(config), step_lib.make_tgpd(config)
+  init_rng, _ = jax.random.split(jax.random.key(config.seed))
+  rngs = {'params': init_rng, 'dropout': init_rng, 'mask': init_rng}
+  outputs = jax.eval_shape(
+      lambda v, b: models[step_lib.model_name(config)].apply(v, b, train=False, rngs=rngs),
+      variables, dummy)
+  small = jnp.zeros(outputs['bev_small'].shape, outputs['bev_small'].dtype)
+  aux = {f'tgpd_{name}': tgpd.init(jax.random.fold_in(init_rng, index + 1), small, small)['params']
+         for index, name in enumerate(step_lib.frozen_names(config))}
+  params = {'model': variables['params'], 'aux': aux}
+  return {'tx': step_lib.make_optimizer(config).init(params), 'aux': aux}
+
+
+def convert_file(path, config, workdir, *, config_name='', allow_pickle=False):
   """Reads `path`, converts it for `config`'s stage and saves ROOT/<stage>/checkpoints/0.
 
   Returns:
-    A summary dict (also written to ROOT/<stage>/convert.json): the source file, step,
-    checkpoint directory, tensors mapped / ignored, seconds.
+    A summary dict (also written, with the full name mapping, to ROOT/<stage>/convert.json):
+    source file, stage, step, checkpoint directory, tensors mapped, tensors ignored and why,
+    seconds.
   """
   import jax
+  import jax.numpy as jnp
   from mapkd_jax import checkpoint as ckpt_lib
-  from mapkd_jax import sharding, stages, trainer
+  from mapkd_jax import sharding, stages
   from mapkd_jax import train_step as step_lib
 
   start = time.time()
   state_dict = common.load_torch_state_dict(path, allow_pickle=allow_pickle)
   if config.stage in _MISSING:   # before building any model: fail fast
     convert_state_dict(state_dict, config, {}, origin=path)
-  mesh = sharding.make_mesh()
-  models = step_lib.make_models(config)
-  state, _, _, _ = trainer.initial_state(config, models, step_lib.make_tgpd(config),
-                                         step_lib.make_optimizer(config), mesh)
-  variables, report = convert_state_dict(
-      state_dict, config, jax.device_get(trainer._variables_of(state)), origin=path)
-  repl = sharding.replicated(mesh)
-  variables = jax.tree.map(lambda x: jax.device_put(x, repl), variables)
   stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
   latest, _ = ckpt_lib.managers(stage_dir, max_to_keep=config.train.keep_checkpoints)
   if latest.latest_step() is not None:
     raise ValueError(f'{latest.directory}: already holds checkpoints (latest step '
                      f'{latest.latest_step()}); convert into an empty workdir')
+  model = step_lib.make_models(config)[step_lib.model_name(config)]
+  dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
+  rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(0), 'mask': jax.random.key(0)}
+  abstract = jax.eval_shape(lambda: model.init(rngs, dummy, train=False))
+  variables, report = convert_state_dict(state_dict, config, abstract, origin=path)
+  repl = sharding.replicated(sharding.make_mesh())
+  variables = jax.device_put(variables, repl)
+  train_extra = jax.device_put(_fresh_train_extra(config, variables, dummy), repl)
   meta = {'stage': config.stage, 'nokd': config.nokd, 'step': 0,
           'config': json.loads(config.to_json_best_effort()), 'metrics': {},
           'converted_from': os.path.abspath(path), 'converter': 'mapkd_jax.convert pmapnet',
           'config_name': config_name}
-  ckpt_lib.save(latest, 0, variables=variables, opt_state=trainer._train_extra_of(state),
+  ckpt_lib.save(latest, 0, variables=variables, opt_state=train_extra,
                 data_position={'epoch': 0, 'batch': 0}, meta=meta)
   latest.wait_until_finished()
   summary = {'source': os.path.abspath(path), 'stage': config.stage, 'step': 0,
@@ -266,7 +300,7 @@ def load_config(spec):
 def run(args):
   """Entry point for `python -m mapkd_jax.convert pmapnet` (args from add_arguments)."""
   config = load_config(args.config)
-  summary = convert_file(args.input, args.config, config, args.workdir,
+  summary = convert_file(args.input, config, args.workdir, config_name=args.config,
                          allow_pickle=args.allow_pickle)
   print(json.dumps(summary, indent=2))
   return summary
