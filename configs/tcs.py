@@ -130,7 +130,8 @@ def get_config(arg=None):
   config.train = dict(steps=35000, batch_size=8, log_every=50, checkpoint_every=1000,
                       eval_every=5000, keep_checkpoints=3,
                       eval_batches=0)             # 0 = the whole val split
-  config.optim = dict(learning_rate=5e-4, grad_clip=5.0, b1=0.9, b2=0.999,
+  config.optim = dict(name='adam',                # or 'sgd' (config_lib.OPTIMIZERS)
+                      learning_rate=5e-4, grad_clip=5.0, b1=0.9, b2=0.999,
                       schedule='step',            # or 'cosine' (train_step.learning_rate_schedule)
                       decay_steps=35000, decay_factor=0.1,   # 'step': x decay_factor per decay_steps
                       cosine_final_fraction=0.0)  # 'cosine': lr at decay_steps / learning_rate
@@ -149,7 +150,17 @@ def get_config(arg=None):
       chamfer_thresholds=(0.5, 1.0, 1.5),   # metres
       sample_step=0.15,            # metres between resampled points for the Chamfer distance
       range_split=15.0,            # metres of |x|: IoU reported for |x| < split and >= split
-      num_images=4)                # PNGs written by the evaluation
+      num_images=4,                # PNGs written by the evaluation
+      # Vector AP protocol (mapkd_jax/vector_ap.py): 'maptr' (MapTR's released evaluation, the
+      # default), 'pmapnet' (P-MapNet's released one, defects included, only to set a number
+      # beside the paper's mAP column) or 'legacy' (this project's rules before MapTR's).
+      ap_protocol='maptr',
+      maptr_num_points=100,        # MapTR resamples every polyline to this many points
+      maptr_buffer_m=2.0,          # MapTR never matches pairs whose flat-cap buffers miss
+      pmapnet_thickness=5,         # P-MapNet's eval rasterizes polylines with this cv2 thickness
+      pmapnet_iou_gate=0.1,        # P-MapNet's instance-IoU gate of a match
+      workers=0,                   # vectorization processes beside the forward; 0 = CPU count
+      pool_min_samples=64)         # smaller splits vectorize inline (starting a pool costs s)
 
   if arg.tiny or arg.stage == 'demo':   # the demo trains tiny-size models on a larger world
     config.data.image_size = (64, 176)

@@ -3,6 +3,10 @@ import types
 
 # Learning-rate schedules train_step.learning_rate_schedule builds.
 SCHEDULES = ('step', 'cosine')
+# Optimizers train_step.make_optimizer builds: 'adam' is the reference recipe; 'sgd' (plain,
+# no momentum) makes an update a fixed multiple of the gradient, which the device-layout
+# equivalence tests compare at float precision.
+OPTIMIZERS = ('adam', 'sgd')
 
 STAGES = ('hd_pretrain', 'teacher', 'coach', 'student', 'demo')
 
@@ -72,6 +76,7 @@ def validate(config):
   for key in ('learning_rate', 'decay_steps', 'grad_clip'):
     _require(optim[key] > 0, f'optim.{key}', optim[key], 'a positive number')
   _require(0 < optim.decay_factor <= 1, 'optim.decay_factor', optim.decay_factor, 'in (0, 1]')
+  _require(optim.name in OPTIMIZERS, 'optim.name', optim.name, f'one of {OPTIMIZERS}')
   _require(optim.schedule in SCHEDULES, 'optim.schedule', optim.schedule,
            f'one of {SCHEDULES}')
   _require(0 <= optim.cosine_final_fraction <= 1, 'optim.cosine_final_fraction',

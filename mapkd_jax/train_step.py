@@ -84,10 +84,18 @@ def learning_rate_schedule(optim):
 
 
 def make_optimizer(config):
-  """Adam on `learning_rate_schedule(config.optim)` after global-norm clipping."""
+  """config.optim.name ('adam': the reference; 'sgd': plain SGD) on
+  `learning_rate_schedule(config.optim)`, after global-norm clipping."""
   optim = config.optim
-  return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                     optax.adam(learning_rate_schedule(optim), b1=optim.b1, b2=optim.b2))
+  schedule = learning_rate_schedule(optim)
+  if optim.name == 'adam':
+    update = optax.adam(schedule, b1=optim.b1, b2=optim.b2)
+  elif optim.name == 'sgd':
+    update = optax.sgd(schedule)
+  else:
+    raise ValueError(f'config.optim.name must be one of {config_lib.OPTIMIZERS}, got '
+                     f'{optim.name!r}')
+  return optax.chain(optax.clip_by_global_norm(optim.grad_clip), update)
 
 
 def init_state(rng, *, batch, models, tgpd, tx, config):
