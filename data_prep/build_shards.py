@@ -144,6 +144,7 @@ def to_example(fields):
       schema.LABEL_SEMANTIC: byte_list([_png(fields[schema.LABEL_SEMANTIC])]),
       schema.LABEL_INSTANCE: byte_list([_png(fields[schema.LABEL_INSTANCE])]),
       schema.LABEL_DIRECTION: byte_list([_png(fields[schema.LABEL_DIRECTION])]),
+      schema.LABEL_DIRECTION_BACKWARD: byte_list([_png(fields[schema.LABEL_DIRECTION_BACKWARD])]),
       schema.VECTOR_CLASS: ints(fields[schema.VECTOR_CLASS]),
       schema.VECTOR_NUM_POINTS: ints(fields[schema.VECTOR_NUM_POINTS]),
   }

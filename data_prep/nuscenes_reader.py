@@ -287,9 +287,10 @@ def read_sample(source, sample_token):
   polylines = labels.extract_polylines(source.map_layers(location), ego_xy, ego_yaw, opts.bev_x,
                                        opts.bev_y, clip_margin=opts.boundary_clip_margin)
   width = label_width_spec(opts)
-  semantic, instance, direction = labels.rasterize_polylines(
+  semantic, instance, direction, backward = labels.rasterize_polylines(
       polylines, opts.bev_x, opts.bev_y, thickness=width['label_thickness_px'],
-      filter_thickness=width['filter_thickness_px'], num_direction_bins=opts.direction_bins)
+      filter_thickness=width['filter_thickness_px'], num_direction_bins=opts.direction_bins,
+      with_backward=True)
   sd = sd_prior.sd_raster(source.osm_roads(location), ego_xy, ego_yaw, opts.bev_x, opts.bev_y,
                           thickness=width['sd_thickness_px'])
   vectors = [(c, line) for c in sorted(polylines) for line in polylines[c]]
@@ -306,6 +307,7 @@ def read_sample(source, sample_token):
       schema.LABEL_SEMANTIC: semantic,
       schema.LABEL_INSTANCE: instance,
       schema.LABEL_DIRECTION: direction,
+      schema.LABEL_DIRECTION_BACKWARD: backward,
       schema.VECTOR_CLASS: np.array([c for c, _ in vectors], np.int64),
       schema.VECTOR_NUM_POINTS: np.array([len(line) for _, line in vectors], np.int64),
       schema.VECTOR_POINTS: (np.concatenate([line for _, line in vectors]) if vectors

@@ -93,6 +93,11 @@ def random_sample(rng, data_config, index, num_points, *, label_style='noise'):
     rasters = _line_rasters(rng, data_config, bev_h, bev_w, num_lines=int(rng.integers(5, 30)))
   else:
     raise ValueError(f"label_style must be 'noise' or 'lines', got {label_style!r}")
+  # The reference's backward bins: the opposite of the forward ones (they differ only where two
+  # segments share a pixel, which random rasters do not model).
+  direction, half = rasters['direction'].astype(np.int64), data_config.direction_bins // 2
+  rasters['direction_backward'] = np.where(
+      direction > 0, (direction - 1 + half) % data_config.direction_bins + 1, 0).astype(np.uint8)
   return {
       'sample_token': f'sample-{index:05d}',
       'scene_token': f'scene-{index // 4:03d}',
@@ -148,6 +153,7 @@ def serialize_sample(sample):
       schema.LABEL_SEMANTIC: blobs([_png(sample['semantic'])]),
       schema.LABEL_INSTANCE: blobs([_png(sample['instance'])]),
       schema.LABEL_DIRECTION: blobs([_png(sample['direction'])]),
+      schema.LABEL_DIRECTION_BACKWARD: blobs([_png(sample['direction_backward'])]),
       schema.VECTOR_CLASS: ints(cls for cls, _ in vectors),
       schema.VECTOR_NUM_POINTS: ints(len(p) for _, p in vectors),
       schema.VECTOR_POINTS: floats(points),

@@ -102,7 +102,8 @@ def test_round_trip_equals_source_arrays(built):
     for key in (schema.VECTOR_CLASS, schema.VECTOR_NUM_POINTS):
       np.testing.assert_array_equal(feature[key].int64_list.value, src[key])
     for key, dtype in ((schema.SD_PRIOR, np.uint8), (schema.LABEL_SEMANTIC, np.uint8),
-                       (schema.LABEL_INSTANCE, np.uint16), (schema.LABEL_DIRECTION, np.uint8)):
+                       (schema.LABEL_INSTANCE, np.uint16), (schema.LABEL_DIRECTION, np.uint8),
+                       (schema.LABEL_DIRECTION_BACKWARD, np.uint8)):
       png = _decode_png(feature[key])
       assert png.dtype == dtype and png.shape == (30, 60)
       np.testing.assert_array_equal(png, src[key])

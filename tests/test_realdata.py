@@ -74,6 +74,7 @@ def _decode(feature):
   return dict(token=feature[schema.SAMPLE_TOKEN].bytes_list.value[0].decode(),
               semantic=png(schema.LABEL_SEMANTIC), sd=png(schema.SD_PRIOR),
               instance=png(schema.LABEL_INSTANCE), direction=png(schema.LABEL_DIRECTION),
+              backward=png(schema.LABEL_DIRECTION_BACKWARD),
               lidar=floats(schema.LIDAR_POINTS, (-1, 5)),
               intrinsics=floats(schema.CAMERA_INTRINSICS, (-1, 3, 3)),
               ego_pose=floats(schema.EGO_POSE, (4, 4)))
@@ -220,11 +221,12 @@ def test_shard_labels_equal_the_reference_rasterization(shards, nusc):
   assert info['label_width']['label_thickness_px'] == 2
   source = _real_source(BEV_X, BEV_Y)
   for record in records:
-    (semantic, instance, forward, _, sd), _ = _reference_of(
+    (semantic, instance, forward, backward, sd), _ = _reference_of(
         source, *_keyframe_pose(nusc, record['token']))
     np.testing.assert_array_equal(record['semantic'], semantic, err_msg=record['token'])
     np.testing.assert_array_equal(record['instance'], instance, err_msg=record['token'])
     np.testing.assert_array_equal(record['direction'], forward, err_msg=record['token'])
+    np.testing.assert_array_equal(record['backward'], backward, err_msg=record['token'])
     np.testing.assert_array_equal(record['sd'] > 0, sd, err_msg=record['token'])
 
 

@@ -132,12 +132,13 @@ def test_every_sample_has_divider_labels_and_sd_prior(world, nusc):
     assert (fields['label/semantic'] == labels.DIVIDER).any(), name
     # Labels drawn by the reference rule (tests/raster_reference.py) on the synthetic world too.
     width = nuscenes_reader.label_width_spec(options)
-    semantic, instance, forward, _ = raster_reference.label_rasters(
+    semantic, instance, forward, backward = raster_reference.label_rasters(
         fields['polylines'], options.bev_x, options.bev_y, thickness=width['label_thickness_px'],
         filter_thickness=width['filter_thickness_px'], angle_class=options.direction_bins)
     np.testing.assert_array_equal(fields['label/semantic'], semantic)
     np.testing.assert_array_equal(fields['label/instance'], instance)
     np.testing.assert_array_equal(fields['label/direction'], forward)
+    np.testing.assert_array_equal(fields['label/direction_backward'], backward)
     sd = fields['prior/sd'] > 0
     assert sd.any(), (name, sample['token'])
     # The SD road runs near the ego (the route is on a mapped road, misaligned by a few metres):

@@ -3,7 +3,7 @@
 The file sits next to the shards and is written once by the shard builder:
 
   {
-    "schema_version": 1,
+    "schema_version": 2,
     "bev_x": [min, max, step], "bev_y": [min, max, step], "bev_shape": [H, W],
     "classes": ["divider", "ped_crossing", "boundary"],
     "cameras": ["CAM_FRONT_LEFT", ...],

@@ -11,7 +11,12 @@ Shard records (`tf.train.Example`, one per keyframe; README "Shard schema"):
   prior/sd                       PNG uint8 [H, W]: 0 no road, 255 road (read as -1 / +1)
   label/semantic                 PNG uint8 [H, W]: 0 bg, 1 divider, 2 ped_crossing, 3 boundary
   label/instance                 PNG uint16 [H, W]: 0 none, else a per-sample polyline id
-  label/direction                PNG uint8 [H, W]: 0 none, 1..36 = 10-degree bins
+  label/direction                PNG uint8 [H, W]: 0 none, 1..36 = 10-degree bins (reference's
+                                 forward mask: the bin of the last segment covering the pixel)
+  label/direction_backward       PNG uint8 [H, W]: the reference's backward mask (the reversed
+                                 polyline's bins: the opposite bin, but at a pixel two segments
+                                 share, the first segment's); HDMapNet's direction target is
+                                 one-hot(forward) + one-hot(backward), normalized
   vectors/class                  int64 list (1..3 as in label/semantic), one per polyline
   vectors/num_points             int64 list, points per polyline
   vectors/points                 float list, x, y metres (ego frame) concatenated
@@ -33,7 +38,8 @@ Model batches (`batch_spec`) are dicts of arrays, channels last, B = batch size:
 """
 import numpy as np
 
-SCHEMA_VERSION = 1
+# 2: labels drawn by the reference rule (data_prep/labels.py), label/direction_backward added.
+SCHEMA_VERSION = 2
 CLASSES = ('divider', 'ped_crossing', 'boundary')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,6 +57,7 @@ SD_PRIOR = 'prior/sd'
 LABEL_SEMANTIC = 'label/semantic'
 LABEL_INSTANCE = 'label/instance'
 LABEL_DIRECTION = 'label/direction'
+LABEL_DIRECTION_BACKWARD = 'label/direction_backward'
 VECTOR_CLASS = 'vectors/class'
 VECTOR_NUM_POINTS = 'vectors/num_points'
 VECTOR_POINTS = 'vectors/points'
