@@ -1,17 +1,26 @@
 """Evaluation of a trained stage: semantic mIoU, vector AP, figures.
 
   python -m mapkd_jax.evaluate --config configs/tcs.py:student,nokd,tiny --workdir runs/tiny \
-      [--checkpoint best|latest|STEP] [--split val] [--num_images 4]
+      [--checkpoint best|latest|STEP] [--split val] [--num_images 4] \
+      [--protocol maptr|pmapnet|legacy] [--workers N]
 
 Restores only the `params` item of ROOT/<stage>/{best|checkpoints} (any device count), runs
 the model jitted over the split (batch sharded over the mesh, last batch padded) and writes
 ROOT/<stage>/eval/: metrics.json, semantic.npz, predictions.json, gt.json and PNG figures.
-Protocol: DESIGN.md section 4, vector_ap.py and vectorize.py docstrings.
+Protocol: DESIGN.md section 4, vector_ap.py and vectorize.py docstrings. Vector AP follows
+MapTR's released evaluation by default; `--protocol pmapnet` computes P-MapNet's (the paper's
+mAP column, its defects included on purpose and listed in metrics.json).
+
+Vectorization runs in `--workers` processes (default config.eval.workers, 0 = the CPU count)
+while the device computes the next batches; results are the same as inline (workers 1).
 """
+import concurrent.futures
 import functools
 import json
 import math
+import multiprocessing
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +92,66 @@ def iou_from_class_maps(pred, gt, class_names, column_mask=None):
   return ious, float(np.mean(scored)) if scored else float('nan')
 
 
+def check_label_width(meta, info, *, ckpt_dir, shards_dir):
+  """Warns (and returns the message) when the checkpoint was trained on labels of another width.
+
+  Args:
+    meta: the checkpoint's meta ({'config': ...}, as the trainer saves it).
+    info: the shards' dataset_info dict.
+
+  Returns:
+    The warning text, or None when the widths agree.
+  """
+  trained, shards = info_lib.label_width_of(meta), info_lib.label_width_of(info)
+  if trained == shards:
+    return None
+  message = (f'{ckpt_dir} was trained with label width {trained!r} but the shards of '
+             f'{shards_dir} hold labels of width {shards!r}: its IoU and AP against these '
+             'labels are not comparable with a model trained on them')
+  warnings.warn(message)
+  logging.warning(message)
+  return message
+
+
+def resolve_workers(workers):
+  """config.eval.workers / --workers: 0 = the CPU count, else that many (>= 1)."""
+  workers = int(workers)
+  if workers < 0:
+    raise ValueError(f'--workers / config.eval.workers must be >= 0 (0 = CPU count), got {workers}')
+  return workers or (os.cpu_count() or 1)
+
+
+class _Vectorizer:
+  """Vectorizes samples inline (1 worker) or in a process pool, keyed by sample token.
+
+  The pool uses 'spawn' processes: forking a process that holds JAX's threads can deadlock.
+  """
+
+  def __init__(self, workers, kwargs):
+    self._fn = functools.partial(vectorize.vectorize_sample, **kwargs)
+    self._pool = None
+    if workers > 1:
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+          max_workers=workers, mp_context=multiprocessing.get_context('spawn'))
+    self._results = {}
+
+  def submit(self, token, semantic, embedding):
+    if self._pool is None:
+      self._results[token] = self._fn(semantic, embedding)
+    else:
+      self._results[token] = self._pool.submit(self._fn, np.ascontiguousarray(semantic),
+                                               np.ascontiguousarray(embedding))
+
+  def results(self):
+    """{token: vectors}, waiting for the pool; shuts it down."""
+    try:
+      return {t: (r.result() if isinstance(r, concurrent.futures.Future) else r)
+              for t, r in self._results.items()}
+    finally:
+      if self._pool is not None:
+        self._pool.shutdown()
+
+
 def _gt_json(vectors, tokens, class_names):
   return {t: [{'cls': class_names[cls - 1], 'pts': np.asarray(pts).tolist()}
               for cls, pts in vectors.get(t, [])] for t in tokens}
@@ -118,8 +187,15 @@ def _json_safe(tree):
   return tree
 
 
-def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4):
+def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, protocol=None,
+             workers=None):
   """Evaluates ROOT/<stage> on `split` and writes ROOT/<stage>/eval/.
+
+  Args:
+    protocol: vector AP protocol; default config.eval.ap_protocol ('maptr').
+    workers: vectorization processes; default config.eval.workers (0 = CPU count). The pool
+      is used only for splits of at least config.eval.pool_min_samples samples (starting
+      'spawn' processes costs seconds).
 
   Returns:
     The metrics dict of metrics.json (with NaN where the file has null: a class absent from
@@ -133,6 +209,8 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4):
                      f'got {jax.process_count()} processes')
   data = config.data
   classes = tuple(data.classes)
+  protocol = vector_ap.check_protocol(config.eval.ap_protocol if protocol is None else protocol)
+  workers = resolve_workers(config.eval.workers if workers is None else workers)
   mesh = sharding.make_mesh()
   batch_size = config.train.batch_size
   sharding.check_batch_size(batch_size, mesh)
@@ -155,17 +233,22 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4):
   num_samples = int(info['splits'][split]['num_samples'])
   if num_samples == 0:
     raise ValueError(f'{shards_dir}: split {split!r} is empty; nothing to evaluate')
+  _, meta = ckpt_lib.read_meta(ckpt_dir, step)
+  check_label_width(meta, info, ckpt_dir=ckpt_dir, shards_dir=shards_dir)
+  if num_samples < config.eval.pool_min_samples:
+    workers = 1
 
   forward = jax.jit(functools.partial(_forward, model=model),
                     in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=repl)
   batches = pipeline.iterate(shards_dir, split, data, batch_size=batch_size, seed=config.seed,
                              shuffle=False, num_epochs=1, drop_remainder=False, with_tokens=True)
-  tokens, preds, gts, vectors, figures = [], [], [], {}, []
+  tokens, preds, gts, figures = [], [], [], []
   vec_kwargs = dict(bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=classes,
                     eps=config.eval.dbscan_eps, min_samples=config.eval.dbscan_min_samples,
                     max_cluster_pixels=config.eval.max_cluster_pixels,
                     link_radius_px=config.eval.link_radius_px, line_width_px=data.line_width_px,
                     simplify_tolerance=config.eval.simplify_tolerance)
+  vectorizer = _Vectorizer(workers, vec_kwargs)
   for host in tqdm(batches, total=math.ceil(num_samples / batch_size), desc=f'eval {split}'):
     rows = len(host['semantic'])
     out = jax.device_get(forward(variables, sharding.host_batch_to_global(
@@ -173,22 +256,26 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4):
     pred = np.argmax(out['semantic'][:rows], axis=-1).astype(np.uint8)
     for i in range(rows):
       token = str(host['sample_token'][i])
-      vectors[token] = vectorize.vectorize_sample(out['semantic'][i], out['embedding'][i],
-                                                  **vec_kwargs)
+      vectorizer.submit(token, out['semantic'][i], out['embedding'][i])
       if len(figures) < num_images:
         figures.append((token, host['images'][i], pred[i], host['semantic'][i]))
       tokens.append(token)
     preds.append(pred)
     gts.append(host['semantic'].astype(np.uint8))
+  vectors = vectorizer.results()
   if not tokens:
     raise ValueError(f'{shards_dir}: split {split!r} gave no sample')
   pred_all, gt_all = np.concatenate(preds), np.concatenate(gts)
 
   gt_json = _gt_json(pipeline.read_vectors(shards_dir, split), tokens, classes)
   pred_json = {t: _vectors_to_json(vectors[t]) for t in tokens}
-  ap = vector_ap.evaluate_vectors(pred_json, gt_json, class_names=classes,
-                                  thresholds=tuple(config.eval.chamfer_thresholds),
-                                  sample_step=config.eval.sample_step)
+  ap = vector_ap.evaluate_vectors(
+      pred_json, gt_json, class_names=classes, thresholds=tuple(config.eval.chamfer_thresholds),
+      protocol=protocol, sample_step=config.eval.sample_step,
+      num_points=config.eval.maptr_num_points, buffer_m=config.eval.maptr_buffer_m,
+      bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y),
+      pmapnet_thickness=config.eval.pmapnet_thickness,
+      pmapnet_iou_gate=config.eval.pmapnet_iou_gate)
   ious, miou = iou_from_class_maps(pred_all, gt_all, classes)
   # |x| of each column's centre: near and far halves of the range (DESIGN.md section 6).
   x_centres = data.bev_x[0] + (np.arange(pred_all.shape[-1]) + 0.5) * data.bev_x[2]
@@ -210,29 +297,42 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4):
                  'over the split; mIoU = mean over classes',
           'range_split': f'|x| of pixel centres < {split_m:g} m vs >= {split_m:g} m',
           'thresholds_m': [float(t) for t in config.eval.chamfer_thresholds],
-          'sample_step_m': config.eval.sample_step,
           'score': 'mean sigmoid of the class logit over the polyline pixels',
           'dbscan': {'eps': config.eval.dbscan_eps, 'min_samples': config.eval.dbscan_min_samples},
-          **vector_ap.PROTOCOL}}
+          'ap_protocol': protocol,
+          **_protocol_numbers(config, protocol),
+          **vector_ap.protocol_description(protocol)}}
 
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(_json_safe(metrics), f, indent=2, allow_nan=False)
   np.savez_compressed(os.path.join(out_dir, 'semantic.npz'), tokens=np.asarray(tokens),
                       pred=pred_all, gt=gt_all)
+  file_meta = dict(bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=classes)
   with open(os.path.join(out_dir, 'predictions.json'), 'w') as f:
-    json.dump(pred_json, f)
+    json.dump(vector_ap.vector_file(pred_json, **file_meta), f)
   with open(os.path.join(out_dir, 'gt.json'), 'w') as f:
-    json.dump(gt_json, f)
+    json.dump(vector_ap.vector_file(gt_json, **file_meta), f)
   for token, images, pred, gt in figures:
     figure = visualize.render_sample(
         images, pred, gt, vectors[token],
         [{**v, 'pts': np.asarray(v['pts'])} for v in gt_json[token]],
         bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=classes, title=token)
     visualize.save_png(os.path.join(out_dir, f'{token}.png'), figure)
-  logging.info('Evaluation of %s step %d on %s (%d samples): mIoU %.4f, mAP %.4f -> %s',
-               stages.stage_dir_name(config), step, split, len(tokens), miou, ap['map'], out_dir)
+  logging.info('Evaluation of %s step %d on %s (%d samples): mIoU %.4f, mAP (%s) %.4f -> %s',
+               stages.stage_dir_name(config), step, split, len(tokens), miou, protocol,
+               ap['map'], out_dir)
   return metrics
+
+
+def _protocol_numbers(config, protocol):
+  """The protocol's own constants, for metrics.json."""
+  if protocol == 'maptr':
+    return {'num_points': config.eval.maptr_num_points, 'buffer_m': config.eval.maptr_buffer_m}
+  if protocol == 'pmapnet':
+    return {'thickness': config.eval.pmapnet_thickness,
+            'iou_gate': config.eval.pmapnet_iou_gate}
+  return {'sample_step_m': config.eval.sample_step}
 
 
 def define_flags():
@@ -243,6 +343,11 @@ def define_flags():
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number")
   flags.DEFINE_string('split', 'val', 'dataset split to evaluate')
   flags.DEFINE_integer('num_images', None, 'figures to write; default config.eval.num_images')
+  flags.DEFINE_enum('protocol', None, list(vector_ap.PROTOCOLS),
+                    "vector AP protocol; default config.eval.ap_protocol ('maptr'); 'pmapnet' "
+                    "= P-MapNet's released evaluation (the paper's mAP column, defects included)")
+  flags.DEFINE_integer('workers', None, 'vectorization processes; default config.eval.workers '
+                       '(0 = CPU count)')
 
 
 def main(argv):
@@ -251,7 +356,7 @@ def main(argv):
   config = f.config
   num_images = config.eval.num_images if f.num_images is None else f.num_images
   metrics = evaluate(config, f.workdir, checkpoint=f.checkpoint, split=f.split,
-                     num_images=num_images)
+                     num_images=num_images, protocol=f.protocol, workers=f.workers)
   print(json.dumps({k: metrics[k] for k in ('iou', 'miou', 'ap', 'map', 'num_samples')},
                    indent=2))
 

@@ -59,8 +59,10 @@ def test_end_to_end_files_and_metrics(trained_root):
   assert set(written['iou']) == set(config.data.classes)
   for name in config.data.classes:
     assert set(written['ap'][name]) == {'0.5', '1.0', '1.5'}
-  for key in ('thresholds_m', 'sort_order', 'matching_scope', 'interpolation', 'bev_x'):
+  for key in ('thresholds_m', 'sort_order', 'matching_scope', 'interpolation', 'bev_x', 'gate',
+              'threshold_test', 'num_points', 'buffer_m'):
     assert key in written['protocol'], key
+  assert written['protocol']['ap_protocol'] == 'maptr'
 
   npz = np.load(os.path.join(out, 'semantic.npz'))
   pred, gt, tokens = npz['pred'], npz['gt'], npz['tokens']
@@ -78,9 +80,13 @@ def test_end_to_end_files_and_metrics(trained_root):
                                rtol=1e-12)
 
   with open(os.path.join(out, 'gt.json')) as f:
-    gt_json = json.load(f)
+    gt_file = json.load(f)
   with open(os.path.join(out, 'predictions.json')) as f:
-    pred_json = json.load(f)
+    pred_file = json.load(f)
+  assert gt_file['meta'] == pred_file['meta'] == {
+      'bev_x': list(config.data.bev_x), 'bev_y': list(config.data.bev_y),
+      'classes': list(config.data.classes)}
+  gt_json, pred_json = gt_file['results'], pred_file['results']
   assert set(gt_json) == set(pred_json) == set(tokens.tolist())
   shards = os.path.join(trained_root, 'data', 'shards-tiny')
   truth = pipeline.read_vectors(shards, 'val')
@@ -97,6 +103,10 @@ def test_end_to_end_files_and_metrics(trained_root):
     for threshold, value in written['ap'][name].items():
       np.testing.assert_allclose(recomputed['ap'][name][threshold], nan_of(value))
       np.testing.assert_allclose(metrics['ap'][name][threshold], nan_of(value))
+  for protocol in ('pmapnet', 'legacy'):
+    other = vector_ap.main(['--pred', os.path.join(out, 'predictions.json'),
+                            '--gt', os.path.join(out, 'gt.json'), '--protocol', protocol])
+    assert other['protocol'] == protocol
   pngs = [f for f in os.listdir(out) if f.endswith('.png')]
   assert len(pngs) == 2
   np.testing.assert_allclose(metrics['miou'], nan_of(written['miou']))
@@ -182,3 +192,61 @@ def test_iou_counts_match_loop_and_gt_as_prediction_scores_one(shape, seed):
     np.testing.assert_allclose([ious[c] for c in classes], [want[c] for c in classes])
   ious, miou = eval_lib.iou_from_class_maps(gt, gt, classes)
   assert miou == 1.0 and all(v == 1.0 for v in ious.values())
+
+
+def test_pmapnet_protocol_in_metrics_json(trained_root):
+  # metrics.json names the P-MapNet protocol and lists its defects; the CLI recomputes it.
+  config = _config()
+  out = os.path.join(trained_root, 'student_nokd', 'eval')
+  metrics = eval_lib.evaluate(config, trained_root, num_images=0, workers=1, protocol='pmapnet')
+  with open(os.path.join(out, 'metrics.json')) as f:
+    written = json.load(f)
+  assert written['protocol']['ap_protocol'] == 'pmapnet'
+  assert written['protocol']['defects'] == list(vector_ap.PMAPNET_DEFECTS)
+  assert 'ASCENDING' in ' '.join(written['protocol']['defects'])
+  recomputed = vector_ap.main(['--pred', os.path.join(out, 'predictions.json'),
+                               '--gt', os.path.join(out, 'gt.json'), '--protocol', 'pmapnet'])
+  np.testing.assert_equal(recomputed['ap'], metrics['ap'])
+  with pytest.raises(ValueError, match="protocol 'hdmapnet' is unknown"):
+    eval_lib.evaluate(config, trained_root, protocol='hdmapnet')
+  with pytest.raises(ValueError, match='--workers'):
+    eval_lib.evaluate(config, trained_root, workers=-1)
+
+
+def test_worker_pool_gives_the_inline_vectors():
+  # Label-like head outputs of 3 samples: two lines and a ring, embeddings by instance.
+  rng = np.random.default_rng(0)
+  samples = []
+  for k in range(3):
+    semantic = np.full((40, 80, 4), -4.0, np.float32)
+    semantic[..., 0] = 4.0
+    embedding = rng.normal(scale=0.05, size=(40, 80, 4)).astype(np.float32)
+    for inst, (row, cls) in enumerate(((8 + k, 1), (25, 3))):
+      semantic[row:row + 3, 5:75, 0], semantic[row:row + 3, 5:75, cls] = -4.0, 4.0
+      embedding[row:row + 3, 5:75] += 3.0 * inst
+    samples.append((f'tok{k}', semantic, embedding))
+  kwargs = dict(bev_x=(-24.0, 24.0, 0.6), bev_y=(-12.0, 12.0, 0.6),
+                class_names=('divider', 'ped_crossing', 'boundary'), eps=1.5, min_samples=10,
+                max_cluster_pixels=4000, link_radius_px=1.5, line_width_px=3,
+                simplify_tolerance=0.2)
+  results = []
+  for workers in (1, 2):
+    vectorizer = eval_lib._Vectorizer(workers, kwargs)
+    for token, semantic, embedding in samples:
+      vectorizer.submit(token, semantic, embedding)
+    results.append(vectorizer.results())
+  inline, pooled = results
+  assert set(inline) == {'tok0', 'tok1', 'tok2'}
+  assert all(len(v) == 2 for v in inline.values())
+  np.testing.assert_equal(pooled, inline)
+
+
+def test_label_width_warning_names_trained_width():
+  info = {'label_width': {'rule': 'reference_cv2', 'thickness_ref_step': 0.15,
+                          'label_thickness_ref': 5, 'sd_thickness_ref': 5}}
+  old_meta = {'config': {'data': {'line_width_px': 5}}}   # a checkpoint from before issue 15
+  with pytest.warns(UserWarning, match=r"ckpt was trained with label width 'exact 5 px"):
+    message = eval_lib.check_label_width(old_meta, info, ckpt_dir='ckpt', shards_dir='shards')
+  assert "'reference cv2 thickness 5" in message
+  new_meta = {'config': {'data': dict(info['label_width'])}}
+  assert eval_lib.check_label_width(new_meta, info, ckpt_dir='ckpt', shards_dir='shards') is None
