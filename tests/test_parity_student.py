@@ -37,6 +37,9 @@ def _report(name, ours, theirs):
   assert scale > 0 and diff <= REL_TOL * scale, (name, diff, scale)
 
 
+pytestmark = pytest.mark.slow   # ~75 s of CPU: two reference-size forwards and a conversion
+
+
 @pytest.fixture(scope='module')
 def student_run(tmp_path_factory):
   """(torch outputs NHWC, our outputs, our camera BEV, convert summary, ckpt dir)."""
@@ -69,9 +72,12 @@ def student_run(tmp_path_factory):
   _, variables = ckpt_lib.restore_params(ckpt_dir, stages.abstract_variables(model, dummy, mesh))
   batch = dict(dummy, images=jnp.asarray(images), intrinsics=jnp.asarray(intr),
                cam_rotation=jnp.asarray(rot), cam_translation=jnp.asarray(trans))
-  ours = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
-  camera_bev = jax.jit(lambda v, b: model.apply(
-      v, b, method=lambda m, x: m.camera(x, train=False)))(variables, batch)
+  # One forward; the camera branch's output captured on the way (its own jit would compile
+  # the camera twice).
+  ours, state = jax.jit(lambda v, b: model.apply(
+      v, b, train=False, capture_intermediates=lambda m, method: m.name == 'camera'))(
+          variables, batch)
+  camera_bev = state['intermediates']['camera']['__call__'][0]
   return theirs, ours, camera_bev, summary, ckpt_dir
 
 
