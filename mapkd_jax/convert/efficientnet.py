@@ -132,7 +132,8 @@ def detect_layout(state_dict, prefix: str = '', origin: str = 'state dict'):
   """
   if f'{prefix}_conv_stem.weight' in state_dict:
     return 'trunk', 0, 0
-  if f'{prefix}trunk._conv_stem.weight' in state_dict and f'{prefix}up1.conv.0.weight' in state_dict:
+  camencode = f'{prefix}trunk._conv_stem.weight', f'{prefix}up1.conv.0.weight'
+  if all(name in state_dict for name in camencode):
     up_out = state_dict[f'{prefix}up1.conv.0.weight'].shape[0]
     if f'{prefix}depthnet.weight' in state_dict:
       return 'camencode_depthnet', state_dict[f'{prefix}depthnet.weight'].shape[0], up_out
@@ -240,7 +241,9 @@ def add_arguments(parser):
   parser.add_argument('--prefix', default='',
                       help="name prefix of a CamEncode inside a bigger state dict, e.g. "
                            "'camencode.' (HDMapNet / P-MapNet / MapKD camera branch) or "
-                           "'pp.camencode.' (MapKD coach lift-splat); '' = bare trunk file")
+                           "'pp.camencode.' (MapKD coach lift-splat); '' = bare trunk file; "
+                           "'camencode.trunk.' = only the trunk of a CamEncode (an item that "
+                           "loads into every encoder, whatever its head)")
   parser.add_argument('--allow_pickle', action='store_true',
                       help='unpickle arbitrary objects in the file (trusted files only)')
 
