@@ -19,6 +19,11 @@ endpoints are fused by HDMapNet's `Up`: bilinear x2 with align_corners=True, con
     output (no 1x1 conv).
   fusion_channels > 0:  lift-splat `CamEncode(D, C)` / MapKD `CamEncode_L`: Up(432, 512), then a
     1x1 conv with bias (`depthnet`) to out_channels.
+Known differences, none at the reference size in eval mode: efficientnet_pytorch pads with
+TF-SAME amounts precomputed for a 224 x 224 image, equal to TF-SAME (ours) only when H and W are
+multiples of 32 (128 x 352 is); in training Flax's BatchNorm updates the running variance with
+the biased batch variance, torch with the unbiased one (a factor n / (n - 1) on the
+momentum-weighted term; n = batch x H x W).
 """
 from typing import Any, Sequence
 
