@@ -15,7 +15,10 @@ listed under `unassigned_scenes` in dataset_info.json. `--scenes` keeps only the
 selection under `selected_scenes` (null: all).
 
 Samples are read by `data_prep.nuscenes_reader`; this module splits, runs the workers (progress
-bar over samples), writes shards atomically, resumes and holds the CLI.
+bar over samples), writes shards atomically, resumes and holds the CLI. Labels and SD prior are
+drawn by the reference's rule at config.data.label_thickness_ref / sd_thickness_ref (data_prep/
+labels.py); dataset_info.json records it under `label_width` and the training/eval readers
+refuse shards whose width differs from their config (mapkd_jax/data/dataset_info.py).
 
 Bad input: a missing keyframe file (camera or LIDAR_TOP) raises FileNotFoundError naming the
 file, channel and sample; with --skip-bad the sample is left out and listed, with the reason,
