@@ -28,6 +28,7 @@ Per class (1..K-1 of the semantic channels):
 import numpy as np
 import shapely
 from scipy import sparse
+from scipy import spatial
 from scipy.sparse import csgraph
 from sklearn import cluster as sk_cluster
 from sklearn import neighbors
@@ -44,10 +45,19 @@ def cluster_embeddings(embedding, *, eps, min_samples, max_pixels):
   sub_labels = sk_cluster.DBSCAN(eps=eps, min_samples=sub_min).fit_predict(embedding[subset])
   if stride == 1:
     return sub_labels.astype(np.int64)
-  dist, nearest = neighbors.NearestNeighbors(n_neighbors=1).fit(
-      embedding[subset]).kneighbors(embedding)
-  labels = np.where(dist[:, 0] <= eps, sub_labels[nearest[:, 0]], -1)
-  return labels.astype(np.int64)
+  # Subset pixels keep their own label (their nearest subset pixel is themselves); the others
+  # take their nearest subset pixel's. A k-d tree in float64 instead of a brute-force search:
+  # on reference-size maps this search was the largest cost of vectorization (profile in
+  # eval_bench.py); both are exact nearest neighbours (only exact distance ties may resolve to
+  # another subset pixel, of the same cluster unless two clusters are exactly equidistant).
+  labels = np.full(num, -1, np.int64)
+  labels[subset] = sub_labels
+  rest = np.ones(num, bool)
+  rest[subset] = False
+  dist, nearest = spatial.cKDTree(embedding[subset].astype(np.float64)).query(
+      embedding[rest].astype(np.float64), k=1)
+  labels[rest] = np.where(dist <= eps, sub_labels[nearest], -1)
+  return labels
 
 
 def _backbone(coords, graph):
@@ -78,7 +88,17 @@ def _centreline(piece, path_points, *, half_width):
   tree = neighbors.KDTree(piece)
 
   def disk_means(points):
-    return np.stack([piece[s].mean(axis=0) for s in tree.query_radius(points, r=reach)])
+    # Vectorized over points: one concatenated index list summed by segments. Pixel
+    # coordinates are integers, so these sums are exact and equal a per-point mean's bits.
+    groups = tree.query_radius(points, r=reach)
+    sizes = np.fromiter((len(g) for g in groups), np.int64, len(groups))
+    flat = piece[np.concatenate(groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    with np.errstate(invalid='ignore', divide='ignore'):
+      means = np.add.reduceat(flat, np.minimum(starts, max(len(flat) - 1, 0)), axis=0) \
+          / sizes[:, None]
+    means[sizes == 0] = np.nan   # as the mean of an empty set (never seen: see above)
+    return means
 
   # Tangents from isotropic disk means (centred across the line even where the backbone
   # hugs an edge), over two line widths: long enough that the corner hook at each end of the

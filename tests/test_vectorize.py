@@ -151,3 +151,28 @@ def test_trim_ends_removes_arc_length_at_both_ends():
   np.testing.assert_allclose(got, [[1.0, 0.0], [4.0, 0.0], [4.0, 5.0]])
   short = np.array([[0.0, 0.0], [1.5, 0.0]])
   np.testing.assert_allclose(vectorize.trim_ends(short, 1.0), short)
+
+
+def test_subsampled_clustering_assigns_nearest_subset_label_like_a_loop():
+  # Above max_pixels DBSCAN runs on every stride-th pixel; each other pixel takes the label of
+  # its nearest subset pixel (brute-force loop here) when that one is within eps, else noise.
+  from sklearn import cluster as sk_cluster
+  rng = np.random.default_rng(3)
+  centres = rng.normal(scale=6.0, size=(3, 4))
+  emb = np.concatenate([c + rng.normal(scale=0.4, size=(70, 4)) for c in centres] +
+                       [rng.normal(scale=8.0, size=(20, 4))]).astype(np.float32)
+  emb = emb[rng.permutation(len(emb))]
+  got = vectorize.cluster_embeddings(emb, eps=1.5, min_samples=10, max_pixels=60)
+  stride = int(np.ceil(len(emb) / 60))
+  subset = np.arange(0, len(emb), stride)
+  sub_labels = sk_cluster.DBSCAN(eps=1.5, min_samples=round(10 / stride)).fit_predict(emb[subset])
+  want = []
+  for k, e in enumerate(emb):
+    if k % stride == 0:
+      want.append(sub_labels[k // stride])
+      continue
+    dists = [np.sqrt(np.sum((e.astype(float) - emb[s].astype(float)) ** 2)) for s in subset]
+    best = int(np.argmin(dists))
+    want.append(sub_labels[best] if dists[best] <= 1.5 else -1)
+  np.testing.assert_array_equal(got, want)
+  assert len(set(got.tolist()) - {-1}) == 3
