@@ -90,7 +90,7 @@ def get_config(arg=None):
           resnet_widths=(32, 64, 128, 256),
           depth_bins=(4.0, 45.0, 1.0),       # (min, max, step) metres -> 41 bins
           context_channels=64,
-          z_range=(-10.0, 10.0),             # ego z kept by the splat, metres
+          z_range=(-10.0, 10.0),             # the reference's one z bin, metres (lss.splat)
           out_channels=128),                 # = lidar.out_channels: takes the LiDAR's slot
       neck=dict(channels=192, num_layers=3),   # stride-2 convs to `bev_small` and back
       decoder=dict(      # ResNet-18-style BEV decoder + semantic/embedding/direction heads

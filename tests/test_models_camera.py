@@ -186,7 +186,8 @@ def _frustum_ref(intr, rot, trans, depths, feature_hw, image_hw):
       for d, depth in enumerate(depths):
         for i in range(fh):
           for j in range(fw):
-            pixel = np.array([(j + 0.5) * image_hw[1] / fw, (i + 0.5) * image_hw[0] / fh, 1.0])
+            pixel = np.array([j * (image_hw[1] - 1) / max(fw - 1, 1),
+                              i * (image_hw[0] - 1) / max(fh - 1, 1), 1.0])
             out[b, n, d, i, j] = rot[b, n] @ (depth * (k_inv @ pixel)) + trans[b, n]
   return out
 
@@ -217,9 +218,10 @@ def _splat_ref(features, points, bev_x, bev_y, z_range):
   for b in range(batch):
     for p in range(pts.shape[1]):
       x, y, z = pts[b, p]
-      col = math.floor((x - bev_x[0]) / bev_x[2])
-      row = math.floor((y - bev_y[0]) / bev_y[2])
-      if 0 <= col < width and 0 <= row < height and z_range[0] <= z < z_range[1]:
+      # int() truncates toward zero, as the reference's .long().
+      col, row = int((x - bev_x[0]) / bev_x[2]), int((y - bev_y[0]) / bev_y[2])
+      level = int((z - z_range[0]) / (z_range[1] - z_range[0]))
+      if 0 <= col < width and 0 <= row < height and level == 0:
         out[b, row, col] += feats[b, p]
   return out
 
@@ -241,10 +243,19 @@ def test_splat_matches_loop(batch, points_shape, channels):
 
 def test_splat_drops_every_out_of_range_point():
   bev_x, bev_y = (-1.0, 1.0, 1.0), (-1.0, 1.0, 1.0)
-  points = np.array([[[1.0, 0.0, 0.0], [0.0, -1.01, 0.0], [0.0, 0.0, 5.0]]], np.float32)
-  out = lss.splat(np.ones((1, 3, 2), np.float32), points, bev_x=bev_x, bev_y=bev_y,
+  points = np.array([[[1.0, 0.0, 0.0], [0.0, -2.01, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, -3.01],
+                      [-2.5, 0.5, 0.0]]], np.float32)
+  out = lss.splat(np.ones((1, 5, 2), np.float32), points, bev_x=bev_x, bev_y=bev_y,
                   z_range=(-1.0, 1.0))
   np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+def test_splat_truncates_toward_zero_like_the_reference():
+  # Less than one cell below x_min / y_min -> cell 0; z down to 2 z_min - z_max is kept.
+  points = np.array([[[-1.5, -1.9, 0.0], [0.5, 0.5, -2.9]]], np.float32)
+  out = lss.splat(np.ones((1, 2, 1), np.float32), points, bev_x=(-1.0, 1.0, 1.0),
+                  bev_y=(-1.0, 1.0, 1.0), z_range=(-1.0, 1.0))
+  np.testing.assert_array_equal(np.asarray(out)[0, ..., 0], [[1.0, 0.0], [0.0, 1.0]])
 
 
 # ---- Modules at the tiny config ----

@@ -8,6 +8,11 @@ unchanged), with the reference's module names, so `state_dict()` has the checkpo
 reference step by step: 4x4 ego->camera matrices, the clip-then-weight bilinear sampler and
 the max over cameras of the warped maps, so its float behaviour is the reference's.
 
+Lift-splat (the coach's simulated LiDAR; MapKD model/lift_splat.py from lift-splat-shoot):
+`create_frustum`, `get_geometry` (post_rots/post_trans undo the resize, then the original
+intrinsics) and `voxel_pooling` (`.long()` indices, the cumsum trick), with gen_dx_bx's
+dx / bx / nx.
+
 Only tests import this file (torch is a test / converter dependency).
 """
 import torch
@@ -118,3 +123,62 @@ class CameraView(nn.Module):
 def upsample(topdown):
   """nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True)."""
   return F.interpolate(topdown, scale_factor=2, mode='bilinear', align_corners=True)
+
+
+def gen_dx_bx(xbound, ybound, zbound):
+  """Cell size, first cell centre and cell count per axis (torch LongTensor truncates)."""
+  rows = (xbound, ybound, zbound)
+  dx = torch.Tensor([row[2] for row in rows])
+  bx = torch.Tensor([row[0] + row[2] / 2.0 for row in rows])
+  nx = torch.LongTensor([int((row[1] - row[0]) / row[2]) for row in rows])
+  return dx, bx, nx
+
+
+def lss_frustum(image_hw, feature_hw, dbound):
+  """create_frustum: [D, fh, fw, 3] of (u, v, depth); u, v by linspace over the image."""
+  (im_h, im_w), (fh, fw) = image_hw, feature_hw
+  ds = torch.arange(*dbound, dtype=torch.float).view(-1, 1, 1).expand(-1, fh, fw)
+  depth_bins = ds.shape[0]
+  xs = torch.linspace(0, im_w - 1, fw, dtype=torch.float).view(1, 1, fw).expand(
+      depth_bins, fh, fw)
+  ys = torch.linspace(0, im_h - 1, fh, dtype=torch.float).view(1, fh, 1).expand(
+      depth_bins, fh, fw)
+  return torch.stack((xs, ys, ds), -1)
+
+
+def lss_geometry(frustum, rots, trans, intrins, post_rots, post_trans):
+  """get_geometry: [B, N, D, fh, fw, 3] ego points (original-image intrinsics + post_*)."""
+  b, n, _ = trans.shape
+  points = frustum - post_trans.view(b, n, 1, 1, 1, 3)
+  points = torch.inverse(post_rots).view(b, n, 1, 1, 1, 3, 3).matmul(points.unsqueeze(-1))
+  points = torch.cat((points[..., :2, :] * points[..., 2:3, :], points[..., 2:3, :]), 5)
+  combine = rots.matmul(torch.inverse(intrins))
+  points = combine.view(b, n, 1, 1, 1, 3, 3).matmul(points).squeeze(-1)
+  return points + trans.view(b, n, 1, 1, 1, 3)
+
+
+def voxel_pooling(geom, x, xbound, ybound, zbound):
+  """geom [B, N, D, fh, fw, 3], x [..., C] -> [B, C * nz, nx, ny] (x index, then y)."""
+  dx, bx, nx = gen_dx_bx(xbound, ybound, zbound)
+  b, c = x.shape[0], x.shape[-1]
+  total = x[..., 0].numel()
+  x = x.reshape(total, c)
+  index = ((geom - (bx - dx / 2.0)) / dx).long().view(total, 3)
+  batch_ix = torch.cat([torch.full([total // b, 1], i, dtype=torch.long) for i in range(b)])
+  index = torch.cat((index, batch_ix), 1)
+  kept = ((index[:, 0] >= 0) & (index[:, 0] < nx[0]) & (index[:, 1] >= 0)
+          & (index[:, 1] < nx[1]) & (index[:, 2] >= 0) & (index[:, 2] < nx[2]))
+  x, index = x[kept], index[kept]
+  ranks = (index[:, 0] * (nx[1] * nx[2] * b) + index[:, 1] * (nx[2] * b)
+           + index[:, 2] * b + index[:, 3])
+  order = ranks.argsort()
+  x, index, ranks = x[order], index[order], ranks[order]
+  # The cumsum trick: per-voxel sums as differences of a running sum at each voxel's end.
+  x = x.cumsum(0)
+  last = torch.ones(x.shape[0], dtype=torch.bool)
+  last[:-1] = ranks[1:] != ranks[:-1]
+  x, index = x[last], index[last]
+  x = torch.cat((x[:1], x[1:] - x[:-1]))
+  final = torch.zeros((b, c, int(nx[2]), int(nx[0]), int(nx[1])))
+  final[index[:, 3], :, index[:, 2], index[:, 0], index[:, 1]] = x
+  return torch.cat(final.unbind(dim=2), 1)

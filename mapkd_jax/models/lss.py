@@ -6,6 +6,11 @@ Splat: the frustum points (intrinsics/extrinsics from the batch) are summed into
 BEV canvas with `jax.ops.segment_sum` over flat cell indices; points outside the canvas or
 the z range go to one extra dump segment (static shapes, no boolean indexing). A 1x1 conv
 then maps the context channels to the LiDAR channel count so LSS takes the LiDAR's slot.
+
+Geometry as the reference (MapKD model/lift_splat.py, from lift-splat-shoot: `create_frustum`,
+`get_geometry`, `voxel_pooling`) computes it, so converted weights see the same BEV: feature
+cell (i, j) looks through image pixel (linspace(0, W - 1, fw)[j], linspace(0, H - 1, fh)[i]),
+and voxel indices are truncated toward zero (torch `.long()`), not floored.
 """
 import flax.linen as nn
 import jax
@@ -28,7 +33,10 @@ def frustum_points(intrinsics, cam_rotation, cam_translation, depths, *, feature
   """Ego-frame 3D points of every (depth bin, feature cell) of every camera.
 
   The feature cell (i, j) of an [fh, fw] map looks along the ray through image pixel
-  u = (j + 0.5) * W / fw, v = (i + 0.5) * H / fh (continuous pixel coordinates).
+  u = j * (W - 1) / (fw - 1), v = i * (H - 1) / (fh - 1): the reference frustum's
+  `linspace(0, W - 1, fw)`, corner pixels at the corner cells (0 when fw or fh is 1).
+  The reference undoes its resize (post_rots) and then applies the original intrinsics; with
+  intrinsics of the resized image, as here, that is the same ray.
 
   Args:
     intrinsics: [B, N, 3, 3] of the network input image.
@@ -40,8 +48,8 @@ def frustum_points(intrinsics, cam_rotation, cam_translation, depths, *, feature
     [B, N, D, fh, fw, 3] ego (x, y, z).
   """
   fh, fw = feature_hw
-  us = (np.arange(fw) + 0.5) * image_hw[1] / fw
-  vs = (np.arange(fh) + 0.5) * image_hw[0] / fh
+  us = np.linspace(0.0, image_hw[1] - 1, fw)
+  vs = np.linspace(0.0, image_hw[0] - 1, fh)
   grid_u, grid_v = np.meshgrid(us, vs)
   pixels = np.stack([grid_u, grid_v, np.ones_like(grid_u)], -1).astype(np.float32)  # [fh, fw, 3]
   rays = jnp.einsum('bnij,hwj->bnhwi', jnp.linalg.inv(intrinsics), pixels)       # z = 1
@@ -57,21 +65,24 @@ def splat(features, points, *, bev_x, bev_y, z_range):
     features: [B, ..., C] one feature vector per point.
     points: [B, ..., 3] ego (x, y, z) of each point (same middle shape as features).
     bev_x, bev_y: (min, max, step) metres of the canvas.
-    z_range: (min, max) metres; points with z outside [min, max) are dropped.
+    z_range: (min, max) metres: the reference's single z bin, zbound = (min, max, max - min).
 
   Returns:
     [B, Hb, Wb, C] in features.dtype: cell (i, j) holds the sum over points with
-    floor((y - y_min) / ry) = i and floor((x - x_min) / rx) = j; the sum is accumulated in
-    float32 (many points per cell would lose precision in bfloat16).
+    trunc((y - y_min) / ry) = i, trunc((x - x_min) / rx) = j and trunc((z - z_min) /
+    (z_max - z_min)) = 0. Truncation toward zero is the reference's `.long()`: points less
+    than one cell below a minimum land in cell 0, so z is kept on (2 z_min - z_max, z_max).
+    The sum is accumulated in float32 (many points per cell would lose precision in
+    bfloat16).
   """
   height, width = schema.bev_shape(bev_x, bev_y)
   batch, channels = features.shape[0], features.shape[-1]
   features = features.reshape(batch, -1, channels)
   points = points.reshape(batch, -1, 3)
-  col = jnp.floor((points[..., 0] - bev_x[0]) / bev_x[2]).astype(jnp.int32)
-  row = jnp.floor((points[..., 1] - bev_y[0]) / bev_y[2]).astype(jnp.int32)
-  inside = ((col >= 0) & (col < width) & (row >= 0) & (row < height)
-            & (points[..., 2] >= z_range[0]) & (points[..., 2] < z_range[1]))
+  col = jnp.trunc((points[..., 0] - bev_x[0]) / bev_x[2]).astype(jnp.int32)
+  row = jnp.trunc((points[..., 1] - bev_y[0]) / bev_y[2]).astype(jnp.int32)
+  level = jnp.trunc((points[..., 2] - z_range[0]) / (z_range[1] - z_range[0]))
+  inside = (col >= 0) & (col < width) & (row >= 0) & (row < height) & (level == 0)
   cells = height * width
   flat = jnp.arange(batch, dtype=jnp.int32)[:, None] * cells + row * width + col
   dump = batch * cells   # one extra segment collects every dropped point
