@@ -221,3 +221,47 @@ def test_student_tail_parity():
       variables, jnp.asarray(x))
   for name in (*HEAD_NAMES, 'bev_small'):
     _assert_close(ours[name], _nhwc(theirs[name]), f'student tail {name}')
+
+
+# -- the converted checkpoint's training state and the CLI ---------------------------------------
+
+def test_fresh_train_extra_matches_the_trainers_state():
+  """The optimizer state and TGPD projectors saved beside converted weights have the tree,
+  shapes and dtypes of trainer.initial_state's (what restore_train reads on resume). Traced
+  only: running the trainer's init costs ~10-80 s here."""
+  import functools
+  from mapkd_jax import stages, trainer
+  from mapkd_jax import train_step as step_lib
+  config = ml_collections.FrozenConfigDict(tcs.get_config('student,tiny'))
+  dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
+  models = step_lib.make_models(config)
+  init_state = functools.partial(step_lib.init_state, batch=dummy, models=models,
+                                 tgpd=step_lib.make_tgpd(config),
+                                 tx=step_lib.make_optimizer(config), config=config)
+  state = jax.eval_shape(init_state, jax.random.key(0))
+  out, variables = jax.eval_shape(lambda: models['student'].init_with_output(
+      jax.random.key(0), dummy, train=False))
+  variables = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), variables)
+  ours = pmapnet._fresh_train_extra(config, variables, out['bev_small'])
+  theirs = trainer._train_extra_of(state)
+  assert set(ours['aux']) == {'tgpd_teacher', 'tgpd_coach'}
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(
+      f'{a.shape} {a.dtype} vs {b.shape} {b.dtype}'), ours, theirs)
+
+
+def test_cli_errors(tmp_path):
+  """`python -m mapkd_jax.convert pmapnet` exits with a message naming the problem."""
+  from mapkd_jax.convert import __main__ as cli
+  def run(path, stage):
+    return cli.main(['pmapnet', '--input', str(path), '--config', f'configs/tcs.py:{stage}',
+                     '--workdir', str(tmp_path / 'root')])
+  with pytest.raises(SystemExit, match='missing.pt: no such file'):
+    run(tmp_path / 'missing.pt', 'student')
+  path = tmp_path / 'tiny.pt'
+  torch.save({'conv1.weight': torch.zeros(1)}, path)
+  with pytest.raises(SystemExit, match="stage 'teacher' is not yet supported: missing mappings"):
+    run(path, 'teacher')
+  with pytest.raises(SystemExit, match=r'not a MapKD student .*missing: .*bevencode'):
+    run(path, 'student')
+  assert not (tmp_path / 'root' / 'student' / 'checkpoints').exists()

@@ -245,10 +245,9 @@ def convert_file(path, config, workdir, *, config_name='', allow_pickle=False):
   if config.stage in _MISSING:   # before building any model: fail fast
     convert_state_dict(state_dict, config, {}, origin=path)
   stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
-  latest, _ = ckpt_lib.managers(stage_dir, max_to_keep=config.train.keep_checkpoints)
-  if latest.latest_step() is not None:
-    raise ValueError(f'{latest.directory}: already holds checkpoints (latest step '
-                     f'{latest.latest_step()}); convert into an empty workdir')
+  ckpt_dir = os.path.join(stage_dir, 'checkpoints')
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise ValueError(f'{ckpt_dir}: already holds checkpoints; convert into an empty workdir')
   model = step_lib.make_models(config)[step_lib.model_name(config)]
   dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
   rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(0), 'mask': jax.random.key(0)}
@@ -259,6 +258,8 @@ def convert_file(path, config, workdir, *, config_name='', allow_pickle=False):
   variables = jax.device_put(variables, repl)
   train_extra = jax.device_put(_fresh_train_extra(config, variables, outputs['bev_small']),
                                repl)
+  # Only now (the conversion succeeded) create the stage's checkpoint directories.
+  latest, _ = ckpt_lib.managers(stage_dir, max_to_keep=config.train.keep_checkpoints)
   meta = {'stage': config.stage, 'nokd': config.nokd, 'step': 0,
           'config': json.loads(config.to_json_best_effort()), 'metrics': {},
           'converted_from': os.path.abspath(path), 'converter': 'mapkd_jax.convert pmapnet',
