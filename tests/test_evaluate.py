@@ -250,3 +250,20 @@ def test_label_width_warning_names_trained_width():
   assert "'reference cv2 thickness 5" in message
   new_meta = {'config': {'data': dict(info['label_width'])}}
   assert eval_lib.check_label_width(new_meta, info, ckpt_dir='ckpt', shards_dir='shards') is None
+
+
+def test_eval_bench_record_on_noisy_label_like_maps():
+  from mapkd_jax import eval_bench
+  config = tcs.get_config('student,tiny')
+  semantic, embedding, gt = eval_bench.noisy_outputs(np.random.default_rng(0), config,
+                                                     num_lines=3, noise=0.0)
+  assert semantic.shape == (50, 100, 4) and embedding.shape == (50, 100, 16) and len(gt) == 3
+  # Without noise every drawn pixel is its line's class and nothing else is foreground.
+  drawn = semantic.argmax(-1) > 0
+  assert drawn.any() and np.all(semantic[~drawn, 0] == 2.0)
+  record = eval_bench.run(config, samples=2, workers=1, noise=0.5, forward=False)
+  for key in ('vectorize_s', 'ap_s', 'samples_per_s_serial', 'samples_per_s_pipelined'):
+    assert record[key] > 0, key
+  assert record['canvas'] == [50, 100] and record['forward_s'] == 0.0
+  with pytest.raises(ValueError, match='--samples'):
+    eval_bench.run(config, samples=0, workers=1, noise=0.5)
