@@ -171,11 +171,15 @@ def _effnet_config(stage, init_dir):
   return config
 
 
-def test_cli_item_loads_into_every_encoder(converted_dir, effnet_state):
+def test_cli_item_loads_into_every_encoder(converted_dir, effnet_state, caplog):
   """--config.init.image_encoder=DIR: the coach's camera AND lift-splat encoders get the
-  trunk; their fusion / depthnet layers stay at init."""
+  trunk; their fusion / depthnet layers stay at init, and the log says which is which."""
   config = _effnet_config('coach', converted_dir)
-  state = stages.apply_init(_zero_state(config), config, workdir='', mesh=None)
+  with caplog.at_level('INFO'):
+    state = stages.apply_init(_zero_state(config), config, workdir='', mesh=None)
+  for branch, left in (('camera', "['FuseUp_0']"), ('lss', "['Conv_0', 'FuseUp_0']")):
+    assert (f'-> {branch}/ImageEncoder_0/EfficientNetB0_0: loaded [\'trunk (stem + 16 MBConv '
+            f"blocks)']; left at init: {left}") in caplog.text
   stem = effnet_state['_conv_stem.weight'].numpy().transpose(2, 3, 1, 0)
   var = effnet_state['_blocks.15._bn2.running_var'].numpy()
   for branch in ('camera', 'lss'):

@@ -294,6 +294,14 @@ def read_item(out_dir: str):
   return variables
 
 
+def _describe(modules):
+  """Module names for logs: the whole trunk as one entry, the rest in order."""
+  modules = set(modules)
+  names = ['trunk (stem + 16 MBConv blocks)'] if set(TRUNK_MODULES) <= modules else [
+      m for m in TRUNK_MODULES if m in modules]
+  return names + sorted(modules - set(TRUNK_MODULES))
+
+
 def overlay(params, batch_stats, item, *, source: str = '?'):
   """Puts `item` (an EfficientNetB0 variables tree) into every EfficientNetB0 of a model.
 
@@ -338,6 +346,6 @@ def overlay(params, batch_stats, item, *, source: str = '?'):
                            f'{tuple(np.shape(value))}, the model\'s {where} {tuple(old.shape)}')
         flat[col][path] = jax.device_put(np.asarray(value, old.dtype), old.sharding)
         loaded.add(rel[0])
-    log['/'.join(enc)] = {'loaded': sorted(loaded), 'left_at_init': sorted(present - loaded)}
+    log['/'.join(enc)] = {'loaded': _describe(loaded), 'left_at_init': _describe(present - loaded)}
   return (traverse_util.unflatten_dict(flat['params']),
           traverse_util.unflatten_dict(flat['batch_stats']), log)
