@@ -12,7 +12,9 @@ MapTR's released evaluation by default; `--protocol pmapnet` computes P-MapNet's
 mAP column, its defects included on purpose and listed in metrics.json).
 
 Vectorization runs in `--workers` processes (default config.eval.workers, 0 = the CPU count)
-while the device computes the next batches; results are the same as inline (workers 1).
+while the device computes the next batches; results are the same as inline (workers 1). The
+pool starts 'spawn' processes, which import the caller's main module: a script that calls
+`evaluate` must keep its work under `if __name__ == '__main__':` (launch.py and this module do).
 """
 import concurrent.futures
 import functools
