@@ -14,7 +14,7 @@ Name mapping (reference module -> our parameters; `reference` = MapKD `PMapNet_s
   view_fusion.*          -> camera/<view MLP>        (convert/hdmapnet_camera.py)
   feature_expand.conv{k}/bn{k}  -> expand_{k-1}/conv, bn
   conv_bev.{2i}          -> neck/down_i/conv (last: + conv_bev.{2i+1} -> neck/down_i/bn)
-  conv_up.{2i}           -> neck/up_i/conv  (teacher / coach; kernel flipped, see below)
+  conv_up.{2i}           -> neck/up_i/conv  (teacher / coach; transposed_conv_kernel flips it)
   bevencode.conv1, bn1   -> decoder/stem/conv, bn
   bevencode.layer{l}.{j}.conv{k}/bn{k}/downsample.{0,1} -> decoder/layer{l}_{j}/conv{k}|downsample
   bevencode.up1{,_embedded,_direction}.conv.{0,1,3,4}   -> decoder/up_{semantic,embedding,
@@ -306,5 +306,9 @@ def run(args):
   config = load_config(args.config)
   summary = convert_file(args.input, config, args.workdir, config_name=args.config,
                          allow_pickle=args.allow_pickle)
-  print(json.dumps(summary, indent=2))
+  reasons = {}
+  for reason in summary['ignored'].values():
+    reasons[reason] = reasons.get(reason, 0) + 1
+  # Per-tensor lists are in ROOT/<stage>/convert.json; stdout gets counts per reason.
+  print(json.dumps({**summary, 'ignored': reasons}, indent=2))
   return summary
