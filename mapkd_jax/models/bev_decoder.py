@@ -2,11 +2,15 @@
 
 Both compute the reference's function (P-MapNet / MapKD `conv_bev`, `conv_up` and HDMapNet's
 `BevEncode` as used by P-MapNet and MapKD) given the same weights; `mapkd_jax/convert/pmapnet.py`
-maps their state dicts onto these parameters. Submodule names follow the reference where it
-has one, so the mapping reads as a table.
+maps their state dicts onto these parameters. Submodules mirror the reference's structure
+(one ConvBN per torch conv [+ BN] pair, one ResBlock per torchvision BasicBlock), so the
+mapping reads as a table.
 
 BEVNeck.down (reference `conv_bev`): num_layers x (4x4 stride-2 conv, padding 1); all but the
-  last with a bias and ReLU, the last without bias, then BN and ReLU -> `bev_small`.
+  last with a bias and ReLU, the last without bias, then BN and ReLU -> `bev_small`. On an odd
+  size (never in the reference, whose canvas is a multiple of 8) one extra trailing row is
+  padded so that bev_small is ceil(canvas / 2**num_layers), as config_lib's TGPD check assumes;
+  torch would floor.
 BEVNeck.up (reference `conv_up`): the same with 4x4 stride-2 transposed convs (exactly x2),
   then a bilinear resize to the canvas when the canvas is not a multiple of 2**num_layers.
 BEVDecoder (reference `BevEncode`): ResNet-18 stem (7x7 stride 2, no max-pool) and layers 1-3;
