@@ -219,7 +219,9 @@ def _fresh_train_extra(config, variables, bev_small):
   tgpd = step_lib.make_tgpd(config)
   init_rng, _ = jax.random.split(jax.random.key(config.seed))
   small = jnp.zeros(bev_small.shape, bev_small.dtype)
-  aux = {f'tgpd_{name}': tgpd.init(jax.random.fold_in(init_rng, index + 1), small, small)['params']
+  init_tgpd = jax.jit(tgpd.init)   # compiled once for both projectors; same values as eager
+  aux = {f'tgpd_{name}': init_tgpd(jax.random.fold_in(init_rng, index + 1), small,
+                                    small)['params']
          for index, name in enumerate(step_lib.frozen_names(config))}
   params = {'model': variables['params'], 'aux': aux}
   # One compiled call: tx.init op by op over ~80 M parameters takes seconds.
