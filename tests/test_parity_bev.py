@@ -40,7 +40,9 @@ def _assert_close(ours, theirs, what):
   assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
   bound = REL_TOL * np.max(np.abs(theirs))
   err = np.max(np.abs(ours - theirs))
-  assert err <= bound, f'{what}: max|diff| {err:.3g} > {bound:.3g} (1e-4 x max|ref|)'
+  print(f'{what}: max|diff| {err:.3g}, max|ref| {np.max(np.abs(theirs)):.3g}, relative '
+        f'{err / np.max(np.abs(theirs)):.3g}')   # the figures, with pytest -s
+  assert bound > 0 and err <= bound, f'{what}: max|diff| {err:.3g} > {bound:.3g} (1e-4 x max|ref|)'
   return err
 
 
