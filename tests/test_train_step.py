@@ -1,12 +1,14 @@
-"""The jitted TCS train step: 8 fake devices == 1 device, frozen inputs untouched, shardings."""
+"""The jitted TCS train step: 8 fake devices == 1 device, its compiled data-parallel structure,
+frozen inputs untouched, shardings."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import adam_close
+import layout_equivalence
 
 from configs import tcs
 from mapkd_jax import losses
@@ -42,12 +44,14 @@ def _random_batch(config, batch_size, seed):
   return batch
 
 
-def _setup(mesh):
+def _setup(mesh, optim=None):
   """A distilling student stage whose frozen 'teacher' is another (randomly initialized) student.
 
   The step is generic over models; the real teacher is exercised by the end-to-end tests.
+  `optim` updates config.optim (e.g. plain SGD for the device-layout comparisons).
   """
   config = tcs.get_config('student,tiny')
+  config.optim.update(optim or {})
   config.kd.msrd_coach_weight = 0.0
   config.kd.tgpd_coach_weight = 0.0
   student = models_lib.build('student', config)
@@ -73,42 +77,119 @@ def _setup(mesh):
   return config, state, frozen, step
 
 
-def _run(mesh, steps=2):
-  config, state, frozen, step = _setup(mesh)
-  frozen_before = jax.tree.map(np.asarray, frozen)
-  history = []
-  for i in range(steps):
-    batch = sharding.host_batch_to_global(_random_batch(config, config.train.batch_size, 10 + i),
-                                          mesh)
-    state, metrics = step(state, frozen, batch, jax.random.key(3))
-    history.append(jax.device_get(metrics))
-  return state, history, batch, frozen, frozen_before, config
+# Plain SGD at lr 1 without clipping: the update of one step is minus the gradient, exactly.
+SGD = dict(name='sgd', learning_rate=1.0, grad_clip=1e9)
 
 
-def test_eight_devices_equal_one_device():
+@pytest.fixture(scope='module')
+def sgd_steps():
+  """{devices: _setup(...)} with SGD, on 8 devices and on 1 (compiled once for the module)."""
+  return {8: _setup(sharding.make_mesh(), optim=SGD),
+          1: _setup(sharding.make_mesh(jax.devices()[:1]), optim=SGD)}
+
+
+@pytest.fixture(scope='module')
+def adam8():
+  """The reference optimizer's step on 8 devices."""
+  return _setup(sharding.make_mesh())
+
+
+def _step_one(setup, host_batch):
+  """(gradient and batch-stat change of one step, its metrics, the global batch): state kept."""
+  _, state, frozen, step = setup
+  mesh = jax.tree.leaves(state.params)[0].sharding.mesh
+  before = jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
+  batch = sharding.host_batch_to_global(host_batch, mesh)
+  new, metrics = step(jax.tree.map(lambda x: x.copy(), state), frozen, batch, jax.random.key(3))
+  after = {'params': new.params, 'batch_stats': new.batch_stats}
+  delta = jax.tree.map(lambda b, a: b - np.asarray(a), before, after)
+  return delta, jax.device_get(metrics), batch
+
+
+def test_eight_devices_equal_one_device(sgd_steps):
+  """Step-1 loss and gradients (and BatchNorm statistics) of 8 devices == 1 device, to float32
+  rounding (layout_equivalence); a wrong batch split and a missing all-reduce are caught."""
   assert jax.device_count() == 8, 'tests/conftest.py should give 8 fake CPU devices'
-  state8, hist8, batch8, frozen8, before8, config8 = _run(sharding.make_mesh())
-  state1, hist1, _, _, _, _ = _run(sharding.make_mesh(jax.devices()[:1]))
-  for m8, m1 in zip(hist8, hist1):
-    for key in ('loss/total', 'loss/task', 'loss/msrd_teacher', 'loss/tgpd_teacher'):
-      np.testing.assert_allclose(m8[key], m1[key], rtol=2e-4, err_msg=key)
-  # Cross-device reductions change the float summation order only (see adam_close).
-  adam_close.assert_adam_close(state8.params, state1.params,
-                               learning_rate=config8.optim.learning_rate, steps=2)
+  config, state8, frozen8, _ = sgd_steps[8]
+  host = _random_batch(config, config.train.batch_size, 10)
+  frozen_before = jax.tree.map(np.asarray, frozen8)
+  grad8, metrics8, batch8 = _step_one(sgd_steps[8], host)
+  grad1, metrics1, _ = _step_one(sgd_steps[1], host)
+  for key in ('loss/total', 'loss/task', 'loss/msrd_teacher', 'loss/tgpd_teacher'):
+    np.testing.assert_allclose(metrics8[key], metrics1[key],
+                               rtol=layout_equivalence.LOSS_RTOL, err_msg=key)
+  layout_equivalence.assert_same_gradients(grad8, grad1)
+
+  # Host 1 reading host 0's rows (a wrong split of the global batch) is caught ...
+  wrong_split = {k: np.concatenate([v[:4], v[:4]]) for k, v in host.items()}
+  grad_wrong, _, _ = _step_one(sgd_steps[8], wrong_split)
+  with pytest.raises(AssertionError, match='differ'):
+    layout_equivalence.assert_same_gradients(grad_wrong, grad1)
+  # ... and so is a missing all-reduce: device 0 alone would use its own row's gradient and
+  # BatchNorm statistics, which is what one device computes on 8 copies of that row.
+  device0_alone = {k: np.repeat(v[:1], len(v), axis=0) for k, v in host.items()}
+  grad_local, _, _ = _step_one(sgd_steps[1], device0_alone)
+  with pytest.raises(AssertionError, match='differ'):
+    layout_equivalence.assert_same_gradients(grad_local, grad1)
+
   assert batch8['images'].sharding.spec == jax.sharding.PartitionSpec('data')
-  leaf = jax.tree.leaves(state8.params)[0]
-  assert leaf.sharding.spec == jax.sharding.PartitionSpec()
-  assert int(state8.step) == 2
+  assert jax.tree.leaves(state8.params)[0].sharding.spec == jax.sharding.PartitionSpec()
   # Frozen variables are read-only inputs: unchanged and still usable (never donated).
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), frozen8, before8)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), frozen8,
+               frozen_before)
 
 
-def test_loss_decreases_and_tgpd_projector_learns():
-  mesh = sharding.make_mesh()
-  config, state, frozen, step = _setup(mesh)
+def _collectives(hlo_text):
+  """{op kind: [result element counts]} of the cross-device collectives in compiled HLO."""
+  found = {}
+  for match in re.finditer(r'=\s*(\S.*?)\s+(all-reduce|all-gather|all-to-all|collective-permute|'
+                           r'reduce-scatter|collective-broadcast)(?:-start)?\(', hlo_text):
+    sizes = [int(np.prod([int(d) for d in dims.split(',') if d]))
+             for dims in re.findall(r'\w+\[([0-9,]*)\]', match.group(1))]
+    found.setdefault(match.group(2), []).extend(sizes)
+  return found
+
+
+def test_data_parallel_structure_of_compiled_step(adam8):
+  """The compiled 8-device step communicates what data parallelism must and nothing else.
+
+  Only all-reduces (gradients, BatchNorm statistics, metrics), of about one parameter count of
+  elements in all; no all-gather / all-to-all / permute of parameters or activations; the train
+  state is donated (every state buffer aliased to an output) and the frozen model is not.
+  """
+  config, state, frozen, step = adam8
+  mesh = jax.tree.leaves(state.params)[0].sharding.mesh
+  batch = sharding.host_batch_to_global(_random_batch(config, config.train.batch_size, 4), mesh)
+  compiled = step.lower(state, frozen, batch, jax.random.key(3)).compile()
+  text = compiled.as_text()
+  found = _collectives(text)
+  assert set(found) == {'all-reduce'}, {k: len(v) for k, v in found.items()}
+  trained = (sum(x.size for x in jax.tree.leaves(state.params['model']))
+             + sum(x.size for x in jax.tree.leaves(state.params['aux'])))
+  stats = sum(x.size for x in jax.tree.leaves(state.batch_stats))
+  reduced = sum(found['all-reduce'])
+  # Each gradient once (the fixed TGPD teacher-side projection has none), BatchNorm means and
+  # variances (2 per statistic, mean and mean of squares), a few scalar metrics.
+  model_params = sum(x.size for x in jax.tree.leaves(state.params['model']))
+  assert model_params <= reduced <= trained + 2 * stats + 64, (model_params, reduced, trained)
+
+  header = text[:text.index('\n')]
+  aliased = {int(m) for m in re.findall(r'\{[0-9, ]*\}: \((\d+),', header)}
+  n_state, n_frozen = len(jax.tree.leaves(state)), len(jax.tree.leaves(frozen))
+  assert aliased == set(range(n_state)), (sorted(aliased), n_state)
+  assert not aliased & set(range(n_state, n_state + n_frozen)), 'frozen variables donated'
+  memory = compiled.memory_analysis()
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  assert memory.alias_size_in_bytes >= state_bytes - 64, (memory, state_bytes)
+
+
+def test_loss_decreases_and_tgpd_projector_learns(adam8):
+  config, state, frozen, step = adam8
+  mesh = jax.tree.leaves(state.params)[0].sharding.mesh
   proj_before = np.asarray(state.params['aux']['tgpd_teacher']['student_proj']['kernel'])
   teacher_proj = np.asarray(state.params['aux']['tgpd_teacher']['teacher_proj'])
   batch = sharding.host_batch_to_global(_random_batch(config, config.train.batch_size, 5), mesh)
+  state = jax.tree.map(lambda x: x.copy(), state)   # the fixture's state stays undonated
   losses_seen = []
   for _ in range(4):
     state, metrics = step(state, frozen, batch, jax.random.key(3))
