@@ -13,12 +13,17 @@ metric is also written into `meta`, since a manager reopened without the same `b
 silently treats the latest step as best).
 """
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
 ITEMS = ('params', 'opt_state', 'data', 'meta')
+
+
+class ModelMismatchError(ValueError):
+  """A readable checkpoint of another model (tree or shapes differ): never skipped over."""
 BEST_METRIC = 'eval/miou'
 
 
@@ -58,6 +63,61 @@ def restore_train(manager, step, *, abstract_variables, abstract_opt_state):
   return restored['params'], restored['opt_state'], restored['data'], restored['meta']
 
 
+def restore_newest_readable(manager, restore_step, *, what):
+  """Restores the newest step `restore_step(step)` can read, newest first.
+
+  A step whose files are damaged (truncated array files, a corrupt JSON item: TensorStore and
+  JSON errors) is reported by its directory and skipped, so an interrupted or damaged latest
+  save costs only the steps since the previous one.
+
+  Args:
+    manager: an Orbax CheckpointManager.
+    restore_step: step -> restored items; raises on unreadable files.
+    what: used in messages (which stage or checkpoint).
+
+  Returns:
+    (step, restored, unreadable) with `unreadable` the skipped steps, newest first; step is
+    None when the manager holds no step.
+
+  Raises:
+    ValueError: every step is unreadable (naming each step and its error).
+  """
+  unreadable, errors = [], []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, restore_step(step), unreadable
+    except ModelMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (TensorStore raises several types)
+      first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      logging.error('%s: checkpoint step %d in %s is unreadable (%s: %s); trying the previous '
+                    'step', what, step, manager.directory, type(e).__name__, first_line)
+      unreadable.append(step)
+      errors.append(f'step {step}: {type(e).__name__}: {first_line}')
+  if unreadable:
+    raise ValueError(f'{what}: no readable checkpoint step in {manager.directory}: '
+                     + '; '.join(errors))
+  return None, None, unreadable
+
+
+def set_aside(manager, steps, dest_dir):
+  """Moves the directories of `steps` out of `manager`'s directory into `dest_dir`.
+
+  Process 0 moves (one shared filesystem); every process waits for it. Reopen the managers
+  afterwards: they cache the step list.
+  """
+  if jax.process_index() == 0:
+    os.makedirs(dest_dir, exist_ok=True)
+    for step in steps:
+      source = os.path.join(str(manager.directory), str(step))
+      target = os.path.join(dest_dir, f'{step}.{int(time.time())}')
+      os.replace(source, target)
+      logging.warning('Moved unreadable checkpoint step %d to %s', step, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('checkpoint.set_aside')
+
+
 def _check_directory(ckpt_dir, what, hint):
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f'{what}: no checkpoint directory {ckpt_dir}; {hint}')
@@ -91,18 +151,54 @@ def restore_params(ckpt_dir, abstract_variables, *, step=None, what='checkpoint'
   _check_directory(ckpt_dir, what, hint)
   mngr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_names=ITEMS,
                                options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+  if mngr.latest_step() is None:
     raise FileNotFoundError(f'{what}: {ckpt_dir} holds no finished checkpoint; {hint}')
-  try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
+
+  def restore(s):
+    # The stored tree is checked against the model first (from the step's metadata), so a
+    # checkpoint of another model is reported as such rather than as an unreadable step.
+    _check_tree(mngr, s, abstract_variables, ckpt_dir, what)
+    return mngr.restore(s, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_variables)))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'{what}: checkpoint {ckpt_dir} step {step} does not match the model of '
-                     f'this config (different model sizes or stage?): {e}') from e
+
+  if step is None:   # the newest readable step (a damaged latest save is reported and skipped)
+    step, restored, _ = restore_newest_readable(mngr, restore, what=f'{what} ({ckpt_dir})')
+  else:              # an explicit step is read as asked, or fails naming it
+    try:
+      restored = restore(step)
+    except ModelMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f'{what}: checkpoint {ckpt_dir} step {step} is unreadable: '
+                       f'{type(e).__name__}: {e}') from e
   _check_shapes(restored['params'], abstract_variables, ckpt_dir)
   logging.info('Restored %s params from %s step %d', what, ckpt_dir, step)
   return step, restored['params']
+
+
+def _check_tree(mngr, step, abstract, ckpt_dir, what):
+  """The checkpoint's params tree (from its metadata) has the model's paths and shapes."""
+  try:
+    stored = ocp.StandardCheckpointer().metadata(
+        os.path.join(str(mngr.directory), str(step), 'params')).item_metadata
+  except Exception:  # pylint: disable=broad-except  (unreadable metadata: left to the restore)
+    return
+  stored_flat = {jax.tree_util.keystr(p): tuple(getattr(m, 'shape', ()))
+                 for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  if not stored_flat:   # metadata unreadable or empty: the restore reports the step
+    return
+  wanted = {jax.tree_util.keystr(p): tuple(a.shape)
+            for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  missing = sorted(set(wanted) - set(stored_flat))
+  unexpected = sorted(set(stored_flat) - set(wanted))
+  if missing or unexpected:
+    raise ModelMismatchError(f'{what}: checkpoint {ckpt_dir} step {step} does not match the model of '
+                     f'this config (different model sizes or stage?): missing {missing[:5]}, '
+                     f'unexpected {unexpected[:5]}')
+  for key, shape in wanted.items():
+    if stored_flat[key] != shape:
+      raise ModelMismatchError(f'{ckpt_dir}: {key} has shape {stored_flat[key]} in the checkpoint but '
+                       f'{shape} in the model of this config')
 
 
 def _check_shapes(restored, abstract, ckpt_dir):

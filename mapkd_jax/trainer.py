@@ -62,27 +62,28 @@ def train_and_evaluate(config, workdir):
   tx = step_lib.make_optimizer(config)
   repl = sharding.replicated(mesh)
   batch_sh = sharding.batch_sharding(mesh)
-  # Shapes only matter for init (no batch axis in any parameter): a batch of one.
-  dummy = {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in stages.batch_spec(config, 1).items()}
-
-  init_state = functools.partial(step_lib.init_state, batch=dummy, models=models, tgpd=tgpd,
-                                 tx=tx, config=config)
-
-  rng = jax.random.key(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
-  abstract_state = jax.eval_shape(init_state, init_rng)
-  state_sh = sharding.state_shardings(mesh, abstract_state)
-  state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
+  state, state_sh, train_rng, dummy = initial_state(config, models, tgpd, tx, mesh)
   logging.info('Parameters of %s:\n%s', step_lib.model_name(config),
                parameter_overview.get_parameter_overview(state.params['model']))
 
   latest_mngr, best_mngr = ckpt_lib.managers(stage_dir, max_to_keep=config.train.keep_checkpoints)
   start_step, data_position = 0, None
-  if latest_mngr.latest_step() is not None:
-    start_step = latest_mngr.latest_step()
-    variables, train_extra, data_position, _ = ckpt_lib.restore_train(
-        latest_mngr, start_step, abstract_variables=_abstract(_variables_of(state), repl),
-        abstract_opt_state=_abstract(_train_extra_of(state), repl))
+  restore = functools.partial(ckpt_lib.restore_train, latest_mngr,
+                              abstract_variables=_abstract(_variables_of(state), repl),
+                              abstract_opt_state=_abstract(_train_extra_of(state), repl))
+  step_found, restored, unreadable = ckpt_lib.restore_newest_readable(
+      latest_mngr, restore, what=f'resuming {config.stage}')
+  if unreadable:
+    # Their step numbers will be written again: move the damaged steps out of the manager's
+    # directory (kept, not deleted, for inspection) and reopen the managers.
+    ckpt_lib.set_aside(latest_mngr, unreadable, os.path.join(stage_dir, 'unreadable_checkpoints'))
+    latest_mngr.close()
+    best_mngr.close()
+    latest_mngr, best_mngr = ckpt_lib.managers(stage_dir,
+                                               max_to_keep=config.train.keep_checkpoints)
+  if step_found is not None:
+    start_step = step_found
+    variables, train_extra, data_position, _ = restored
     state = state.replace(step=jnp.asarray(start_step, jnp.int32),
                           opt_state=train_extra['tx'],
                           params={'model': variables['params'], 'aux': train_extra['aux']},
@@ -139,6 +140,22 @@ def train_and_evaluate(config, workdir):
   writer.flush()
   logging.info('Stage %s done: %s', config.stage, json.dumps(_flat_eval(eval_metrics)))
   return eval_metrics
+
+
+def initial_state(config, models, tgpd, tx, mesh):
+  """The stage's freshly initialised TrainState, as every run of `config` starts it.
+
+  Returns:
+    (state, state shardings, rng of the training steps, dummy batch of one).
+  """
+  # Shapes only matter for init (no batch axis in any parameter): a batch of one.
+  dummy = {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in stages.batch_spec(config, 1).items()}
+  init_state = functools.partial(step_lib.init_state, batch=dummy, models=models, tgpd=tgpd,
+                                 tx=tx, config=config)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  state_sh = sharding.state_shardings(mesh, jax.eval_shape(init_state, init_rng))
+  state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
+  return state, state_sh, train_rng, dummy
 
 
 def _variables_of(state):

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import test_checkpoint
 from configs import tcs
 from mapkd_jax import checkpoint as ckpt_lib
 from mapkd_jax import trainer
@@ -72,31 +73,48 @@ def test_all_stages_chain(tiny_shards, tmp_path):
 
 
 def test_resume_after_kill_is_bit_identical(tiny_shards, tmp_path):
-  """kill -9 after the step-2 checkpoint, rerun: same params as an uninterrupted 4-step run."""
+  """kill -9 after the step-2 checkpoint, rerun: same params as an uninterrupted 6-step run.
+
+  Bit-identical on purpose: the killed and the resumed process run the same compiled program on
+  the same machine and device count, so every step is the same sequence of float operations.
+  """
   arg = 'student,nokd,tiny'
-  overrides = dict(steps=4, checkpoint_every=1, eval_every=100)
+  overrides = dict(steps=6, checkpoint_every=1, eval_every=100)
   reference = str(tmp_path / 'reference')
   trainer.train_and_evaluate(_config(arg, tiny_shards, **overrides), reference)
 
   killed = str(tmp_path / 'killed')
   cmd = [sys.executable, 'launch.py', f'--config=configs/tcs.py:{arg}', f'--workdir={killed}',
-         f'--config.data.shards={tiny_shards}', '--config.train.steps=4',
+         f'--config.data.shards={tiny_shards}', '--config.train.steps=6',
          '--config.train.checkpoint_every=1', '--config.train.eval_every=100']
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   step_two = os.path.join(killed, 'student_nokd', 'checkpoints', '2')
   deadline = time.time() + 600
+  # Polled finely: four more steps, their saves and the final evaluation must not fit between
+  # two polls on a fast machine (the kill must land mid-run).
   while not os.path.isdir(step_two) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.2)
+    time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert os.path.isdir(step_two), 'the run ended before writing its step-2 checkpoint'
-  assert not os.path.isdir(os.path.join(killed, 'student_nokd', 'checkpoints', '4')), \
+  assert not os.path.isdir(os.path.join(killed, 'student_nokd', 'checkpoints', '6')), \
       'the run finished before it was killed: nothing was resumed'
 
   trainer.train_and_evaluate(_config(arg, tiny_shards, **overrides), killed)
   step_ref, params_ref = _params(os.path.join(reference, 'student_nokd'))
   step_res, params_res = _params(os.path.join(killed, 'student_nokd'))
-  assert step_ref == step_res == 4
+  assert step_ref == step_res == 6
+  jax.tree.map(np.testing.assert_array_equal, params_res, params_ref)
+
+  # A damaged latest checkpoint (array files cut short, as a full disk leaves them): the rerun
+  # reports it, sets it aside, resumes from step 5 and ends with the same parameters.
+  stage_dir = os.path.join(killed, 'student_nokd')
+  test_checkpoint._truncate_array_files(os.path.join(stage_dir, 'checkpoints', '6'))
+  trainer.train_and_evaluate(_config(arg, tiny_shards, **overrides), killed)
+  aside = os.listdir(os.path.join(stage_dir, 'unreadable_checkpoints'))
+  assert len(aside) == 1 and aside[0].startswith('6.'), aside
+  step_res, params_res = _params(stage_dir)
+  assert step_res == 6
   jax.tree.map(np.testing.assert_array_equal, params_res, params_ref)
 
 
