@@ -3,11 +3,19 @@
 `import tensorflow` imports jax too, so XLA_FLAGS must be set here, at collection time.
 """
 import os
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the whole run, shared by the xdist workers (same test run
+# id) and the launch.py subprocesses they start: the suite compiles the same tiny train and eval
+# steps in many tests, and a cache hit replaces a multi-second XLA compile by a file read. A new
+# directory per run, so nothing is carried between runs; only compiles over a second are kept.
+_RUN_ID = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'{os.getpid()}'
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), f'mapkd_jax_test_cache_{_RUN_ID}'))
 
 import pytest  # noqa: E402  (after the environment above)
 
