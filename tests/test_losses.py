@@ -70,28 +70,39 @@ def _discriminative_ref(embedding, instance, delta_v, delta_d, max_instances):
   return pull / b, push / b, reg / b
 
 
-def _direction_ref(logits, direction):
+def _direction_ref(logits, forward, backward):
+  """HDMapNet's direction loss, one pixel and one channel at a time."""
   b, h, w, k = logits.shape
-  num_bins = k - 1
-  total, count = 0.0, 0
+  total, weight_sum = 0.0, 0.0
   for i in range(b):
     for r in range(h):
       for c in range(w):
-        d = int(direction[i, r, c])
-        if d == 0:
-          continue
         target = np.zeros(k)
-        target[d] += 0.5
-        target[(d - 1 + num_bins // 2) % num_bins + 1] += 0.5
+        target[int(forward[i, r, c])] += 1.0
+        target[int(backward[i, r, c])] += 1.0
+        target /= target.sum()
+        weight = 1.0 - target[0]   # the reference's lane_mask
         z = logits[i, r, c].astype(np.float64)
         p = np.exp(z - z.max())
         p /= p.sum()
         for ch in range(k):
           log_p = max(math.log(p[ch]), -100.0) if p[ch] > 0 else -100.0
           log_1mp = max(math.log(1 - p[ch]), -100.0) if p[ch] < 1 else -100.0
-          total += -(target[ch] * log_p + (1 - target[ch]) * log_1mp)
-        count += 1
-  return total / (count * k) if count else 0.0
+          total += weight * -(target[ch] * log_p + (1 - target[ch]) * log_1mp)
+        weight_sum += weight
+  return total / (weight_sum * k + 1e-6)
+
+
+def _direction_labels(rng, shape, line_fraction):
+  """Forward bins and backward bins that are the opposite, the same or another bin."""
+  forward = rng.integers(1, 37, shape)
+  opposite = (forward - 1 + 18) % 36 + 1
+  pick = rng.random(shape)
+  backward = np.where(pick < 0.5, opposite, np.where(pick < 0.75, forward,
+                                                      rng.integers(1, 37, shape)))
+  on_line = rng.random(shape) < line_fraction
+  return (np.where(on_line, forward, 0).astype(np.int32),
+          np.where(on_line, backward, 0).astype(np.int32))
 
 
 def _msrd_ref(student, teacher, labels, temperature, variant):
@@ -277,44 +288,50 @@ def test_discriminative_grads_finite(num_ids):
 # ----------------------------------------------------------------------------- direction
 
 @pytest.mark.parametrize('shape', SHAPES)
-@pytest.mark.parametrize('case', ['random', 'no_lines', 'all_lines'])
+@pytest.mark.parametrize('case', ['random', 'no_lines', 'all_lines', 'one_sided'])
 def test_direction_loss_matches_ref(shape, case):
   rng = _rng(1)
   logits = rng.normal(0, 2, shape + (37,)).astype(np.float32)
-  direction = rng.integers(1, 37, shape).astype(np.int32)
-  if case == 'random':
-    direction = np.where(rng.random(shape) < 0.4, direction, 0).astype(np.int32)
-  if case == 'no_lines':
-    direction[:] = 0
-  got = jax.jit(losses.direction_loss)(logits, direction)
-  np.testing.assert_allclose(got, _direction_ref(logits, direction), rtol=RTOL, atol=ATOL)
+  line_fraction = {'random': 0.4, 'no_lines': 0.0, 'all_lines': 1.0, 'one_sided': 0.6}[case]
+  forward, backward = _direction_labels(rng, shape, line_fraction)
+  if case == 'one_sided':
+    # Pixels on one mask only: target 0.5 on channel 0, weight 0.5 in the reference.
+    forward = np.where(rng.random(shape) < 0.3, 0, forward).astype(np.int32)
+    backward = np.where(rng.random(shape) < 0.3, 0, backward).astype(np.int32)
+  got = jax.jit(losses.direction_loss)(logits, forward, backward)
+  np.testing.assert_allclose(got, _direction_ref(logits, forward, backward), rtol=RTOL, atol=ATOL)
   if case == 'no_lines':
     assert float(got) == 0.0
 
 
-def test_direction_targets_two_bins():
-  direction = np.array([[[0, 1, 18, 19, 36]]], np.int32)
-  targets = np.asarray(losses.direction_targets(direction, num_bins=36))
-  expected = np.zeros((1, 1, 5, 37))
-  expected[0, 0, 0, 0] = 1.0
-  for col, (d, opposite) in enumerate([(1, 19), (18, 36), (19, 1), (36, 18)], start=1):
-    expected[0, 0, col, d] = expected[0, 0, col, opposite] = 0.5
+def test_direction_targets_match_loop():
+  rng = _rng(3)
+  forward, backward = _direction_labels(rng, (2, 5, 7), 0.7)
+  forward[0, 0, :3] = [0, 5, 0]
+  backward[0, 0, :3] = [0, 0, 23]
+  targets = np.asarray(losses.direction_targets(forward, backward, num_bins=36))
+  expected = np.zeros((2, 5, 7, 37))
+  for index in np.ndindex(forward.shape):
+    expected[index][forward[index]] += 1.0
+    expected[index][backward[index]] += 1.0
+    expected[index] /= expected[index].sum()
   np.testing.assert_allclose(targets, expected)
-
-
-def test_direction_odd_bins_raises():
-  with pytest.raises(ValueError, match='direction_bins'):
-    losses.direction_targets(np.zeros((1, 2, 2), np.int32), num_bins=35)
+  # Hand-checked pixels: off lines, forward only, backward only.
+  np.testing.assert_allclose(targets[0, 0, 0, 0], 1.0)
+  np.testing.assert_allclose(targets[0, 0, 1, [0, 5]], [0.5, 0.5])
+  np.testing.assert_allclose(targets[0, 0, 2, [0, 23]], [0.5, 0.5])
+  same = (forward == backward) & (forward > 0)
+  assert same.any() and np.all(targets[same].max(-1) == 1.0)
 
 
 def test_direction_grads_zero_off_lines():
   rng = _rng(2)
   logits = jnp.asarray(rng.normal(0, 1, (2, 4, 4, 37)).astype(np.float32))
-  direction = np.where(rng.random((2, 4, 4)) < 0.5, rng.integers(1, 37, (2, 4, 4)), 0)
-  grads = np.asarray(jax.jit(jax.grad(losses.direction_loss))(logits, direction))
+  forward, backward = _direction_labels(rng, (2, 4, 4), 0.5)
+  grads = np.asarray(jax.jit(jax.grad(losses.direction_loss))(logits, forward, backward))
   assert np.all(np.isfinite(grads))
-  np.testing.assert_array_equal(grads[direction == 0], 0.0)
-  assert np.all(np.abs(grads[direction > 0]).sum(-1) > 0)
+  np.testing.assert_array_equal(grads[forward == 0], 0.0)
+  assert np.all(np.abs(grads[forward > 0]).sum(-1) > 0)
 
 
 # ----------------------------------------------------------------------------- task_loss
@@ -326,14 +343,14 @@ def test_task_loss_combines_terms_and_jits():
              'embedding': rng.normal(0, 1, (b, h, w, 5)).astype(np.float32),
              'direction': rng.normal(0, 1, (b, h, w, 37)).astype(np.float32)}
   batch = {'semantic': rng.integers(0, 4, (b, h, w)).astype(np.int32),
-           'instance': _instances(rng, (b, h, w), 4),
-           'direction': np.where(rng.random((b, h, w)) < 0.3,
-                                 rng.integers(1, 37, (b, h, w)), 0).astype(np.int32)}
+           'instance': _instances(rng, (b, h, w), 4)}
+  batch['direction'], batch['direction_backward'] = _direction_labels(rng, (b, h, w), 0.3)
   kwargs = dict(pos_weight=2.13, instance_weight=0.1, direction_weight=0.2, delta_v=0.5,
                 delta_d=3.0, max_instances=6)
   loss, metrics = losses.task_loss(outputs, batch, **kwargs)
   pull, push, _ = _discriminative_ref(outputs['embedding'], batch['instance'], 0.5, 3.0, 6)
-  direction = _direction_ref(outputs['direction'], batch['direction'])
+  direction = _direction_ref(outputs['direction'], batch['direction'],
+                             batch['direction_backward'])
   expected = (_semantic_ref(outputs['semantic'], batch['semantic'], 2.13)
               + 0.1 * (pull + push) + 0.2 * direction)
   np.testing.assert_allclose(loss, expected, rtol=RTOL)

@@ -36,7 +36,7 @@ def _batch(config, batch_size, seed=0):
   rng = np.random.default_rng(seed)
   batch = {}
   for name, (shape, dtype) in stages.batch_spec(config, batch_size).items():
-    if name in ('semantic', 'instance', 'direction'):
+    if name in ('semantic', 'instance', 'direction', 'direction_backward'):
       batch[name] = rng.integers(0, 4, shape).astype(dtype)
     elif name == 'lidar_mask':
       batch[name] = rng.random(shape) < 0.7

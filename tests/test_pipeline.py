@@ -99,7 +99,7 @@ def test_round_trip_equals_source(shards, data_config):
       for key in ('intrinsics', 'cam_rotation', 'cam_translation', 'ego_pose'):
         shape = batch[key].shape[1:]
         np.testing.assert_array_equal(batch[key][row], source[key].reshape(shape), err_msg=key)
-      for key in ('semantic', 'instance', 'direction'):
+      for key in ('semantic', 'instance', 'direction', 'direction_backward'):
         np.testing.assert_array_equal(batch[key][row], source[key].astype(np.int32), err_msg=key)
       np.testing.assert_array_equal(batch['sd_prior'][row, ..., 0],
                                     np.where(source['sd_prior'] == 255, 1.0, -1.0))

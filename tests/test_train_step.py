@@ -26,7 +26,7 @@ def _random_batch(config, batch_size, seed):
       batch[name] = rng.integers(0, 4, shape).astype(dtype)
     elif name == 'instance':
       batch[name] = rng.integers(0, 6, shape).astype(dtype)
-    elif name == 'direction':
+    elif name in ('direction', 'direction_backward'):
       batch[name] = rng.integers(0, 37, shape).astype(dtype)
     elif name == 'lidar_mask':
       batch[name] = rng.random(shape) < 0.7

@@ -88,6 +88,8 @@ def _feature_spec(num_cams):
       schema.LABEL_SEMANTIC: fixed([], tf.string),
       schema.LABEL_INSTANCE: fixed([], tf.string),
       schema.LABEL_DIRECTION: fixed([], tf.string),
+      # Required: shards of schema_version < 2 lack it and are refused by check_dataset_info.
+      schema.LABEL_DIRECTION_BACKWARD: fixed([], tf.string),
   }
 
 
@@ -121,12 +123,13 @@ _IMAGENET_INV_STD_255 = 1.0 / (np.asarray(schema.IMAGENET_STD, np.float32) * 255
 
 
 # Keys that `_decode_fn` leaves as decoded uint8/uint16 rasters for `_convert_rasters`.
-_RASTER_KEYS = ('images', 'sd_prior', 'semantic', 'instance', 'direction')
+_RASTER_KEYS = ('images', 'sd_prior', 'semantic', 'instance', 'direction',
+                'direction_backward')
 
 
 # Module level, so that every dataset shares one XLA compilation cache entry per shape.
 @tf.function(jit_compile=True)
-def _convert_rasters(images, sd_prior, semantic, instance, direction):
+def _convert_rasters(images, sd_prior, semantic, instance, direction, direction_backward):
   """Decoded uint8/uint16 rasters of a batch -> batch_spec dtypes, as one XLA-fused function.
 
   Fused, the ImageNet normalization is one pass over the pixels instead of three (cast,
@@ -139,6 +142,7 @@ def _convert_rasters(images, sd_prior, semantic, instance, direction):
       'semantic': tf.cast(semantic[..., 0], tf.int32),
       'instance': tf.cast(instance[..., 0], tf.int32),
       'direction': tf.cast(direction[..., 0], tf.int32),
+      'direction_backward': tf.cast(direction_backward[..., 0], tf.int32),
   }
 
 
@@ -171,6 +175,7 @@ def _decode_fn(data_config, with_tokens):
         'semantic': _decode_png(ex[schema.LABEL_SEMANTIC], bev, tf.uint8),
         'instance': _decode_png(ex[schema.LABEL_INSTANCE], bev, tf.uint16),
         'direction': _decode_png(ex[schema.LABEL_DIRECTION], bev, tf.uint8),
+        'direction_backward': _decode_png(ex[schema.LABEL_DIRECTION_BACKWARD], bev, tf.uint8),
     }
     if with_tokens:
       out['sample_token'] = ex[schema.SAMPLE_TOKEN]

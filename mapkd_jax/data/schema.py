@@ -34,7 +34,8 @@ Model batches (`batch_spec`) are dicts of arrays, channels last, B = batch size:
   sd_prior        [B, Hb, Wb, 1] float32 in {-1, +1}
   semantic        [B, Hb, Wb] int32 (0..3)
   instance        [B, Hb, Wb] int32 (0 = none)
-  direction       [B, Hb, Wb] int32 (0 = none, 1..36)
+  direction       [B, Hb, Wb] int32 (0 = none, 1..36), forward bins (label/direction)
+  direction_backward [B, Hb, Wb] int32 (0 = none, 1..36), backward bins
 """
 import numpy as np
 
@@ -88,4 +89,5 @@ def batch_spec(data_config, batch_size):
       'semantic': ((b, bev_h, bev_w), np.int32),
       'instance': ((b, bev_h, bev_w), np.int32),
       'direction': ((b, bev_h, bev_w), np.int32),
+      'direction_backward': ((b, bev_h, bev_w), np.int32),
   }

@@ -2,8 +2,9 @@
 
 All functions are pure, keyword-only past the arrays, jit-safe and computed in float32. Rasters
 follow `mapkd_jax.data.schema`: `semantic` [B, H, W] int (0 = background), `instance`
-[B, H, W] int (0 = none, else a per-sample polyline id), `direction` [B, H, W] int (0 = none,
-1..num_bins = bins of 360 / num_bins degrees).
+[B, H, W] int (0 = none, else a per-sample polyline id), `direction` / `direction_backward`
+[B, H, W] int (0 = none, 1..num_bins = bins of 360 / num_bins degrees; the reference's forward
+and backward masks).
 """
 import jax
 import jax.numpy as jnp
@@ -124,39 +125,52 @@ def discriminative_loss(embedding, instance, *, delta_v, delta_d, max_instances)
   return terms
 
 
-def direction_targets(direction, *, num_bins):
-  """Normalized two-direction one-hot: label d -> bins d and its opposite, 0.5 each.
+def direction_targets(forward, backward, *, num_bins):
+  """HDMapNet's direction target: one_hot(forward) + one_hot(backward), normalized per pixel.
+
+  The reference (P-MapNet data_osm/dataset.py; HDMapNet's train loop) adds the one-hots of the
+  forward mask (bin of the last segment covering a pixel) and of the backward mask (the reversed
+  polyline's bins, first segment kept) over num_bins + 1 channels and divides by their sum over
+  channels. So a line pixel gets 0.5 on each of two bins, or 1.0 on one bin where both masks
+  agree; a pixel on neither line gets 1.0 on channel 0; a pixel on one mask only (not produced
+  by data_prep/labels.py, which draws both on the same pixels) gets 0.5 on channel 0.
 
   Args:
-    direction: [B, H, W] int, 0 = none, 1..num_bins.
-    num_bins: number of direction bins (even, so every bin has an exact opposite).
+    forward: [B, H, W] int, 0 = none, 1..num_bins (batch 'direction').
+    backward: [B, H, W] int, 0 = none, 1..num_bins (batch 'direction_backward').
+    num_bins: number of direction bins (config.data.direction_bins).
 
   Returns:
-    [B, H, W, num_bins + 1] float32; channel 0 is 1 where direction == 0.
+    [B, H, W, num_bins + 1] float32 summing to 1 over the last axis (labels must lie in
+    0..num_bins; a pixel with both labels out of range gets an all-zero row).
   """
-  if num_bins % 2:
-    raise ValueError(f'num_bins (config.data.direction_bins) must be even, got {num_bins}')
-  opposite = jnp.where(direction > 0, (direction - 1 + num_bins // 2) % num_bins + 1, 0)
-  both = (jax.nn.one_hot(direction, num_bins + 1, dtype=jnp.float32)
-          + jax.nn.one_hot(opposite, num_bins + 1, dtype=jnp.float32))
-  return both / jnp.sum(both, axis=-1, keepdims=True)
+  both = (jax.nn.one_hot(forward, num_bins + 1, dtype=jnp.float32)
+          + jax.nn.one_hot(backward, num_bins + 1, dtype=jnp.float32))
+  return both / jnp.maximum(jnp.sum(both, axis=-1, keepdims=True), 1.0)
 
 
-def direction_loss(logits, direction):
-  """BCE between softmax(logits) and the two-direction target, on line pixels only.
+# HDMapNet's train loop divides the masked BCE sum by (mask sum * channels + 1e-6).
+_DIRECTION_DENOMINATOR_EPS = 1e-6
 
-  As in HDMapNet, the BCE (log clamped at -100 like torch.nn.BCELoss) is averaged over the line
-  pixels (direction > 0) and all num_bins + 1 channels.
+
+def direction_loss(logits, forward, backward):
+  """BCE between softmax(logits) and the two-direction target, weighted by the line mask.
+
+  As in HDMapNet's train loop: the per-pixel weight is 1 - target[..., 0] (1 on line pixels, 0
+  off lines), the BCE (log clamped at -100 like torch.nn.BCELoss) is summed over the batch,
+  pixels and all num_bins + 1 channels with that weight, then divided by
+  (sum of weights * (num_bins + 1) + 1e-6).
 
   Args:
     logits: [B, H, W, num_bins + 1] direction logits (channel 0 = none).
-    direction: [B, H, W] int direction labels.
+    forward: [B, H, W] int forward direction labels.
+    backward: [B, H, W] int backward direction labels.
 
   Returns:
     Scalar; exactly 0.0 when there is no line pixel.
   """
-  num_bins = logits.shape[-1] - 1
-  targets = direction_targets(direction, num_bins=num_bins)
+  num_channels = logits.shape[-1]
+  targets = direction_targets(forward, backward, num_bins=num_channels - 1)
   log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   # log(1 - p) = log(-expm1(log p)); the floor keeps log finite (and its gradient) at p == 1.
   one_minus_p = -jnp.expm1(log_p)
@@ -164,8 +178,10 @@ def direction_loss(logits, direction):
   log_p = jnp.maximum(log_p, _BCE_LOG_CLAMP)
   log_1mp = jnp.maximum(log_1mp, _BCE_LOG_CLAMP)
   bce = -(targets * log_p + (1.0 - targets) * log_1mp)
-  per_pixel = jnp.mean(bce, axis=-1)
-  return masked_mean(per_pixel, direction > 0)
+  weight = 1.0 - targets[..., 0]
+  # where(): a zero weight gives an exactly zero gradient even where the BCE is huge.
+  total = jnp.sum(jnp.where(weight[..., None] > 0, bce * weight[..., None], 0.0))
+  return total / (jnp.sum(weight) * num_channels + _DIRECTION_DENOMINATOR_EPS)
 
 
 def task_loss(outputs, batch, *, pos_weight, instance_weight, direction_weight, delta_v,
@@ -175,7 +191,8 @@ def task_loss(outputs, batch, *, pos_weight, instance_weight, direction_weight, 
   Args:
     outputs: {'semantic': [B, H, W, K], 'embedding': [B, H, W, E],
       'direction': [B, H, W, num_bins + 1]} logits/embeddings of a model.
-    batch: {'semantic', 'instance', 'direction'}: [B, H, W] int labels (schema.batch_spec).
+    batch: {'semantic', 'instance', 'direction', 'direction_backward'}: [B, H, W] int labels
+      (schema.batch_spec).
     pos_weight, instance_weight, direction_weight, delta_v, delta_d, max_instances: see
       `semantic_loss` and `discriminative_loss` (config.loss).
 
@@ -187,14 +204,15 @@ def task_loss(outputs, batch, *, pos_weight, instance_weight, direction_weight, 
   for key in ('semantic', 'embedding', 'direction'):
     if key not in outputs:
       raise ValueError(f"task_loss: outputs lack {key!r}; got {sorted(outputs)}")
-  for key in ('semantic', 'instance', 'direction'):
+  for key in ('semantic', 'instance', 'direction', 'direction_backward'):
     if key not in batch:
       raise ValueError(f"task_loss: batch lacks {key!r}; got {sorted(batch)}")
   semantic = semantic_loss(outputs['semantic'], batch['semantic'], pos_weight=pos_weight)
   inst = discriminative_loss(outputs['embedding'], batch['instance'], delta_v=delta_v,
                              delta_d=delta_d, max_instances=max_instances)
   instance = inst['pull'] + inst['push']
-  direction = direction_loss(outputs['direction'], batch['direction'])
+  direction = direction_loss(outputs['direction'], batch['direction'],
+                             batch['direction_backward'])
   loss = semantic + instance_weight * instance + direction_weight * direction
   metrics = {
       'loss/task': loss,
