@@ -1,12 +1,28 @@
-"""The main job end to end at `demo,tiny`: every run, both report files, numbers read back."""
+"""The main job end to end at `demo,tiny`: every run, both report files, numbers read back, and
+the TCS chain it trained (every stage's checkpoint, the frozen inputs left untouched).
+
+One demo run serves every test here (module fixture; the module runs on one xdist worker,
+pyproject's --dist loadscope): it trains each stage of the chain once, which is the costliest
+thing the suite does.
+"""
 import json
 import os
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import tcs
+from mapkd_jax import checkpoint as ckpt_lib
 from mapkd_jax import demo
+
+
+@pytest.fixture(scope='module')
+def demo_run(tmp_path_factory):
+  config = tcs.get_config('demo,tiny')
+  root = str(tmp_path_factory.mktemp('demo'))
+  return config, root, demo.run(config, root)
 
 
 def _metrics(root, *parts):
@@ -23,10 +39,8 @@ def _checkpoint_steps(root):
   return found
 
 
-def test_demo_tiny_runs_the_chain_and_reports_what_was_evaluated(tmp_path):
-  config = tcs.get_config('demo,tiny')
-  root = str(tmp_path)
-  summary = demo.run(config, root)
+def test_demo_tiny_runs_the_chain_and_reports_what_was_evaluated(demo_run):
+  config, root, summary = demo_run
 
   for name in ('report.md', 'report.json', 'report.png'):
     assert os.path.getsize(os.path.join(root, name)) > 0, name
@@ -64,6 +78,56 @@ def test_demo_tiny_runs_the_chain_and_reports_what_was_evaluated(tmp_path):
   again = demo.run(config, root)
   assert _checkpoint_steps(root) == steps_before
   assert again['gain'] == summary['gain']
+
+
+def _params(stage_dir):
+  """(latest step, params item as numpy) of a stage."""
+  mngr = ocp.CheckpointManager(os.path.join(stage_dir, 'checkpoints'),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  restored = mngr.restore(mngr.latest_step(),
+                          args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  return mngr.latest_step(), jax.tree.map(np.asarray, restored['params'])
+
+
+def _mtimes(directory):
+  return [os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, files in os.walk(directory) for f in files]
+
+
+def test_chain_stages_checkpoints_and_frozen_inputs(demo_run):
+  """Every stage of the chain the demo trained: its checkpoint, config and logs; the teacher's
+  HD module started from hd_pretrain; frozen models were only read by later stages."""
+  config, root, _ = demo_run
+  steps = config.demo.steps
+  stage_dirs = {'hd_pretrain': os.path.join(root, 'hd_pretrain'),
+                'teacher': os.path.join(root, 'teacher'), 'coach': os.path.join(root, 'coach'),
+                'student': os.path.join(root, 'seed0', 'student'),
+                'student_nokd': os.path.join(root, 'seed0', 'student_nokd')}
+  for stage, stage_dir in stage_dirs.items():
+    step, variables = _params(stage_dir)
+    assert step == steps[stage.split('_')[0] if stage != 'hd_pretrain' else stage], stage
+    assert set(variables) == {'params', 'batch_stats'}, stage
+    assert os.path.exists(os.path.join(stage_dir, 'config.json'))
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(stage_dir)), stage
+  # The teacher's HD module started from hd_pretrain: Adam moves a parameter by at most about
+  # 3.2 lr a step ((1 - b1) / sqrt(1 - b2)), far less than the spread of a fresh random init.
+  _, mae = _params(stage_dirs['hd_pretrain'])
+  _, teacher = _params(stage_dirs['teacher'])
+  drift = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), mae['params']['hd_prior'],
+                       teacher['params']['hd_prior'])
+  assert max(jax.tree.leaves(drift)) < 3.2 * config.optim.learning_rate * steps['teacher']
+  # Frozen inputs are read, never written: nothing under teacher/ is newer than coach/'s files.
+  assert max(_mtimes(stage_dirs['teacher'])) < min(_mtimes(stage_dirs['coach']))
+  assert max(_mtimes(stage_dirs['coach'])) < min(_mtimes(stage_dirs['student']))
+  # best/ keeps the best step by validation mIoU, and the metric is in its meta item.
+  _, meta = ckpt_lib.read_meta(os.path.join(stage_dirs['student'], 'best'))
+  assert np.isfinite(meta['metrics']['eval/miou'])
+  # TGPD projectors are trained state of the distilling stage, kept out of its params item.
+  mngr = ocp.CheckpointManager(os.path.join(stage_dirs['student'], 'checkpoints'),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  extra = mngr.restore(mngr.latest_step(),
+                       args=ocp.args.Composite(opt_state=ocp.args.StandardRestore()))
+  assert set(extra['opt_state']['aux']) == {'tgpd_teacher', 'tgpd_coach'}
 
 
 def test_read_metrics_turns_null_back_into_nan(tmp_path):

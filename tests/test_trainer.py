@@ -1,4 +1,8 @@
-"""End to end: every TCS stage at `tiny`, exact resume after kill -9, config/dependency errors."""
+"""Training runs: exact resume after kill -9 or a damaged checkpoint, config/dependency errors.
+
+The whole TCS chain (every stage trained in turn) is tested by tests/test_demo.py, on the chain
+the demo trains.
+"""
 import os
 import signal
 import subprocess
@@ -12,7 +16,6 @@ import pytest
 
 import test_checkpoint
 from configs import tcs
-from mapkd_jax import checkpoint as ckpt_lib
 from mapkd_jax import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,44 +35,6 @@ def _params(stage_dir, step=None):
   step = mngr.latest_step() if step is None else step
   restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
   return step, jax.tree.map(np.asarray, restored['params'])
-
-
-def _snapshot(directory):
-  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
-          for d, _, files in os.walk(directory) for f in files}
-
-
-def test_all_stages_chain(tiny_shards, tmp_path):
-  root = str(tmp_path)
-  for arg in ('hd_pretrain,tiny', 'teacher,tiny'):
-    metrics = trainer.train_and_evaluate(_config(arg, tiny_shards), root)
-    assert np.isfinite(metrics['miou'])
-  # The teacher's HD module started from hd_pretrain: 2 Adam steps (lr 5e-4) move it far
-  # less than the spread of a fresh random init.
-  _, mae = _params(os.path.join(root, 'hd_pretrain'))
-  _, teacher = _params(os.path.join(root, 'teacher'))
-  drift = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), mae['params']['hd_prior'],
-                       teacher['params']['hd_prior'])
-  assert max(jax.tree.leaves(drift)) < 5e-3
-
-  teacher_files = _snapshot(os.path.join(root, 'teacher'))
-  for arg in ('coach,tiny', 'student,tiny', 'student,nokd,tiny'):
-    metrics = trainer.train_and_evaluate(_config(arg, tiny_shards), root)
-    assert np.isfinite(metrics['miou'])
-  assert _snapshot(os.path.join(root, 'teacher')) == teacher_files, 'frozen teacher was written'
-  for stage in ('hd_pretrain', 'teacher', 'coach', 'student', 'student_nokd'):
-    step, variables = _params(os.path.join(root, stage))
-    assert step == 2 and set(variables) == {'params', 'batch_stats'}, stage
-    assert os.path.exists(os.path.join(root, stage, 'config.json'))
-    assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(root, stage)))
-  # best/ keeps the best step by validation mIoU, and the metric is in its meta item.
-  _, meta = ckpt_lib.read_meta(os.path.join(root, 'student', 'best'))
-  assert np.isfinite(meta['metrics']['eval/miou'])
-  # TGPD projectors are trained state of the distilling stage, kept out of its params item.
-  mngr = ocp.CheckpointManager(os.path.join(root, 'student', 'checkpoints'),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-  extra = mngr.restore(2, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore()))
-  assert set(extra['opt_state']['aux']) == {'tgpd_teacher', 'tgpd_coach'}
 
 
 def test_resume_after_kill_is_bit_identical(tiny_shards, tmp_path):
