@@ -203,7 +203,9 @@ def get_config(arg=None):
         seeds=(0, 1),                 # student and baseline are trained once per seed
         ablations=('no_tgpd', 'no_msrd', 'no_coach'),
         eval_images=2, grid_samples=4, grid_scale=3,
-        bench_iters=10, bench_warmup=3)
+        bench_iters=10, bench_warmup=3,
+        # Two-sided level of the t interval on the paired per-seed gains (report.py).
+        confidence=0.95)
     config.data.synthetic.update(scenes=10, samples_per_scene=30)
     config.train.update(log_every=25, checkpoint_every=100, eval_every=500)  # eval: at the end
     if arg.tiny:   # `demo,tiny`: the whole chain in a few minutes (test suite), tiny world

@@ -128,10 +128,3 @@ def _speed(config):
                               seed=0, config_name='demo', emit=logging.info)
   return {'records': {r['name']: r for r in records}, 'ratios': ratios,
           'device_kind': jax.devices()[0].device_kind}
-
-
-def summarize_seeds(values):
-  """Mean and sample standard deviation (0 for one value) of per-seed numbers."""
-  values = np.asarray(values, np.float64)
-  return {'mean': float(values.mean()), 'std': float(values.std(ddof=1)) if len(values) > 1
-          else 0.0, 'per_seed': [float(v) for v in values]}

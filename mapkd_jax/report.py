@@ -4,10 +4,52 @@ import json
 import os
 
 import numpy as np
+from scipy import stats
 
 from mapkd_jax import visualize
 
 INPUTS = {'teacher': 'C+L+SD+HD', 'coach': 'C+simL+SD+HD', 'student': 'C', 'student_nokd': 'C'}
+
+ONE_SEED = 'one seed: no interval, no conclusion'
+NOT_RESOLVED = 'not resolved (CI includes 0)'
+NOT_FINITE = 'no conclusion (a per-seed value is not finite)'
+
+
+def summarize_seeds(values, confidence=0.95):
+  """Paired per-seed differences -> mean, spread, t confidence interval and a verdict.
+
+  values: [n] one number per seed, each already paired within its seed (e.g. the distilled
+  student's mIoU minus the baseline's mIoU of the SAME seed), so seed-to-seed variation shared
+  by both runs cancels before the spread is taken. The interval is mean +/- t * sd / sqrt(n)
+  with t the (1 + confidence) / 2 quantile of Student's t with n - 1 degrees of freedom: the
+  seeds are few, so the normal quantile (1.96) would claim a far narrower interval than the
+  data support (n = 2: t = 12.71). One seed has no spread, hence no interval and no verdict.
+
+  Returns a JSON-ready dict (lists, floats, None; no tuples, so it equals its JSON round trip).
+  """
+  values = np.asarray(values, np.float64)
+  if values.ndim != 1 or values.size == 0:
+    raise ValueError(f'summarize_seeds: expected one value per seed, got shape {values.shape}')
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f'config.demo.confidence must lie in (0, 1), got {confidence!r}')
+  n = int(values.size)
+  out = {'per_seed': [float(v) for v in values], 'n': n, 'mean': float(values.mean()),
+         'std': None, 'se': None, 'confidence': float(confidence), 't': None, 'ci': None,
+         'resolved': False}
+  if n == 1:
+    return dict(out, verdict=ONE_SEED)
+  if not np.all(np.isfinite(values)):
+    return dict(out, verdict=NOT_FINITE)
+  std = float(values.std(ddof=1))   # sample sd: n - 1, matching the t's degrees of freedom
+  se = std / np.sqrt(n)
+  t = float(stats.t.ppf(0.5 + confidence / 2.0, n - 1))
+  low, high = out['mean'] - t * se, out['mean'] + t * se
+  out.update(std=std, se=float(se), t=t, ci=[float(low), float(high)])
+  if low > 0.0:
+    return dict(out, resolved=True, verdict='resolved above seed noise (gain > 0)')
+  if high < 0.0:
+    return dict(out, resolved=True, verdict='resolved above seed noise (gain < 0)')
+  return dict(out, verdict=NOT_RESOLVED)
 
 
 def _row(name, metrics_list, classes, speed):
@@ -29,7 +71,6 @@ def _row(name, metrics_list, classes, speed):
 
 def build(config, results, speed):
   """Report dict from {label: {'metrics', 'seed', ...}} and bench records."""
-  from mapkd_jax.demo import summarize_seeds  # the demo owns the seed statistics
   classes = tuple(config.data.classes)
   seeds = list(config.demo.seeds)
   by_model = {
@@ -37,22 +78,33 @@ def build(config, results, speed):
       'student': [results[f'student/seed{s}']['metrics'] for s in seeds],
       'student_nokd': [results[f'student_nokd/seed{s}']['metrics'] for s in seeds]}
   rows = [_row(name, metrics, classes, speed) for name, metrics in by_model.items()]
-  gain = {key: summarize_seeds([s[key] - b[key] for s, b in zip(by_model['student'],
-                                                                 by_model['student_nokd'])])
-          for key in ('miou', 'map')}
+  # Paired within each seed: a seed that is good for the baseline is usually good for the
+  # distilled student too, and that shared part is not evidence for distillation.
+  gain = {}
+  for key in ('miou', 'map'):
+    paired = [results[f'student/seed{s}']['metrics'][key] -
+              results[f'student_nokd/seed{s}']['metrics'][key] for s in seeds]
+    gain[key] = summarize_seeds(paired, confidence=config.demo.confidence)
+    gain[key]['seeds'] = seeds
+  # Ablations run at the first seed only: their differences are reported, never concluded from.
   ablations = []
+  student0 = results[f'student/seed{seeds[0]}']['metrics']
+  nokd0 = results[f'student_nokd/seed{seeds[0]}']['metrics']
   for name in config.demo.ablations:
     metrics = results[f'ablation/{name}']['metrics']
-    ablations.append({'name': name, 'miou': metrics['miou'], 'map': metrics['map'],
-                      'vs_student_miou': metrics['miou'] - by_model['student'][0]['miou'],
-                      'vs_nokd_miou': metrics['miou'] - by_model['student_nokd'][0]['miou']})
+    vs_student = metrics['miou'] - student0['miou']
+    ablations.append({'name': name, 'seeds': [seeds[0]], 'miou': metrics['miou'],
+                      'map': metrics['map'], 'vs_student_miou': vs_student,
+                      'vs_nokd_miou': metrics['miou'] - nokd0['miou'],
+                      'verdict': summarize_seeds([vs_student])['verdict']})
   miou = {r['model']: r['miou'] for r in rows}
   fps = speed['records']
   checks = {
       'teacher_best': miou['teacher'] >= max(miou.values()),
       'coach_between_teacher_and_student': miou['teacher'] >= miou['coach'] >= miou['student'],
-      'student_above_baseline_miou': gain['miou']['mean'] > 0,
-      'student_above_baseline_map': gain['map']['mean'] > 0,
+      # Above the baseline only when the seed interval excludes 0, not when the mean is > 0.
+      'student_above_baseline_miou': gain['miou']['resolved'] and gain['miou']['mean'] > 0,
+      'student_above_baseline_map': gain['map']['resolved'] and gain['map']['mean'] > 0,
       'student_3x_teacher_fps': fps['student']['frames_per_s'] >= 3 * fps['teacher']['frames_per_s'],
       'student_1.5x_coach_fps': fps['student']['frames_per_s'] >= 1.5 * fps['coach']['frames_per_s'],
   }
@@ -63,8 +115,34 @@ def build(config, results, speed):
           'bev_y': list(config.data.bev_y), 'classes': list(classes)}
 
 
-def _fmt(value, scale=100.0):
-  return '-' if value is None or not np.isfinite(value) else f'{scale * value:.2f}'
+def _fmt(value, scale=100.0, signed=False):
+  if value is None or not np.isfinite(value):
+    return '-'
+  return f'{scale * value:+.2f}' if signed else f'{scale * value:.2f}'
+
+
+def _gain_lines(gain):
+  """The paired-gain table and one verdict line per metric (gains in percentage points)."""
+  first = next(iter(gain.values()))
+  level = f"{100 * first['confidence']:g}%"
+  lines = ['', '## Distillation gain (student - student_nokd, paired per seed)', '',
+           f"Per seed: distilled minus baseline of the same seed; seeds {first['seeds']}. "
+           f"sd: sample standard deviation (n - 1); se = sd / sqrt(n); {level} CI = mean +/- "
+           f"t * se with t the Student-t quantile at n - 1 degrees of freedom.", '',
+           f'| metric | per-seed gain | n | mean | sd | se | t | {level} CI | verdict |',
+           '|---|---|---|---|---|---|---|---|---|']
+  names = {'miou': 'mIoU', 'map': 'mAP'}
+  for key, g in gain.items():
+    per_seed = ', '.join(f'{_fmt(v, signed=True)}' for v in g['per_seed'])
+    t = '-' if g['t'] is None else f"{g['t']:.3f}"
+    ci = ('-' if g['ci'] is None else
+          f"[{_fmt(g['ci'][0], signed=True)}, {_fmt(g['ci'][1], signed=True)}]")
+    lines.append(f"| {names.get(key, key)} | {per_seed} | {g['n']} | "
+                 f"{_fmt(g['mean'], signed=True)} | {_fmt(g['std'])} | {_fmt(g['se'])} | {t} | "
+                 f"{ci} | {g['verdict']} |")
+  lines.append('')
+  lines += [f"- {names.get(key, key)} gain: {g['verdict']}." for key, g in gain.items()]
+  return lines
 
 
 def markdown(summary):
@@ -76,7 +154,8 @@ def markdown(summary):
            f"BEV x {summary['bev_x']}, y {summary['bev_y']}; steps {summary['steps']} at batch "
            f"{summary['optim']['batch_size']}, Adam lr {summary['optim']['learning_rate']:g} "
            f"({summary['optim']['schedule']} schedule over each run); "
-           f"seeds {summary['seeds']} (student rows: mean over seeds). IoU and AP in %. "
+           f"seeds {summary['seeds']} (student rows: mean over seeds; teacher and coach: one "
+           f"run each, seed {summary['seeds'][0]}). IoU and AP in %. "
            f"Speed on {summary['speed']['device_kind']}, batch 1.", '',
            '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in summary['rows']:
@@ -85,21 +164,27 @@ def markdown(summary):
              [f"{r['params']:,}" if r['params'] else '-',
               f"{r['frames_per_s']:.2f}" if r['frames_per_s'] else '-'])
     lines.append('| ' + ' | '.join(cells) + ' |')
-  g = summary['gain']
-  lines += ['', '## Distillation gain (student - student_nokd, per seed)', '',
-            f"- mIoU: {_fmt(g['miou']['mean'])} +/- {_fmt(g['miou']['std'])} "
-            f"(per seed {[_fmt(v) for v in g['miou']['per_seed']]})",
-            f"- mAP: {_fmt(g['map']['mean'])} +/- {_fmt(g['map']['std'])} "
-            f"(per seed {[_fmt(v) for v in g['map']['per_seed']]})", '',
-            '## Ablations (seed 0)', '', '| run | mIoU | mAP | vs student mIoU | vs baseline mIoU |',
-            '|---|---|---|---|---|']
+  lines += _gain_lines(summary['gain'])
+  seed0 = summary['seeds'][0]
+  lines += ['', f'## Ablations (seed {seed0} only: single-seed, no conclusion drawn)', '',
+            'Differences below are one run each against the same-seed student and baseline; a '
+            'single seed has no interval, so none of them is a finding.', '',
+            '| run | mIoU | mAP | vs student mIoU | vs baseline mIoU | verdict |',
+            '|---|---|---|---|---|---|']
   for a in summary['ablations']:
     lines.append(f"| {a['name']} | {_fmt(a['miou'])} | {_fmt(a['map'])} | "
-                 f"{_fmt(a['vs_student_miou'])} | {_fmt(a['vs_nokd_miou'])} |")
+                 f"{_fmt(a['vs_student_miou'], signed=True)} | {_fmt(a['vs_nokd_miou'], signed=True)} | "
+                 f"{a['verdict']} |")
   lines += ['', '## Speed ratios (same run, same device)', '']
   lines += [f'- {k}: {v:.2f}' for k, v in summary['speed']['ratios'].items()]
-  lines += ['', '## What the method predicts, checked', '']
-  lines += [f"- {k}: {'yes' if v else 'NO'}" for k, v in summary['checks'].items()]
+  lines += ['', '## What the method predicts, checked', '',
+            'Student vs baseline: yes only when the seed interval above excludes 0. Teacher and '
+            'coach are one run each, so the orderings involving them are not tested against '
+            'seed noise.', '']
+  for k, v in summary['checks'].items():
+    metric = k[len('student_above_baseline_'):] if k.startswith('student_above_baseline_') else None
+    why = f": {summary['gain'][metric]['verdict']}" if metric in summary['gain'] else ''
+    lines.append(f"- {k}: {'yes' if v else 'NO'}{why}")
   lines += ['', 'Pictures: report.png (columns: ground truth, teacher, coach, student, baseline).']
   return '\n'.join(lines) + '\n'
 
