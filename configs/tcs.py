@@ -100,7 +100,8 @@ def get_config(arg=None):
       lidar=dict(        # PointPillars (teacher); HDMapNet model/pointpillar.py sizes
           z_range=(-10.0, 10.0), pointnet_channels=64, block_channels=(64, 128, 256),
           block_layers=(2, 3, 3), block_strides=(1, 2, 2), head_channels=(256, 128),
-          out_channels=128),
+          out_channels=128,
+          padding='reference'),   # invalid points as HDMapNet treats them, or 'masked' (lidar.py)
       sd=dict(           # SD-prior encoder + BEV->SD cross-attention (teacher, coach)
           encoder_channels=(32, 64, 64), d_model=64, num_heads=8, num_layers=2,
           ffn_dim=192, dropout=0.1, pos_temperature=10000.0),

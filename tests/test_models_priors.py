@@ -17,68 +17,132 @@ BEV_Y = (-2.0, 2.0, 0.5)   # 8 rows
 Z_RANGE = (-1.0, 1.0)
 
 
-def _pillar_mean_ref(points, mask, values):
-  """Loop over points: mean of `values` per (row, col) pillar; masked/outside points ignored."""
+def _cell(x, low, step):
+  """torch `.int()` of (x - low) / step in float32: truncation toward zero."""
+  return int(np.float32(np.float32(x) - np.float32(low)) / np.float32(step))
+
+
+def _pillar_loop(points, mask, values, padding):
+  """Loop over points: the pillar each point is given and per-pillar means of `values`.
+
+  'reference': invalid points (masked, or a cell outside the grid) go to pillar (0, 0) and
+  count there; 'masked': they are dropped. Returns (pillar [B, P, 2] (row, col) or -1,
+  valid [B, P], mean [B, H, W, C], valid-point count [B, H, W]).
+  """
   height, width = schema.bev_shape(BEV_X, BEV_Y)
   batch, num_points, channels = values.shape
   total = np.zeros((batch, height, width, channels))
+  counted = np.zeros((batch, height, width))
   count = np.zeros((batch, height, width))
+  pillar = np.full((batch, num_points, 2), -1)
+  valid = np.zeros((batch, num_points), bool)
   for b in range(batch):
     for n in range(num_points):
       x, y, z = points[b, n, :3]
-      col = int(math.floor((x - BEV_X[0]) / BEV_X[2]))
-      row = int(math.floor((y - BEV_Y[0]) / BEV_Y[2]))
-      if (mask[b, n] and 0 <= col < width and 0 <= row < height
-          and Z_RANGE[0] <= z < Z_RANGE[1]):
-        total[b, row, col] += values[b, n]
+      col, row = _cell(x, BEV_X[0], BEV_X[2]), _cell(y, BEV_Y[0], BEV_Y[2])
+      zc = _cell(z, Z_RANGE[0], Z_RANGE[1] - Z_RANGE[0])
+      valid[b, n] = mask[b, n] and 0 <= col < width and 0 <= row < height and zc == 0
+      if valid[b, n]:
+        pillar[b, n] = row, col
         count[b, row, col] += 1
-  return total / np.maximum(count, 1)[..., None], count
+      elif padding == 'reference':
+        pillar[b, n] = 0, 0
+      else:
+        continue
+      r, c = pillar[b, n]
+      total[b, r, c] += values[b, n]
+      counted[b, r, c] += 1
+  return pillar, valid, total / np.maximum(counted, 1)[..., None], count
 
 
 def _random_points(seed, batch, num_points, masked_fraction):
   rng = np.random.default_rng(seed)
-  # Range a bit beyond the canvas and z range so some points fall outside.
-  xyz = rng.uniform([-3.5, -2.5, -1.3], [3.5, 2.5, 1.3], (batch, num_points, 3))
+  # Range a bit beyond the canvas and z range so some points fall outside, some within one
+  # cell below the minima (truncated into cell 0).
+  xyz = rng.uniform([-3.9, -2.9, -3.5], [3.5, 2.5, 1.3], (batch, num_points, 3))
   points = np.concatenate([xyz, rng.uniform(0, 1, (batch, num_points, 2))], -1)
   mask = rng.uniform(size=(batch, num_points)) >= masked_fraction
-  points = np.where(mask[..., None], points, 0.0).astype(np.float32)
+  points = np.where(mask[..., None], points, 0.5).astype(np.float32)
   return points, mask
 
 
+@pytest.mark.parametrize('padding', ['reference', 'masked'])
 @pytest.mark.parametrize('batch,num_points,masked_fraction', [
     (1, 1, 0.0), (2, 50, 0.3), (3, 200, 0.0), (2, 40, 1.0)])
-def test_scatter_mean_matches_loop(batch, num_points, masked_fraction):
+def test_scatter_mean_matches_loop(batch, num_points, masked_fraction, padding):
   points, mask = _random_points(batch * 7 + num_points, batch, num_points, masked_fraction)
   values = np.random.default_rng(1).normal(size=(batch, num_points, 4)).astype(np.float32)
-  index, valid = lidar.pillar_indices(jnp.asarray(points[..., :3]), jnp.asarray(mask),
-                                      bev_x=BEV_X, bev_y=BEV_Y, z_range=Z_RANGE)
+  index, valid, _ = lidar.pillar_indices(jnp.asarray(points[..., :3]), jnp.asarray(mask),
+                                         bev_x=BEV_X, bev_y=BEV_Y, z_range=Z_RANGE,
+                                         padding=padding)
   height, width = schema.bev_shape(BEV_X, BEV_Y)
-  got = lidar.scatter_mean(jnp.asarray(values), index, valid, height * width)
-  want, count = _pillar_mean_ref(points, mask, values)
-  np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-5, atol=1e-6)
-  assert np.all(np.asarray(got).reshape(want.shape)[count == 0] == 0)  # empty pillars zero
+  counted = jnp.ones_like(valid) if padding == 'reference' else valid
+  got = lidar.scatter_mean(jnp.asarray(values) * valid[..., None], index, counted,
+                           height * width)
+  values = values * np.asarray(valid)[..., None]
+  pillar, want_valid, want, _ = _pillar_loop(points, mask, values, padding)
+  np.testing.assert_array_equal(np.asarray(valid), want_valid)
+  got = np.asarray(got).reshape(want.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  occupied = np.zeros(want.shape[:3], bool)
+  for b, n in zip(*np.nonzero(pillar[..., 0] >= 0)):
+    occupied[b, pillar[b, n, 0], pillar[b, n, 1]] = True
+  assert np.all(got[~occupied] == 0)  # empty pillars zero
 
 
-def test_point_features_match_loop():
+@pytest.mark.parametrize('padding', ['reference', 'masked'])
+def test_point_features_match_loop(padding):
   points, mask = _random_points(3, 2, 120, 0.2)
   feats, _, valid = lidar.point_features(jnp.asarray(points), jnp.asarray(mask),
-                                         bev_x=BEV_X, bev_y=BEV_Y, z_range=Z_RANGE)
+                                         bev_x=BEV_X, bev_y=BEV_Y, z_range=Z_RANGE,
+                                         padding=padding)
   feats, valid = np.asarray(feats), np.asarray(valid)
-  mean_xyz, count = _pillar_mean_ref(points, mask, points[..., :3])
+  # Centroids: 'reference' averages every point given the pillar, 'masked' valid points only.
+  pillar, _, mean_xyz, count = _pillar_loop(points, mask, points[..., :3], padding)
   for b in range(points.shape[0]):
     for n in range(points.shape[1]):
-      if not valid[b, n]:
+      if padding == 'masked' and not valid[b, n]:
         np.testing.assert_array_equal(feats[b, n], 0.0)
         continue
+      row, col = pillar[b, n]
       x, y, z = points[b, n, :3]
-      col = int(math.floor((x - BEV_X[0]) / BEV_X[2]))
-      row = int(math.floor((y - BEV_Y[0]) / BEV_Y[2]))
-      centre = np.array([BEV_X[0] + (col + .5) * BEV_X[2], BEV_Y[0] + (row + .5) * BEV_Y[2],
-                         0.5 * sum(Z_RANGE)])
+      # Cell centre from the point's own (possibly out-of-grid) truncated cell.
+      centre = np.array([BEV_X[0] + (_cell(x, BEV_X[0], BEV_X[2]) + .5) * BEV_X[2],
+                         BEV_Y[0] + (_cell(y, BEV_Y[0], BEV_Y[2]) + .5) * BEV_Y[2],
+                         Z_RANGE[0] + (_cell(z, Z_RANGE[0], Z_RANGE[1] - Z_RANGE[0]) + .5)
+                         * (Z_RANGE[1] - Z_RANGE[0])])
       want = np.concatenate([points[b, n], [count[b, row, col]],
                              points[b, n, :3] - mean_xyz[b, row, col], mean_xyz[b, row, col],
                              points[b, n, :3] - centre])
       np.testing.assert_allclose(feats[b, n], want, rtol=1e-5, atol=1e-5)
+
+
+def test_pointpillars_padding_modes():
+  """'masked' ignores whatever padded points hold (train-mode statistics included);
+  'reference' ignores them in eval mode while pillar 0 holds no valid point, and its
+  train-mode BatchNorm statistics see them."""
+  points, mask = _random_points(5, 2, 300, 0.3)
+  points[..., :2] = np.where(mask[..., None], np.maximum(points[..., :2], -1.0), 0.5)
+  garbage = np.where(mask[..., None], points, 123.0).astype(np.float32)
+  outs = {}
+  for padding in ('reference', 'masked'):
+    model = lidar.PointPillars(bev_x=BEV_X, bev_y=BEV_Y, z_range=Z_RANGE, pointnet_channels=4,
+                               block_channels=(4, 4, 4), block_layers=(1, 1, 1),
+                               block_strides=(1, 2, 2), head_channels=(4,), out_channels=3,
+                               padding=padding)
+    variables = model.init(jax.random.key(0), points, mask, train=False)
+    for train in (False, True):
+      for name, p in (('clean', points), ('garbage', garbage)):
+        out = model.apply(variables, p, mask, train=train, mutable=['batch_stats'])[0]
+        outs[padding, train, name] = np.asarray(out)
+  np.testing.assert_allclose(outs['masked', True, 'garbage'], outs['masked', True, 'clean'],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outs['reference', False, 'garbage'],
+                             outs['reference', False, 'clean'], rtol=1e-5, atol=1e-5)
+  assert np.abs(outs['reference', True, 'garbage'] - outs['reference', True, 'clean']).max() > 1e-3
+  with pytest.raises(ValueError, match='config.model.lidar.padding'):
+    lidar.pillar_indices(jnp.zeros((1, 1, 3)), jnp.ones((1, 1), bool), bev_x=BEV_X, bev_y=BEV_Y,
+                         z_range=Z_RANGE, padding='drop')
 
 
 def _sine_ref(height, width, num_feats, temperature):
@@ -275,11 +339,7 @@ def test_teacher_forward_grads_and_hd_transfer(tiny_config):
   assert {k: v.shape for k, v in out.items()} == _expected_shapes(tiny_config, 2, refine=True)
   (_, out_flipped), _ = loss_and_grad(dict(batch, sd_prior=-batch['sd_prior']))
   assert np.abs(np.asarray(out_flipped['semantic'] - out['semantic'])).max() > 1e-6
-  # Padded LiDAR points are ignored, BatchNorm statistics included (train mode).
-  garbage = np.where(batch['lidar_mask'][..., None], batch['lidar_points'], 123.0)
-  (_, out_garbage), _ = loss_and_grad(dict(batch, lidar_points=garbage.astype(np.float32)))
-  for key in out:
-    np.testing.assert_allclose(out_garbage[key], out[key], rtol=1e-4, atol=1e-4)
+  # What padded LiDAR points may change: test_pointpillars_padding_modes.
   _assert_grads_finite_nonzero(grads)
   # params['hd_prior'] of the hd_pretrain model drops into the teacher unchanged.
   mae_params = _abstract_params(models.build('hd_mae', tiny_config), batch)
