@@ -99,7 +99,8 @@ def main(argv=None):
   dataroot = os.path.abspath(args.dataroot)
   options = nuscenes_reader.make_options(
       bev_x=bev_x, bev_y=bev_y, image_size=data.image_size, cameras=data.cameras,
-      line_width=data.line_width_px, direction_bins=data.direction_bins,
+      label_thickness_ref=data.label_thickness_ref, sd_thickness_ref=data.sd_thickness_ref,
+      thickness_ref_step=data.thickness_ref_step, direction_bins=data.direction_bins,
       lidar_sweeps=data.lidar_sweeps, lidar_min_range=data.lidar_min_range,
       jpeg_quality=data.jpeg_quality, boundary_clip_margin=data.boundary_clip_margin,
       sd_road_classes=_road_classes(args.sd_road_classes, data.sd_road_classes), osm_dir=args.osm_dir or os.path.join(dataroot, 'osm'))

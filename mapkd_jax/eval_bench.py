@@ -86,7 +86,8 @@ def vectorize_kwargs(config):
   return dict(bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=tuple(data.classes),
               eps=config.eval.dbscan_eps, min_samples=config.eval.dbscan_min_samples,
               max_cluster_pixels=config.eval.max_cluster_pixels,
-              link_radius_px=config.eval.link_radius_px, line_width_px=data.line_width_px,
+              link_radius_px=config.eval.link_radius_px,
+              line_width_px=vectorize.label_line_width_px(data),
               simplify_tolerance=config.eval.simplify_tolerance)
 
 

@@ -248,7 +248,8 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
   vec_kwargs = dict(bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=classes,
                     eps=config.eval.dbscan_eps, min_samples=config.eval.dbscan_min_samples,
                     max_cluster_pixels=config.eval.max_cluster_pixels,
-                    link_radius_px=config.eval.link_radius_px, line_width_px=data.line_width_px,
+                    link_radius_px=config.eval.link_radius_px,
+                    line_width_px=vectorize.label_line_width_px(data),
                     simplify_tolerance=config.eval.simplify_tolerance)
   vectorizer = _Vectorizer(workers, vec_kwargs)
   for host in tqdm(batches, total=math.ceil(num_samples / batch_size), desc=f'eval {split}'):

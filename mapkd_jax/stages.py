@@ -92,7 +92,8 @@ def _create_data(config, workdir, out):
   build_shards.build_shards(
       root, data.version, out, bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y),
       image_size=tuple(data.image_size), num_shards=data.num_shards, workers=data.prep_workers,
-      cameras=tuple(data.cameras), line_width=data.line_width_px,
+      cameras=tuple(data.cameras), label_thickness_ref=data.label_thickness_ref,
+      sd_thickness_ref=data.sd_thickness_ref, thickness_ref_step=data.thickness_ref_step,
       direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
       lidar_min_range=data.lidar_min_range, jpeg_quality=data.jpeg_quality,
       boundary_clip_margin=data.boundary_clip_margin, sd_road_classes=tuple(data.sd_road_classes))

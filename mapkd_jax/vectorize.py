@@ -33,6 +33,8 @@ from scipy.sparse import csgraph
 from sklearn import cluster as sk_cluster
 from sklearn import neighbors
 
+from mapkd_jax.data import dataset_info
+
 
 def cluster_embeddings(embedding, *, eps, min_samples, max_pixels):
   """DBSCAN labels of [N, E] embeddings (-1 = noise), subsampled above `max_pixels`."""
@@ -208,6 +210,29 @@ def pixels_to_metres(points, bev_x, bev_y):
                    bev_y[0] + (points[:, 1] + 0.5) * bev_y[2]], axis=1)
 
 
+def covered_width_px(thickness):
+  """Pixels across a line that cv2.polylines covers at cv2 `thickness` (round caps).
+
+  Measured on cv2: thickness 1 -> 1 px, an odd t >= 3 -> t + 2, an even t -> t + 1.
+  """
+  thickness = int(thickness)
+  if thickness < 1:
+    raise ValueError(f'cv2 thickness must be >= 1, got {thickness}')
+  if thickness == 1:
+    return 1
+  return thickness + 2 if thickness % 2 else thickness + 1
+
+
+def label_line_width_px(data_config):
+  """The vectorizer's `line_width_px` for a `config.data`: the covered width of its labels.
+
+  The labels are drawn with cv2 thickness dataset_info.label_width_spec(...)['label_thickness_px']
+  (the reference's thickness converted to this canvas), which covers `covered_width_px` pixels
+  across; the centreline search and end trim use half of that.
+  """
+  return covered_width_px(dataset_info.label_width_spec(data_config)['label_thickness_px'])
+
+
 def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, eps, min_samples,
                      max_cluster_pixels, link_radius_px, line_width_px, simplify_tolerance):
   """Polylines of one sample from its head outputs.
@@ -219,7 +244,9 @@ def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, e
     class_names: names of channels 1..K-1.
     eps, min_samples, max_cluster_pixels: DBSCAN (config.eval.dbscan_eps, ...).
     link_radius_px: pixel-graph neighbour radius (config.eval.link_radius_px).
-    line_width_px: label line thickness (config.data.line_width_px).
+    line_width_px: pixels across a label line on this canvas (`label_line_width_px(config.data)`:
+      the covered width of the cv2-drawn labels); half of it is the centreline search radius
+      and the trim at each end.
     simplify_tolerance: metres (config.eval.simplify_tolerance).
 
   Returns:

@@ -1,7 +1,9 @@
 """Vectorization: rasters with known lines -> polylines within a pixel, ordered along the line."""
+import cv2
 import numpy as np
 import pytest
 
+from configs import tcs
 from mapkd_jax import vectorize
 
 BEV_X, BEV_Y = (-30.0, 30.0, 0.6), (-15.0, 15.0, 0.6)   # 100 x 50 canvas, 0.6 m pixels
@@ -176,3 +178,22 @@ def test_subsampled_clustering_assigns_nearest_subset_label_like_a_loop():
     want.append(sub_labels[best] if dists[best] <= 1.5 else -1)
   np.testing.assert_array_equal(got, want)
   assert len(set(got.tolist()) - {-1}) == 3
+
+
+def test_covered_width_matches_cv2():
+  # Rows a horizontal and a slanted cv2 polyline cover across, per thickness.
+  for thickness in range(1, 10):
+    for end in ((70, 20), (70, 30)):
+      canvas = np.zeros((40, 80), np.uint8)
+      cv2.polylines(canvas, [np.array([(10, 10 if end[1] == 30 else 20), end], np.int32)],
+                    False, 1, thickness=thickness)
+      assert canvas[:, 40].sum() == vectorize.covered_width_px(thickness), (thickness, end)
+  with pytest.raises(ValueError, match='thickness'):
+    vectorize.covered_width_px(0)
+
+
+def test_label_line_width_follows_label_thickness():
+  data = tcs.get_config().data
+  assert vectorize.label_line_width_px(data) == 7    # thickness 5 at 0.15 m covers 7 px
+  data.bev_x, data.bev_y = (-30.0, 30.0, 0.6), (-15.0, 15.0, 0.6)
+  assert vectorize.label_line_width_px(data) == 1    # thickness 1: a 1-px line
