@@ -5,7 +5,11 @@ through three stride-2 convs to tokens; BEV tokens (`bev_small` after a 1x1 proj
 run DETR-style post-norm decoder layers: self-attention, cross-attention to the SD tokens, FFN,
 each with dropout, residual and LayerNorm, then a final LayerNorm. A 2-D sine positional
 encoding is added to queries and keys. Each token grid gets its own normalized encoding, so a
-SD grid of a slightly different size (conv rounding) still lines up in space with the BEV grid.
+SD grid of a slightly different size (conv rounding) still lines up in space with the BEV grid
+(at equal sizes, which the reference asserts, the two encodings are the reference's one `pos`).
+Numbers as the reference's torch modules have them: LayerNorm eps 1e-5, BatchNorm eps 1e-5 and
+torch momentum 0.1, DETR's normalization y / (h + 1e-6). convert/sd_attention.py maps the
+reference's `input_proj.`, `conv_osm.` and `sdmap_crossattn.` tensors onto these modules.
 
 HD prior (P-MapNet `model/utils/map_mae_head.py`): a ViT over patches of the 4-channel semantic
 map, pretrained as a masked autoencoder on ground-truth rasters (`HDMapMAE`) and then used to
@@ -23,13 +27,21 @@ import jax
 import jax.numpy as jnp
 
 from mapkd_jax.models import precision
+from mapkd_jax.models import lidar
 from mapkd_jax.models.lidar import ConvBNReLU
 
 
-def sine_position_encoding(height, width, *, num_feats, temperature, scale=2 * math.pi):
-  """DETR 2-D sine encoding of a normalized token grid.
+# torch nn.LayerNorm's default epsilon (Flax's is 1e-6); DETR's normalization epsilon.
+TORCH_LN_EPS = 1e-5
+DETR_POS_EPS = 1e-6
 
-  Row i has y = (i + 1) / height * scale, column j has x = (j + 1) / width * scale. Channel
+
+def sine_position_encoding(height, width, *, num_feats, temperature, scale=2 * math.pi):
+  """DETR 2-D sine encoding of a normalized token grid (P-MapNet PositionEmbeddingSine,
+  normalize=True, no padding mask).
+
+  Row i has y = (i + 1) / (height + 1e-6) * scale, column j has x = (j + 1) / (width + 1e-6)
+  * scale (DETR's epsilon). Channel
   2m (2m + 1) of each half is sin (cos) of the coordinate / temperature ** (2m / num_feats).
 
   Args:
@@ -43,8 +55,8 @@ def sine_position_encoding(height, width, *, num_feats, temperature, scale=2 * m
   """
   if num_feats % 2:
     raise ValueError(f'sine_position_encoding: num_feats must be even, got {num_feats}')
-  y = (jnp.arange(height, dtype=jnp.float32) + 1) / height * scale
-  x = (jnp.arange(width, dtype=jnp.float32) + 1) / width * scale
+  y = (jnp.arange(height, dtype=jnp.float32) + 1) / jnp.float32(height + DETR_POS_EPS) * scale
+  x = (jnp.arange(width, dtype=jnp.float32) + 1) / jnp.float32(width + DETR_POS_EPS) * scale
   exponent = 2 * (jnp.arange(num_feats) // 2) / num_feats
   inv_freq = 1.0 / (temperature ** exponent)
   is_sin = jnp.arange(num_feats) % 2 == 0
@@ -89,7 +101,7 @@ class SDPriorEncoder(nn.Module):
       x = nn.Conv(channels, (4, 4), strides=2, padding=((1, 1), (1, 1)), use_bias=not last,
                   dtype=self.dtype)(x)
       if last:
-        x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+        x = lidar.batch_norm(train, self.dtype)(x)   # torch BatchNorm2d defaults
       x = nn.relu(x)
     return x
 
@@ -116,12 +128,15 @@ class SDCrossAttentionLayer(nn.Module):
     def drop(x):
       return nn.Dropout(self.dropout, deterministic=not train)(x)
 
+    def norm():
+      return nn.LayerNorm(epsilon=TORCH_LN_EPS, dtype=self.dtype)
+
     q = bev + bev_pos
-    bev = nn.LayerNorm(dtype=self.dtype)(bev + drop(attention('self_attn')(q, q, bev)))
+    bev = norm()(bev + drop(attention('self_attn')(q, q, bev)))
     update = attention('cross_attn')(bev + bev_pos, sd + sd_pos, sd)
-    bev = nn.LayerNorm(dtype=self.dtype)(bev + drop(update))
+    bev = norm()(bev + drop(update))
     hidden = drop(nn.relu(nn.Dense(self.ffn_dim, dtype=self.dtype)(bev)))
-    return nn.LayerNorm(dtype=self.dtype)(bev + drop(nn.Dense(d_model, dtype=self.dtype)(hidden)))
+    return norm()(bev + drop(nn.Dense(d_model, dtype=self.dtype)(hidden)))
 
 
 class SDPriorFusion(nn.Module):
@@ -163,7 +178,7 @@ class SDPriorFusion(nn.Module):
     for _ in range(self.num_layers):
       bev = SDCrossAttentionLayer(self.num_heads, self.ffn_dim, self.dropout, dtype=self.dtype)(
           bev, sd, bev_pos, sd_pos, train=train)
-    bev = nn.LayerNorm(dtype=self.dtype)(bev)
+    bev = nn.LayerNorm(epsilon=TORCH_LN_EPS, dtype=self.dtype)(bev)
     return bev.reshape(batch, height, width, self.d_model)
 
 
