@@ -131,7 +131,7 @@ def test_pointpillars_padding_modes():
                                block_strides=(1, 2, 2), head_channels=(4,), out_channels=3,
                                padding=padding)
     variables = model.init(jax.random.key(0), points, mask, train=False)
-    for train in (False, True):
+    for train in ((True,) if padding == 'masked' else (False, True)):
       for name, p in (('clean', points), ('garbage', garbage)):
         out = model.apply(variables, p, mask, train=train, mutable=['batch_stats'])[0]
         outs[padding, train, name] = np.asarray(out)
