@@ -26,7 +26,8 @@ DEFAULT_OSM = os.path.join(_REALDATA, 'osm')
 
 def _builder_kwargs(data, osm_dir):
   return dict(bev_x=data.bev_x, bev_y=data.bev_y, image_size=data.image_size,
-              cameras=data.cameras, line_width=data.line_width_px,
+              cameras=data.cameras, label_thickness_ref=data.label_thickness_ref,
+              sd_thickness_ref=data.sd_thickness_ref, thickness_ref_step=data.thickness_ref_step,
               direction_bins=data.direction_bins, lidar_sweeps=data.lidar_sweeps,
               lidar_min_range=data.lidar_min_range, jpeg_quality=data.jpeg_quality,
               boundary_clip_margin=data.boundary_clip_margin,

@@ -265,20 +265,19 @@ def _finished(out_dir, file, settings, samples):
 def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_shards, workers,
                  cameras, direction_bins, lidar_sweeps, lidar_min_range, jpeg_quality,
                  boundary_clip_margin, sd_road_classes, label_thickness_ref=None,
-                 sd_thickness_ref=None, thickness_ref_step=0.15, line_width=None, osm_dir=None,
+                 sd_thickness_ref=None, thickness_ref_step=0.15, osm_dir=None,
                  splits=None, scenes=None, skip_bad=False, limit=None, progress=True):
   """Builds (or completes) a shard directory; returns the dataset_info dict it wrote.
 
   Args mirror config.data (see configs/tcs.py); `osm_dir` defaults to `dataroot/osm`; `splits`
   selects split names (default: all); `scenes` selects scene names (default: all); `limit`
-  keeps the first N samples of each split. `line_width` is the legacy spelling of both
-  reference thicknesses (nuscenes_reader.make_options).
+  keeps the first N samples of each split.
   """
   dataroot = os.path.abspath(dataroot)
   options = nuscenes_reader.make_options(
       bev_x=bev_x, bev_y=bev_y, image_size=image_size, cameras=cameras,
       label_thickness_ref=label_thickness_ref, sd_thickness_ref=sd_thickness_ref,
-      thickness_ref_step=thickness_ref_step, line_width=line_width,
+      thickness_ref_step=thickness_ref_step,
       direction_bins=direction_bins,
       lidar_sweeps=lidar_sweeps, lidar_min_range=lidar_min_range,
       jpeg_quality=jpeg_quality, boundary_clip_margin=boundary_clip_margin,

@@ -55,18 +55,8 @@ class BuildOptions:
 
 def make_options(*, bev_x, bev_y, image_size, cameras, direction_bins, lidar_sweeps,
                  lidar_min_range, jpeg_quality, boundary_clip_margin, sd_road_classes, osm_dir,
-                 label_thickness_ref=None, sd_thickness_ref=None, thickness_ref_step=0.15,
-                 line_width=None):
-  """`BuildOptions` with canonical types (tuples, floats, absolute osm_dir).
-
-  `line_width` is the pre-issue-15 spelling still passed by mapkd_jax/stages.py and
-  data_prep/preview.py: it sets both reference thicknesses (config.data.line_width_px equals
-  label_thickness_ref there); the shards record what was drawn and
-  dataset_info.check_dataset_info refuses them if the config says otherwise.
-  """
-  if line_width is not None:
-    label_thickness_ref = line_width if label_thickness_ref is None else label_thickness_ref
-    sd_thickness_ref = line_width if sd_thickness_ref is None else sd_thickness_ref
+                 label_thickness_ref=None, sd_thickness_ref=None, thickness_ref_step=0.15):
+  """`BuildOptions` with canonical types (tuples, floats, absolute osm_dir)."""
   if label_thickness_ref is None or sd_thickness_ref is None:
     raise ValueError('make_options: label_thickness_ref and sd_thickness_ref are required '
                      '(config.data.label_thickness_ref / sd_thickness_ref)')

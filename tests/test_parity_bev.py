@@ -186,7 +186,7 @@ def test_converter_errors_name_the_problem(decoder_pair):
   with pytest.raises(ValueError, match='neither converted nor ignored: extra'):
     conv.finish()
   # Stages whose blocks have no mapping fail naming the stage and blocks.
-  for stage, block in (('teacher', 'PointPillars'), ('coach', 'lift-splat'),
+  for stage, block in (('teacher', 'mae_head'), ('coach', 'lift-splat'),
                        ('hd_pretrain', 'masked autoencoder')):
     config = tcs.get_config(f'{stage},tiny')
     with pytest.raises(ValueError, match=f"stage '{stage}' is not yet supported: missing "

@@ -43,12 +43,13 @@ STUDENT_UNUSED = {
     'conv_osm.': 'student: SD-prior encoder, unused (no SD input at inference)',
     'conv_up.': 'student: transposed convs after the SD cross-attention, unused',
 }
-# What each stage needs beyond the student's blocks; no mapping for these exists yet.
+# What each stage needs beyond the student's blocks and has no mapping yet. PointPillars
+# (convert/pointpillars.py, source prefix 'pp.') and the SD cross-attention
+# (convert/sd_attention.py) have mappings with parity tests; a stage converts once every block
+# it holds has one.
 _MISSING = {
-    'teacher': ('pp (PointPillars)', 'sdmap_crossattn / input_proj / conv_osm (SD attention)',
-                'mae_head (ViT-B/8 HD refinement)'),
-    'coach': ('lift-splat camencode_L / depthnet (simulated LiDAR)',
-              'sdmap_crossattn / input_proj / conv_osm (SD attention)',
+    'teacher': ('mae_head (ViT-B/8 HD refinement)',),
+    'coach': ('lift-splat camencode_L / depthnet / expand_to_128 (simulated LiDAR)',
               'mae_head (ViT-B/8 HD refinement)'),
     'hd_pretrain': ('ViT-B/8 masked autoencoder (map_mae_head)',),
 }
