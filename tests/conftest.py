@@ -17,6 +17,15 @@ _RUN_ID = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'{os.getpid()}'
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'mapkd_jax_test_cache_{_RUN_ID}'))
 
+# torch's PyPI wheel (the [torch] extra) brings triton, whose bundled LLVM segfaults when it is
+# loaded into a process that already holds TensorFlow's (measured: `import tensorflow; import
+# torchvision` crashes, the other order works); torchvision loads it through torch._dynamo.
+# Loading it first (0.2 s) keeps every test process safe whichever module imports what first.
+try:
+  import triton  # noqa: E402,F401  pylint: disable=unused-import
+except ImportError:   # no [torch] extra, or a torch build without triton: nothing to protect
+  pass
+
 import pytest  # noqa: E402  (after the environment above)
 
 
