@@ -5,12 +5,7 @@
 import os
 import tempfile
 
-# The suite is compile-bound (tiny models, a few steps each): LLVM's backend optimization level 0
-# compiles the CPU code about a third faster (bf16 train step 28 s -> 19 s) and, without
-# fast-math, leaves every float operation as it is; launch.py subprocesses inherit it, so a
-# killed and a resumed run still compile the same program.
-TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
-os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}')
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')

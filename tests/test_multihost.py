@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-import conftest
 import layout_equivalence
 
 from configs import tcs
@@ -67,8 +66,7 @@ def test_two_processes_match_one(tiny_shards, tmp_path, monkeypatch):
   arg = 'student,nokd,tiny'
   multi = str(tmp_path / 'two_processes')
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4 '
-                                   + conftest.TEST_XLA_FLAGS)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   procs = [subprocess.Popen(
       [sys.executable, 'launch.py', f'--config=configs/tcs.py:{arg}', f'--workdir={multi}',
        f'--config.data.shards={tiny_shards}', f'--config.train.steps={STEPS}',
