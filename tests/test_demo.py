@@ -19,8 +19,11 @@ from mapkd_jax import demo
 
 
 @pytest.fixture(scope='module')
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, tiny_shards):
   config = tcs.get_config('demo,tiny')
+  # demo,tiny's data section is the tiny one: the session's tiny shards serve (no second world).
+  assert config.data.to_dict() == {**tcs.get_config('student,tiny').data.to_dict(), 'shards': ''}
+  config.data.shards = tiny_shards
   root = str(tmp_path_factory.mktemp('demo'))
   return config, root, demo.run(config, root)
 
