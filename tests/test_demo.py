@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import stage_checkpoints
 from configs import tcs
 from mapkd_jax import checkpoint as ckpt_lib
 from mapkd_jax import demo
@@ -83,15 +84,6 @@ def test_demo_tiny_runs_the_chain_and_reports_what_was_evaluated(demo_run):
   assert again['gain'] == summary['gain']
 
 
-def _params(stage_dir):
-  """(latest step, params item as numpy) of a stage."""
-  mngr = ocp.CheckpointManager(os.path.join(stage_dir, 'checkpoints'),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-  restored = mngr.restore(mngr.latest_step(),
-                          args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-  return mngr.latest_step(), jax.tree.map(np.asarray, restored['params'])
-
-
 def _mtimes(directory):
   return [os.stat(os.path.join(d, f)).st_mtime_ns
           for d, _, files in os.walk(directory) for f in files]
@@ -107,15 +99,15 @@ def test_chain_stages_checkpoints_and_frozen_inputs(demo_run):
                 'student': os.path.join(root, 'seed0', 'student'),
                 'student_nokd': os.path.join(root, 'seed0', 'student_nokd')}
   for stage, stage_dir in stage_dirs.items():
-    step, variables = _params(stage_dir)
+    step, variables = stage_checkpoints.params_item(stage_dir)
     assert step == steps[stage.split('_')[0] if stage != 'hd_pretrain' else stage], stage
     assert set(variables) == {'params', 'batch_stats'}, stage
     assert os.path.exists(os.path.join(stage_dir, 'config.json'))
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(stage_dir)), stage
   # The teacher's HD module started from hd_pretrain: Adam moves a parameter by at most about
   # 3.2 lr a step ((1 - b1) / sqrt(1 - b2)), far less than the spread of a fresh random init.
-  _, mae = _params(stage_dirs['hd_pretrain'])
-  _, teacher = _params(stage_dirs['teacher'])
+  _, mae = stage_checkpoints.params_item(stage_dirs['hd_pretrain'])
+  _, teacher = stage_checkpoints.params_item(stage_dirs['teacher'])
   drift = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), mae['params']['hd_prior'],
                        teacher['params']['hd_prior'])
   assert max(jax.tree.leaves(drift)) < 3.2 * config.optim.learning_rate * steps['teacher']

@@ -13,9 +13,9 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 import layout_equivalence
+import stage_checkpoints
 
 from configs import tcs
 from mapkd_jax import checkpoint
@@ -54,14 +54,6 @@ class _TwoHostBatches:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _params(stage_dir):
-  mngr = ocp.CheckpointManager(os.path.join(stage_dir, 'checkpoints'),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-  restored = mngr.restore(mngr.latest_step(),
-                          args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-  return mngr.latest_step(), jax.tree.map(np.asarray, restored['params'])
-
-
 def test_two_processes_match_one(tiny_shards, tmp_path, monkeypatch):
   arg = 'student,nokd,tiny'
   multi = str(tmp_path / 'two_processes')
@@ -96,7 +88,7 @@ def test_two_processes_match_one(tiny_shards, tmp_path, monkeypatch):
   single = str(tmp_path / 'one_process')
   trainer.train_and_evaluate(config, single)
 
-  step_single, params_single = _params(os.path.join(single, 'student_nokd'))
+  step_single, params_single = stage_checkpoints.params_item(os.path.join(single, 'student_nokd'))
   # The 2-process checkpoint names devices of another topology: restore into this one's.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

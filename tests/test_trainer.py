@@ -11,10 +11,10 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import test_checkpoint
+import stage_checkpoints
 from configs import tcs
 from mapkd_jax import trainer
 
@@ -26,15 +26,6 @@ def _config(arg, shards, **train):
   config.data.shards = shards
   config.train.update({'steps': 2, 'checkpoint_every': 2, 'eval_every': 2, **train})
   return config
-
-
-def _params(stage_dir, step=None):
-  """Latest (or `step`) params item of a stage, as numpy."""
-  mngr = ocp.CheckpointManager(os.path.join(stage_dir, 'checkpoints'),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mngr.latest_step() if step is None else step
-  restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-  return step, jax.tree.map(np.asarray, restored['params'])
 
 
 def test_resume_after_kill_is_bit_identical(tiny_shards, tmp_path):
@@ -66,8 +57,8 @@ def test_resume_after_kill_is_bit_identical(tiny_shards, tmp_path):
       'the run finished before it was killed: nothing was resumed'
 
   trainer.train_and_evaluate(_config(arg, tiny_shards, **overrides), killed)
-  step_ref, params_ref = _params(os.path.join(reference, 'student_nokd'))
-  step_res, params_res = _params(os.path.join(killed, 'student_nokd'))
+  step_ref, params_ref = stage_checkpoints.params_item(os.path.join(reference, 'student_nokd'))
+  step_res, params_res = stage_checkpoints.params_item(os.path.join(killed, 'student_nokd'))
   assert step_ref == step_res == 6
   jax.tree.map(np.testing.assert_array_equal, params_res, params_ref)
 
@@ -78,7 +69,7 @@ def test_resume_after_kill_is_bit_identical(tiny_shards, tmp_path):
   trainer.train_and_evaluate(_config(arg, tiny_shards, **overrides), killed)
   aside = os.listdir(os.path.join(stage_dir, 'unreadable_checkpoints'))
   assert len(aside) == 1 and aside[0].startswith('6.'), aside
-  step_res, params_res = _params(stage_dir)
+  step_res, params_res = stage_checkpoints.params_item(stage_dir)
   assert step_res == 6
   jax.tree.map(np.testing.assert_array_equal, params_res, params_ref)
 
@@ -127,6 +118,6 @@ def test_non_finite_update_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp
   config.optim.learning_rate = 1e30   # the resumed run's first update overflows
   with pytest.raises(FloatingPointError, match=r'non-finite .*l2_params.* steps 3 and 3'):
     trainer.train_and_evaluate(config, root)
-  step, variables = _params(os.path.join(root, 'student_nokd'))
+  step, variables = stage_checkpoints.params_item(os.path.join(root, 'student_nokd'))
   assert step == 2
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
