@@ -9,17 +9,13 @@ from mapkd_jax import vector_ap
 CLASSES = ('divider', 'ped_crossing', 'boundary')
 
 
-def _resample_ref(points, step):
-  """Walks the polyline point by point, emitting a point every `step` of arc length."""
+def _walk_ref(points, stations):
+  """The points at the arc lengths `stations(total length)`, found by walking the segments one
+  by one (the loop reference of both resampling rules)."""
   points = [np.asarray(p, float) for p in points]
   seg = [np.linalg.norm(b - a) for a, b in zip(points[:-1], points[1:])]
-  total = sum(seg)
-  if total == 0:
-    return np.asarray(points[:1])
-  num = int(np.ceil(total / step))
   out = []
-  for k in range(num + 1):
-    s = total * k / num
+  for s in stations(sum(seg)):
     for i, length in enumerate(seg):
       if s <= length or i == len(seg) - 1:
         t = 0.0 if length == 0 else min(s / length, 1.0)
@@ -27,6 +23,18 @@ def _resample_ref(points, step):
         break
       s -= length
   return np.asarray(out)
+
+
+def _resample_ref(points, step):
+  """A point every `step` of arc length (the last interval shortened to end on the end)."""
+  points = [np.asarray(p, float) for p in points]
+  if sum(np.linalg.norm(b - a) for a, b in zip(points[:-1], points[1:])) == 0:
+    return np.asarray(points[:1])   # a point, not a line: itself
+
+  def stations(total):
+    num = int(np.ceil(total / step))
+    return [total * k / num for k in range(num + 1)]
+  return _walk_ref(points, stations)
 
 
 def _chamfer_ref(a, b, step):
@@ -198,20 +206,8 @@ def test_cli_recomputes_ap_and_rejects_unknown_class(tmp_path, capsys):
 
 
 def _resample_fixed_ref(points, num):
-  """`num` stations evenly spaced along the arc, found by walking the segments one by one."""
-  points = [np.asarray(p, float) for p in points]
-  seg = [np.linalg.norm(b - a) for a, b in zip(points[:-1], points[1:])]
-  total = sum(seg)
-  out = []
-  for k in range(num):
-    s = total * k / (num - 1)
-    for i, length in enumerate(seg):
-      if s <= length or i == len(seg) - 1:
-        t = 0.0 if length == 0 else min(s / length, 1.0)
-        out.append(points[i] + t * (points[i + 1] - points[i]))
-        break
-      s -= length
-  return np.asarray(out)
+  """`num` stations evenly spaced along the arc."""
+  return _walk_ref(points, lambda total: [total * k / (num - 1) for k in range(num)])
 
 
 @pytest.mark.parametrize('seed', range(3))
