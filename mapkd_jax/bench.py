@@ -9,12 +9,14 @@ it), student, or 'all' (default) for every one of them. Each model gets random-i
 (speed does not depend on their values) and a random batch per `schema.batch_spec` with a
 plausible camera rig; it runs in eval mode. Per model: parameters and FLOPs (from
 models.summary), compile time, median / p90 latency and frames/s over --iters timed calls
-after --warmup untimed ones, each ending in `block_until_ready`. A final line holds the
+after --warmup untimed ones, each ending in `block_until_ready` (`time_jitted`, shared with
+the other benchmarks). A final line holds the
 student/teacher and student/coach frames/s ratios of this run (MapKD's claim: student >= 3x
 teacher, >= 1.5x coach on the same device).
 """
 import json
 import time
+from typing import Any, NamedTuple
 
 from absl import app
 from absl import flags
@@ -106,6 +108,55 @@ def random_batch(config, batch_size, *, seed):
   return batch
 
 
+class Timing(NamedTuple):
+  """Wall-clock seconds of `iters` timed calls; `output` is the last call's result."""
+  median_s: float
+  spread_s: float   # interquartile range (p75 - p25) of the timed calls
+  p90_s: float
+  min_s: float
+  max_s: float
+  times_s: tuple    # every timed call, in order
+  output: Any
+
+
+def time_jitted(fn, args, *, iters, warmup, next_args=None):
+  """Times `fn(*args)` (a jitted or compiled callable) to completion of its outputs.
+
+  Each call ends in `jax.block_until_ready` of its output, so asynchronous dispatch does
+  not hide device time; the `warmup` untimed calls come first (autotuning, allocator).
+
+  Args:
+    fn: the callable to time; compile it beforehand, or the first warmup call does.
+    args: tuple of positional arguments of the first call.
+    iters: timed calls (>= 1); the median and spread are over these.
+    warmup: untimed calls (>= 0) before them.
+    next_args: optional `(args, output) -> args` of the next call, for steps that donate their
+      inputs (a train step gets its new state back: the donated buffers are gone).
+  Returns:
+    Timing.
+  Raises:
+    ValueError: iters < 1 or warmup < 0.
+  """
+  if iters < 1 or warmup < 0:
+    raise ValueError(f'--iters must be >= 1 and --warmup >= 0, got {iters}, {warmup}')
+  advance = next_args or (lambda a, _: a)
+  output = None
+  for _ in range(warmup):
+    output = jax.block_until_ready(fn(*args))
+    args = advance(args, output)
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    output = jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+    args = advance(args, output)
+  times = np.asarray(times)
+  p25, p50, p75, p90 = np.percentile(times, [25, 50, 75, 90])
+  return Timing(median_s=float(p50), spread_s=float(p75 - p25), p90_s=float(p90),
+                min_s=float(times.min()), max_s=float(times.max()),
+                times_s=tuple(float(t) for t in times), output=output)
+
+
 def bench_model(name, config, *, batch_size, iters, warmup, seed, config_name=''):
   """Times one model's eval-mode forward pass; returns its JSON-ready record."""
   if iters < 1 or warmup < 0:
@@ -120,20 +171,14 @@ def bench_model(name, config, *, batch_size, iters, warmup, seed, config_name=''
   start = time.perf_counter()
   forward = jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch).compile()
   compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    jax.block_until_ready(forward(variables, batch))
-  latencies = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(forward(variables, batch))
-    latencies.append(time.perf_counter() - start)
-  median_s = float(np.median(latencies))
+  timing = time_jitted(forward, (variables, batch), iters=iters, warmup=warmup)
   return {
       'name': name, 'params': summary['params'], 'flops': summary['flops'],
       'compile_s': round(compile_s, 3),
-      'latency_ms_median': round(1e3 * median_s, 3),
-      'latency_ms_p90': round(1e3 * float(np.percentile(latencies, 90)), 3),
-      'frames_per_s': round(batch_size / median_s, 3),
+      'latency_ms_median': round(1e3 * timing.median_s, 3),
+      'latency_ms_p90': round(1e3 * timing.p90_s, 3),
+      'latency_ms_iqr': round(1e3 * timing.spread_s, 3),
+      'frames_per_s': round(batch_size / timing.median_s, 3),
       'iters': iters, 'warmup': warmup, 'batch': batch_size,
       'device_kind': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
       'config_name': config_name,
