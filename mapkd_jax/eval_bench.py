@@ -33,9 +33,10 @@ from ml_collections import config_flags
 from mapkd_jax import bench
 from mapkd_jax import evaluate as eval_lib
 from mapkd_jax import models as models_lib
-from mapkd_jax import vector_ap
 from mapkd_jax import vectorize
 from mapkd_jax.data import schema
+from mapkd_jax.eval import ap as ap_lib
+from mapkd_jax.eval import protocols
 
 
 def noisy_outputs(rng, config, *, num_lines=12, noise=0.5, line_px=None):
@@ -132,7 +133,7 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
   preds = {f's{k}': [{**v, 'pts': v['pts']} for v in vec] for k, vec in enumerate(vectors)}
   gts = {f's{k}': inp[2] for k, inp in enumerate(inputs)}
   start = time.perf_counter()
-  result = vector_ap.evaluate_vectors(
+  result = ap_lib.evaluate_vectors(
       preds, gts, class_names=tuple(config.data.classes),
       thresholds=tuple(config.eval.chamfer_thresholds), protocol=protocol,
       sample_step=config.eval.sample_step, num_points=config.eval.maptr_num_points,
@@ -162,7 +163,7 @@ def define_flags():
   flags.DEFINE_integer('workers', None, 'vectorization processes; default config.eval.workers '
                        '(0 = CPU count)')
   flags.DEFINE_float('noise', 0.5, 'std of the logit noise of the label-like maps')
-  flags.DEFINE_enum('protocol', 'maptr', list(vector_ap.PROTOCOLS), 'vector AP protocol')
+  flags.DEFINE_enum('protocol', 'maptr', list(protocols.PROTOCOLS), 'vector AP protocol')
   flags.DEFINE_bool('forward', True, 'time the forward pass too')
 
 

@@ -7,7 +7,7 @@
 Restores only the `params` item of ROOT/<stage>/{best|checkpoints} (any device count), runs
 the model jitted over the split (batch sharded over the mesh, last batch padded) and writes
 ROOT/<stage>/eval/: metrics.json, semantic.npz, predictions.json, gt.json and PNG figures.
-Protocol: DESIGN.md section 4, vector_ap.py and vectorize.py docstrings. Vector AP follows
+Protocol: DESIGN.md section 4, mapkd_jax/eval/ and vectorize.py docstrings. Vector AP follows
 MapTR's released evaluation by default; `--protocol pmapnet` computes P-MapNet's (the paper's
 mAP column, its defects included on purpose and listed in metrics.json).
 
@@ -38,11 +38,13 @@ from mapkd_jax import models as models_lib
 from mapkd_jax import sharding
 from mapkd_jax import stages
 from mapkd_jax import trainer
-from mapkd_jax import vector_ap
 from mapkd_jax import vectorize
 from mapkd_jax import visualize
 from mapkd_jax.data import dataset_info as info_lib
 from mapkd_jax.data import pipeline
+from mapkd_jax.eval import ap as ap_lib
+from mapkd_jax.eval import files as vector_files
+from mapkd_jax.eval import protocols
 
 
 def _train_command(config, workdir):
@@ -211,7 +213,7 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
                      f'got {jax.process_count()} processes')
   data = config.data
   classes = tuple(data.classes)
-  protocol = vector_ap.check_protocol(config.eval.ap_protocol if protocol is None else protocol)
+  protocol = protocols.check_protocol(config.eval.ap_protocol if protocol is None else protocol)
   workers = resolve_workers(config.eval.workers if workers is None else workers)
   mesh = sharding.make_mesh()
   batch_size = config.train.batch_size
@@ -272,7 +274,7 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
 
   gt_json = _gt_json(pipeline.read_vectors(shards_dir, split), tokens, classes)
   pred_json = {t: _vectors_to_json(vectors[t]) for t in tokens}
-  ap = vector_ap.evaluate_vectors(
+  ap = ap_lib.evaluate_vectors(
       pred_json, gt_json, class_names=classes, thresholds=tuple(config.eval.chamfer_thresholds),
       protocol=protocol, sample_step=config.eval.sample_step,
       num_points=config.eval.maptr_num_points, buffer_m=config.eval.maptr_buffer_m,
@@ -304,7 +306,7 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
           'dbscan': {'eps': config.eval.dbscan_eps, 'min_samples': config.eval.dbscan_min_samples},
           'ap_protocol': protocol,
           **_protocol_numbers(config, protocol),
-          **vector_ap.protocol_description(protocol)}}
+          **protocols.protocol_description(protocol)}}
 
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
@@ -313,9 +315,9 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
                       pred=pred_all, gt=gt_all)
   file_meta = dict(bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=classes)
   with open(os.path.join(out_dir, 'predictions.json'), 'w') as f:
-    json.dump(vector_ap.vector_file(pred_json, **file_meta), f)
+    json.dump(vector_files.vector_file(pred_json, **file_meta), f)
   with open(os.path.join(out_dir, 'gt.json'), 'w') as f:
-    json.dump(vector_ap.vector_file(gt_json, **file_meta), f)
+    json.dump(vector_files.vector_file(gt_json, **file_meta), f)
   for token, images, pred, gt in figures:
     figure = visualize.render_sample(
         images, pred, gt, vectors[token],
@@ -346,7 +348,7 @@ def define_flags():
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number")
   flags.DEFINE_string('split', 'val', 'dataset split to evaluate')
   flags.DEFINE_integer('num_images', None, 'figures to write; default config.eval.num_images')
-  flags.DEFINE_enum('protocol', None, list(vector_ap.PROTOCOLS),
+  flags.DEFINE_enum('protocol', None, list(protocols.PROTOCOLS),
                     "vector AP protocol; default config.eval.ap_protocol ('maptr'); 'pmapnet' "
                     "= P-MapNet's released evaluation (the paper's mAP column, defects included)")
   flags.DEFINE_integer('workers', None, 'vectorization processes; default config.eval.workers '

@@ -11,8 +11,9 @@ import pytest
 from configs import tcs
 from mapkd_jax import evaluate as eval_lib
 from mapkd_jax import trainer
-from mapkd_jax import vector_ap
 from mapkd_jax.data import pipeline
+from mapkd_jax.eval import cli
+from mapkd_jax.eval import protocols
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +97,7 @@ def test_end_to_end_files_and_metrics(trained_root):
       assert item['cls'] == config.data.classes[cls - 1]
       np.testing.assert_allclose(item['pts'], pts, rtol=1e-6)
   assert sum(map(len, gt_json.values())) > 0, 'the val split should hold map vectors'
-  recomputed = vector_ap.main(['--pred', os.path.join(out, 'predictions.json'),
+  recomputed = cli.main(['--pred', os.path.join(out, 'predictions.json'),
                                '--gt', os.path.join(out, 'gt.json'),
                                '--sample_step', str(config.eval.sample_step)])
   for name in config.data.classes:
@@ -104,7 +105,7 @@ def test_end_to_end_files_and_metrics(trained_root):
       np.testing.assert_allclose(recomputed['ap'][name][threshold], nan_of(value))
       np.testing.assert_allclose(metrics['ap'][name][threshold], nan_of(value))
   for protocol in ('pmapnet', 'legacy'):
-    other = vector_ap.main(['--pred', os.path.join(out, 'predictions.json'),
+    other = cli.main(['--pred', os.path.join(out, 'predictions.json'),
                             '--gt', os.path.join(out, 'gt.json'), '--protocol', protocol])
     assert other['protocol'] == protocol
   pngs = [f for f in os.listdir(out) if f.endswith('.png')]
@@ -202,9 +203,9 @@ def test_pmapnet_protocol_in_metrics_json(trained_root):
   with open(os.path.join(out, 'metrics.json')) as f:
     written = json.load(f)
   assert written['protocol']['ap_protocol'] == 'pmapnet'
-  assert written['protocol']['defects'] == list(vector_ap.PMAPNET_DEFECTS)
+  assert written['protocol']['defects'] == list(protocols.PMAPNET_DEFECTS)
   assert 'ASCENDING' in ' '.join(written['protocol']['defects'])
-  recomputed = vector_ap.main(['--pred', os.path.join(out, 'predictions.json'),
+  recomputed = cli.main(['--pred', os.path.join(out, 'predictions.json'),
                                '--gt', os.path.join(out, 'gt.json'), '--protocol', 'pmapnet'])
   np.testing.assert_equal(recomputed['ap'], metrics['ap'])
   with pytest.raises(ValueError, match="protocol 'hdmapnet' is unknown"):

@@ -4,7 +4,12 @@ import json
 import numpy as np
 import pytest
 
-from mapkd_jax import vector_ap
+from mapkd_jax.eval import ap as ap_lib
+from mapkd_jax.eval import chamfer
+from mapkd_jax.eval import cli
+from mapkd_jax.eval import files
+from mapkd_jax.eval import matching
+from mapkd_jax.eval import pmapnet
 
 CLASSES = ('divider', 'ped_crossing', 'boundary')
 
@@ -57,7 +62,7 @@ def _random_polylines(rng, count):
 def test_chamfer_matrix_matches_loop(num_pred, num_gt, step):
   rng = np.random.default_rng(num_pred * 10 + num_gt)
   preds, gts = _random_polylines(rng, num_pred), _random_polylines(rng, num_gt)
-  got = vector_ap.chamfer_matrix(preds, gts, sample_step=step)
+  got = chamfer.chamfer_matrix(preds, gts, sample_step=step)
   want = np.array([[_chamfer_ref(p, g, step) for g in gts] for p in preds]).reshape(num_pred,
                                                                                     num_gt)
   np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
@@ -65,7 +70,7 @@ def test_chamfer_matrix_matches_loop(num_pred, num_gt, step):
 
 def test_chamfer_of_parallel_lines_is_their_offset():
   a = np.array([[0.0, 0.0], [10.0, 0.0]])
-  got = vector_ap.chamfer_matrix([a], [a + [0.0, 0.7], a], sample_step=0.1)
+  got = chamfer.chamfer_matrix([a], [a + [0.0, 0.7], a], sample_step=0.1)
   np.testing.assert_allclose(got, [[0.7, 0.0]], atol=1e-9)
 
 
@@ -89,7 +94,7 @@ def test_average_precision_matches_reference(seed):
   rng = np.random.default_rng(seed)
   tp = rng.integers(0, 2, size=rng.integers(1, 30))
   num_gt = int(tp.sum() + rng.integers(0, 4)) or 1
-  assert vector_ap.average_precision(tp, num_gt) == pytest.approx(_ap_ref(tp, num_gt))
+  assert matching.average_precision(tp, num_gt) == pytest.approx(_ap_ref(tp, num_gt))
 
 
 def _line(y, x0=0.0, x1=10.0):
@@ -97,7 +102,7 @@ def _line(y, x0=0.0, x1=10.0):
 
 
 def _evaluate(preds, gts, thresholds=(0.5, 1.0, 1.5)):
-  return vector_ap.evaluate_vectors(preds, gts, class_names=CLASSES, thresholds=thresholds,
+  return ap_lib.evaluate_vectors(preds, gts, class_names=CLASSES, thresholds=thresholds,
                                     sample_step=0.25)
 
 
@@ -191,15 +196,15 @@ def test_cli_recomputes_ap_and_rejects_unknown_class(tmp_path, capsys):
   pred_path, gt_path = tmp_path / 'predictions.json', tmp_path / 'gt.json'
   pred_path.write_text(json.dumps(preds))
   gt_path.write_text(json.dumps(gts))
-  result = vector_ap.main(['--pred', str(pred_path), '--gt', str(gt_path)])
+  result = cli.main(['--pred', str(pred_path), '--gt', str(gt_path)])
   assert result['map'] == 1.0
   assert '"map": 1.0' in capsys.readouterr().out
   preds['s2'][0]['cls'] = 'lane_marking'
   pred_path.write_text(json.dumps(preds))
   with pytest.raises(ValueError, match=r"predictions.json: sample 's2' .*'lane_marking'"):
-    vector_ap.main(['--pred', str(pred_path), '--gt', str(gt_path)])
+    cli.main(['--pred', str(pred_path), '--gt', str(gt_path)])
   with pytest.raises(FileNotFoundError, match='missing.json'):
-    vector_ap.main(['--pred', str(tmp_path / 'missing.json'), '--gt', str(gt_path)])
+    cli.main(['--pred', str(tmp_path / 'missing.json'), '--gt', str(gt_path)])
 
 
 # --- MapTR's rules (the default protocol) against the previous ('legacy') ones -----------------
@@ -219,15 +224,15 @@ def test_maptr_chamfer_matches_loop_without_and_with_gate(seed):
   gts = [np.cumsum(rng.normal(size=(rng.integers(2, 5), 2)), axis=0) + rng.normal(size=2) * 6
          for _ in range(3)]
   num = 20
-  a = [vector_ap.resample_fixed(p, num) for p in preds]
-  b = [vector_ap.resample_fixed(g, num) for g in gts]
+  a = [chamfer.resample_fixed(p, num) for p in preds]
+  b = [chamfer.resample_fixed(g, num) for g in gts]
   for got, ref in zip(a + b, preds + gts):
     np.testing.assert_allclose(got, _resample_fixed_ref(ref, num), atol=1e-9)
   want = np.array([[_chamfer_points_ref(_resample_fixed_ref(p, num), _resample_fixed_ref(g, num))
                     for g in gts] for p in preds])
-  np.testing.assert_allclose(vector_ap.maptr_chamfer_matrix(a, b, num_points=num, buffer_m=None),
+  np.testing.assert_allclose(chamfer.maptr_chamfer_matrix(a, b, num_points=num, buffer_m=None),
                              want, rtol=1e-9)
-  gated = vector_ap.maptr_chamfer_matrix(a, b, num_points=num, buffer_m=2.0)
+  gated = chamfer.maptr_chamfer_matrix(a, b, num_points=num, buffer_m=2.0)
   import shapely
   for i, p in enumerate(a):
     for j, g in enumerate(b):
@@ -237,7 +242,7 @@ def test_maptr_chamfer_matches_loop_without_and_with_gate(seed):
 
 
 def _one_class_ap(preds, gts, protocol):
-  return vector_ap.evaluate_vectors({'s': preds}, {'s': gts}, class_names=CLASSES,
+  return ap_lib.evaluate_vectors({'s': preds}, {'s': gts}, class_names=CLASSES,
                                     thresholds=(0.5, 1.0, 1.5), protocol=protocol,
                                     sample_step=0.15)['ap']['divider']
 
@@ -254,11 +259,11 @@ def test_a_resampling_to_100_points_changes_ap():
   # points are at most 0.075 m from the other line and only the 0.8 m overhangs at the ends
   # are far: CD ~ 0.05, a TP at every threshold (AP 1, 1, 1).
   gts, preds = [_div([[0.0, 0.0], [198.0, 0.0]])], [_div([[0.8, 0.0], [198.8, 0.0]], 0.9)]
-  a = vector_ap.resample_fixed(preds[0]['pts'], 100)
-  b = vector_ap.resample_fixed(gts[0]['pts'], 100)
-  assert vector_ap.maptr_chamfer_matrix([a], [b], num_points=100, buffer_m=2.0)[0, 0] == \
+  a = chamfer.resample_fixed(preds[0]['pts'], 100)
+  b = chamfer.resample_fixed(gts[0]['pts'], 100)
+  assert chamfer.maptr_chamfer_matrix([a], [b], num_points=100, buffer_m=2.0)[0, 0] == \
       pytest.approx(0.8, abs=1e-9)
-  assert vector_ap.chamfer_matrix([np.asarray(preds[0]['pts'])], [np.asarray(gts[0]['pts'])],
+  assert chamfer.chamfer_matrix([np.asarray(preds[0]['pts'])], [np.asarray(gts[0]['pts'])],
                                   sample_step=0.15)[0, 0] < 0.1
   assert _one_class_ap(preds, gts, 'maptr') == {'0.5': 0.0, '1.0': 1.0, '1.5': 1.0}
   assert _one_class_ap(preds, gts, 'legacy') == {'0.5': 1.0, '1.0': 1.0, '1.5': 1.0}
@@ -271,11 +276,11 @@ def test_b_flat_cap_buffer_gate_changes_ap():
   # (x in [0, 0.1] and [0.2, 0.3]): they do not intersect, so MapTR never matches the pair
   # (FP: AP 0 at every threshold); without the gate (legacy) it is a TP (AP 1).
   gts, preds = [_div([[0.0, 0.0], [0.1, 0.0]])], [_div([[0.2, 0.0], [0.3, 0.0]], 0.9)]
-  a = vector_ap.resample_fixed(preds[0]['pts'], 100)
-  b = vector_ap.resample_fixed(gts[0]['pts'], 100)
-  assert vector_ap.maptr_chamfer_matrix([a], [b], num_points=100, buffer_m=None)[0, 0] == \
+  a = chamfer.resample_fixed(preds[0]['pts'], 100)
+  b = chamfer.resample_fixed(gts[0]['pts'], 100)
+  assert chamfer.maptr_chamfer_matrix([a], [b], num_points=100, buffer_m=None)[0, 0] == \
       pytest.approx(0.15)
-  assert vector_ap.maptr_chamfer_matrix([a], [b], num_points=100, buffer_m=2.0)[0, 0] == np.inf
+  assert chamfer.maptr_chamfer_matrix([a], [b], num_points=100, buffer_m=2.0)[0, 0] == np.inf
   assert _one_class_ap(preds, gts, 'maptr') == {'0.5': 0.0, '1.0': 0.0, '1.5': 0.0}
   assert _one_class_ap(preds, gts, 'legacy') == {'0.5': 1.0, '1.0': 1.0, '1.5': 1.0}
 
@@ -305,14 +310,14 @@ def test_d_closest_gt_overall_not_closest_free():
 def test_maptr_drops_single_point_predictions_and_keeps_100_vertex_ones():
   gts = [_div([[0.0, 0.0], [10.0, 0.0]])]
   # A one-vertex prediction is not scored at all (not even as an FP).
-  result = vector_ap.evaluate_vectors({'s': [_div([[0.0, 0.0]], 0.99), _div(gts[0]['pts'], 0.5)]},
+  result = ap_lib.evaluate_vectors({'s': [_div([[0.0, 0.0]], 0.99), _div(gts[0]['pts'], 0.5)]},
                                       {'s': gts}, class_names=CLASSES, thresholds=(0.5,))
   assert result['ap']['divider']['0.5'] == 1.0 and result['num_pred']['divider'] == 1
   # A 100-vertex prediction is used as given: all vertices bunched at x=0 except the last.
   bunched = np.concatenate([np.zeros((99, 2)), [[10.0, 0.0]]])
-  assert vector_ap.maptr_points(bunched, 100, is_prediction=True) is not None
-  np.testing.assert_array_equal(vector_ap.maptr_points(bunched, 100, is_prediction=True), bunched)
-  np.testing.assert_allclose(vector_ap.maptr_points(bunched, 100, is_prediction=False)[:, 0],
+  assert chamfer.maptr_points(bunched, 100, is_prediction=True) is not None
+  np.testing.assert_array_equal(chamfer.maptr_points(bunched, 100, is_prediction=True), bunched)
+  np.testing.assert_allclose(chamfer.maptr_points(bunched, 100, is_prediction=False)[:, 0],
                              np.linspace(0, 10, 100))
 
 
@@ -324,20 +329,20 @@ PM_X, PM_Y = (0.0, 20.0, 1.0), (0.0, 10.0, 1.0)
 
 
 def _pmapnet(preds, gts):
-  return vector_ap.evaluate_vectors(preds, gts, class_names=CLASSES, thresholds=(0.5, 1.0, 1.5),
+  return ap_lib.evaluate_vectors(preds, gts, class_names=CLASSES, thresholds=(0.5, 1.0, 1.5),
                                     protocol='pmapnet', bev_x=PM_X, bev_y=PM_Y,
                                     pmapnet_thickness=1)
 
 
 def _maptr(preds, gts):
-  return vector_ap.evaluate_vectors(preds, gts, class_names=CLASSES, thresholds=(0.5, 1.0, 1.5))
+  return ap_lib.evaluate_vectors(preds, gts, class_names=CLASSES, thresholds=(0.5, 1.0, 1.5))
 
 
 LINE = [[2.5, 2.5], [15.5, 2.5]]
 
 
 def test_pmapnet_rasterizes_like_the_reference():
-  masks, conf = vector_ap.pmapnet_rasterize(
+  masks, conf = pmapnet.pmapnet_rasterize(
       [_div(LINE, 0.7), {'cls': 'boundary', 'pts': [[2.9, 7.9], [2.9, 9.9], [30.0, 9.9]],
                          'score': 0.4}],
       class_names=CLASSES, bev_x=PM_X, bev_y=PM_Y, thickness=1)
@@ -398,22 +403,22 @@ def test_cli_protocols_and_mismatched_setup(tmp_path, capsys):
   gts = {'s': [_div(LINE)]}
   preds = {'s': [_div(LINE, 0.9), _div([[2.5, 7.5], [15.5, 7.5]], 0.1)]}
   pred_path, gt_path = tmp_path / 'predictions.json', tmp_path / 'gt.json'
-  pred_path.write_text(json.dumps(vector_ap.vector_file(preds, bev_x=PM_X, bev_y=PM_Y,
+  pred_path.write_text(json.dumps(files.vector_file(preds, bev_x=PM_X, bev_y=PM_Y,
                                                         class_names=CLASSES)))
-  gt_path.write_text(json.dumps(vector_ap.vector_file(gts, bev_x=PM_X, bev_y=PM_Y,
+  gt_path.write_text(json.dumps(files.vector_file(gts, bev_x=PM_X, bev_y=PM_Y,
                                                       class_names=CLASSES)))
-  assert vector_ap.main(['--pred', str(pred_path), '--gt', str(gt_path)])['map'] == 1.0
-  pm = vector_ap.main(['--pred', str(pred_path), '--gt', str(gt_path), '--protocol', 'pmapnet'])
+  assert cli.main(['--pred', str(pred_path), '--gt', str(gt_path)])['map'] == 1.0
+  pm = cli.main(['--pred', str(pred_path), '--gt', str(gt_path), '--protocol', 'pmapnet'])
   assert pm['protocol'] == 'pmapnet' and '"defects"' in capsys.readouterr().out
   other = tmp_path / 'gt_120.json'
-  other.write_text(json.dumps(vector_ap.vector_file(gts, bev_x=(0.0, 40.0, 2.0), bev_y=PM_Y,
+  other.write_text(json.dumps(files.vector_file(gts, bev_x=(0.0, 40.0, 2.0), bev_y=PM_Y,
                                                     class_names=CLASSES)))
   with pytest.raises(ValueError, match=r'predictions\.json has bev_x=.*gt_120\.json has bev_x'):
-    vector_ap.main(['--pred', str(pred_path), '--gt', str(other)])
-  other.write_text(json.dumps(vector_ap.vector_file(gts, bev_x=PM_X, bev_y=PM_Y,
+    cli.main(['--pred', str(pred_path), '--gt', str(other)])
+  other.write_text(json.dumps(files.vector_file(gts, bev_x=PM_X, bev_y=PM_Y,
                                                     class_names=('divider', 'boundary'))))
   with pytest.raises(ValueError, match=r'predictions\.json has classes=.*gt_120\.json has class'):
-    vector_ap.main(['--pred', str(pred_path), '--gt', str(other)])
+    cli.main(['--pred', str(pred_path), '--gt', str(other)])
   with pytest.raises(ValueError, match="protocol 'hdmapnet' is unknown"):
-    vector_ap.evaluate_vectors(preds, gts, class_names=CLASSES, thresholds=(1.0,),
+    ap_lib.evaluate_vectors(preds, gts, class_names=CLASSES, thresholds=(1.0,),
                                protocol='hdmapnet')

@@ -1,0 +1,13 @@
+"""Vector evaluation of predicted map polylines (was mapkd_jax/vector_ap.py), one concern a module.
+
+  protocols.py  the three named AP protocols ('maptr' default, 'legacy', 'pmapnet'), what
+                metrics.json states for each, and P-MapNet's defects
+  chamfer.py    polyline resampling and Chamfer-distance matrices ('maptr' gated, 'legacy')
+  matching.py   per-sample TP/FP matching and the all-point average precision
+  pmapnet.py    P-MapNet's released evaluation (rasterized instances), defects included
+  ap.py         AP per class and threshold and mAP under a protocol: per-sample accumulators
+                (`sample_records`) and their combination (`combine_records`), so that shards
+                of a split scored apart (processes, hosts) give the one-process result
+  files.py      predictions.json / gt.json payloads, reading and checking them
+  cli.py        python -m mapkd_jax.eval --pred predictions.json --gt gt.json [--protocol ...]
+"""
