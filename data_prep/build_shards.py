@@ -123,38 +123,91 @@ def _png(array):
   return data.tobytes()
 
 
+# key -> (feature kind, shape of one record's value; None = any length, C = camera count).
+# The one description of a record's features: `to_example` writes shards from it and
+# data_prep/tfds_builder.py declares its TFDS features from it.
+_PNG_KEYS = (schema.SD_PRIOR, schema.LABEL_SEMANTIC, schema.LABEL_INSTANCE,
+             schema.LABEL_DIRECTION, schema.LABEL_DIRECTION_BACKWARD)
+
+
+def record_spec(num_cameras):
+  """{schema key: ('bytes' | 'float' | 'int', shape)} of one record; see schema.py."""
+  c = num_cameras
+  spec = {
+      schema.SAMPLE_TOKEN: ('bytes', ()),
+      schema.SCENE_TOKEN: ('bytes', ()),
+      schema.CAMERA_JPEG: ('bytes', (c,)),
+      schema.CAMERA_INTRINSICS: ('float', (c, 3, 3)),
+      schema.CAMERA_ROTATION: ('float', (c, 3, 3)),
+      schema.CAMERA_TRANSLATION: ('float', (c, 3)),
+      schema.EGO_POSE: ('float', (4, 4)),
+      schema.LIDAR_POINTS: ('float', (None, 5)),
+      schema.VECTOR_CLASS: ('int', (None,)),
+      schema.VECTOR_NUM_POINTS: ('int', (None,)),
+      schema.VECTOR_POINTS: ('float', (None, 2)),
+  }
+  spec.update({key: ('bytes', ()) for key in _PNG_KEYS})
+  return spec
+
+
+def example_features(fields, num_cameras):
+  """The features of one record from a `read_sample` dict: rasters PNG-encoded.
+
+  Returns:
+    {schema key: value} with value shaped as `record_spec(num_cameras)[key]`: bytes (scalar
+    keys), a list of bytes (cameras/jpeg), float32 or int64 numpy arrays.
+  """
+  out = {}
+  for key, (kind, shape) in record_spec(num_cameras).items():
+    value = fields[key]
+    if key in _PNG_KEYS:
+      value = _png(value)
+    elif kind == 'bytes':
+      value = value if shape == () else list(value)
+    else:
+      dtype = np.float32 if kind == 'float' else np.int64
+      value = np.asarray(value).astype(dtype).reshape([-1 if d is None else d for d in shape])
+    out[key] = value
+  return out
+
+
+def example_from_features(features):
+  """`tf.train.Example` of `example_features`' output, exactly as schema.py documents."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  feature = {}
+  for key, value in features.items():
+    if isinstance(value, bytes):
+      feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+    elif isinstance(value, list):
+      feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=value))
+    elif value.dtype == np.int64:
+      feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=value.ravel().tolist()))
+    else:
+      # A list, not an array: protobuf copies Python floats ~5x faster than numpy scalars.
+      feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=value.ravel().tolist()))
+  return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
 def to_example(fields):
   """`tf.train.Example` of a `read_sample` dict, exactly as schema.py documents."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return example_from_features(example_features(fields, len(fields[schema.CAMERA_JPEG])))
 
-  def floats(x):
-    # A list, not an array: protobuf copies Python floats ~5x faster than numpy scalars.
-    return tf.train.Feature(float_list=tf.train.FloatList(
-        value=np.ravel(x).astype(np.float32).tolist()))
 
-  def ints(x):
-    return tf.train.Feature(int64_list=tf.train.Int64List(
-        value=np.ravel(x).astype(np.int64).tolist()))
+def read_record(source, token, skip_bad):
+  """One sample's record features, or its skip reason: the per-sample code of every writer.
 
-  def byte_list(values):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
-
-  feature = {
-      schema.SAMPLE_TOKEN: byte_list([fields[schema.SAMPLE_TOKEN]]),
-      schema.SCENE_TOKEN: byte_list([fields[schema.SCENE_TOKEN]]),
-      schema.CAMERA_JPEG: byte_list(fields[schema.CAMERA_JPEG]),
-      schema.SD_PRIOR: byte_list([_png(fields[schema.SD_PRIOR])]),
-      schema.LABEL_SEMANTIC: byte_list([_png(fields[schema.LABEL_SEMANTIC])]),
-      schema.LABEL_INSTANCE: byte_list([_png(fields[schema.LABEL_INSTANCE])]),
-      schema.LABEL_DIRECTION: byte_list([_png(fields[schema.LABEL_DIRECTION])]),
-      schema.LABEL_DIRECTION_BACKWARD: byte_list([_png(fields[schema.LABEL_DIRECTION_BACKWARD])]),
-      schema.VECTOR_CLASS: ints(fields[schema.VECTOR_CLASS]),
-      schema.VECTOR_NUM_POINTS: ints(fields[schema.VECTOR_NUM_POINTS]),
-  }
-  for key in (schema.CAMERA_INTRINSICS, schema.CAMERA_ROTATION, schema.CAMERA_TRANSLATION,
-              schema.EGO_POSE, schema.LIDAR_POINTS, schema.VECTOR_POINTS):
-    feature[key] = floats(fields[key])
-  return tf.train.Example(features=tf.train.Features(feature=feature))
+  Returns:
+    (features or None, missing sweep files, None or {'sample_token', 'reason'}).
+  Raises:
+    FileNotFoundError / ValueError of `nuscenes_reader.read_sample` unless `skip_bad`.
+  """
+  try:
+    fields = nuscenes_reader.read_sample(source, token)
+  except (FileNotFoundError, ValueError) as e:
+    if not skip_bad:
+      raise
+    return None, 0, dict(sample_token=token, reason=str(e))
+  return (example_features(fields, len(source.options.cameras)), fields['missing_sweeps'], None)
 
 
 _SOURCES = {}  # per-process cache: (dataroot, version, options) -> nuscenes_reader.Source
@@ -188,17 +241,14 @@ def write_shard(task, on_sample=None):
                 num_samples=0, skipped=[], missing_sweeps=0)
   with tf.io.TFRecordWriter(path + '.tmp') as writer:
     for token in task['samples']:
-      try:
-        fields = nuscenes_reader.read_sample(source, token)
-      except (FileNotFoundError, ValueError) as e:
-        if not task['skip_bad']:
-          raise
-        record['skipped'].append(dict(sample_token=token, reason=str(e)))
+      features, missing_sweeps, skipped = read_record(source, token, task['skip_bad'])
+      if skipped:
+        record['skipped'].append(skipped)
       else:
         # deterministic: map keys sorted, so a shard is byte-reproducible across processes.
-        writer.write(to_example(fields).SerializeToString(deterministic=True))
+        writer.write(example_from_features(features).SerializeToString(deterministic=True))
         record['num_samples'] += 1
-        record['missing_sweeps'] += fields['missing_sweeps']
+        record['missing_sweeps'] += missing_sweeps
       if on_sample is not None:
         on_sample()
   os.replace(path + '.tmp', path)
@@ -262,6 +312,87 @@ def _finished(out_dir, file, settings, samples):
   return record if ok else None
 
 
+@dataclasses.dataclass
+class Plan:
+  """What a build reads: options, tables, and the samples of each split (in record order)."""
+  dataroot: str
+  version: str
+  options: nuscenes_reader.BuildOptions
+  source: nuscenes_reader.Source
+  split_tokens: dict        # split -> [sample tokens], scene order then time order
+  unassigned: list          # scene names in no split (sent to 'val')
+  scenes: list = None       # the --scenes selection, None = all
+
+  @property
+  def settings(self):
+    """JSON-able build settings (compared on resume)."""
+    return json.loads(json.dumps(dict(dataroot=self.dataroot, version=self.version,
+                                      **dataclasses.asdict(self.options))))
+
+
+def plan_build(dataroot, version, *, bev_x, bev_y, image_size, cameras, direction_bins,
+               lidar_sweeps, lidar_min_range, jpeg_quality, boundary_clip_margin,
+               sd_road_classes, label_thickness_ref=None, sd_thickness_ref=None,
+               thickness_ref_step=0.15, osm_dir=None, splits=None, scenes=None, limit=None,
+               osm_cache_dir=None):
+  """Opens the dataroot, selects splits/scenes and loads every selected location's OSM roads.
+
+  The OSM skeletons are loaded before any sample is read, so a missing shapefile or a location
+  without a map origin fails at once, naming it (even with skip_bad). Args: see `build_shards`.
+  """
+  dataroot = os.path.abspath(dataroot)
+  options = nuscenes_reader.make_options(
+      bev_x=bev_x, bev_y=bev_y, image_size=image_size, cameras=cameras,
+      label_thickness_ref=label_thickness_ref, sd_thickness_ref=sd_thickness_ref,
+      thickness_ref_step=thickness_ref_step,
+      direction_bins=direction_bins,
+      lidar_sweeps=lidar_sweeps, lidar_min_range=lidar_min_range,
+      jpeg_quality=jpeg_quality, boundary_clip_margin=boundary_clip_margin,
+      sd_road_classes=sd_road_classes, osm_dir=osm_dir or os.path.join(dataroot, 'osm'))
+  source = _get_source(dataroot, version, options, osm_cache_dir)
+  nusc = source.nusc
+  split_scenes, unassigned = scene_splits(nusc, dataroot, version)
+  if splits is not None:
+    unknown = [s for s in splits if s not in split_scenes]
+    if unknown:
+      raise ValueError(f'--splits: unknown split(s) {unknown}; known: {sorted(split_scenes)}')
+    split_scenes = {s: split_scenes[s] for s in splits}
+  if scenes is not None:
+    split_scenes = select_scenes(split_scenes, scenes, [s['name'] for s in nusc.scene])
+  if osm_cache_dir:
+    os.makedirs(osm_cache_dir, exist_ok=True)
+  for location in scene_locations(nusc, [n for names in split_scenes.values() for n in names]):
+    source.osm_roads(location)  # Fail early, naming the location; fills the disk cache.
+  split_tokens = {split: split_samples(nusc, names)[:limit]
+                  for split, names in split_scenes.items()}
+  return Plan(dataroot, version, options, source, split_tokens, unassigned,
+              None if scenes is None else list(scenes))
+
+
+def info_header(plan):
+  """dataset_info.json's keys that describe the build settings (all but the per-split tallies)."""
+  options = plan.options
+  return dict(
+      version=plan.version, dataroot=plan.dataroot, schema_version=schema.SCHEMA_VERSION,
+      classes=list(schema.CLASSES), cameras=list(options.cameras),
+      image_size=list(options.image_size),
+      bev=dict(x_range=list(options.bev_x[:2]), y_range=list(options.bev_y[:2]),
+               resolution=[options.bev_x[2], options.bev_y[2]],
+               shape=list(schema.bev_shape(options.bev_x, options.bev_y))),
+      bev_x=list(options.bev_x), bev_y=list(options.bev_y),
+      bev_shape=list(schema.bev_shape(options.bev_x, options.bev_y)),
+      label_width=nuscenes_reader.label_width_spec(options),
+      direction_bins=options.direction_bins,
+      lidar_sweeps=options.lidar_sweeps, lidar_min_range=options.lidar_min_range,
+      sd_prior=dict(osm_dir=options.osm_dir, road_classes=list(options.sd_road_classes)))
+
+
+def shard_chunks(tokens, num_shards):
+  """The split's tokens dealt into contiguous shards (np.array_split: the first ones longer)."""
+  count = min(num_shards, max(1, len(tokens)))
+  return [list(chunk) for chunk in np.array_split(np.array(tokens, dtype=object), count)]
+
+
 def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_shards, workers,
                  cameras, direction_bins, lidar_sweeps, lidar_min_range, jpeg_quality,
                  boundary_clip_margin, sd_road_classes, label_thickness_ref=None,
@@ -273,42 +404,26 @@ def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_sh
   selects split names (default: all); `scenes` selects scene names (default: all); `limit`
   keeps the first N samples of each split.
   """
-  dataroot = os.path.abspath(dataroot)
-  options = nuscenes_reader.make_options(
-      bev_x=bev_x, bev_y=bev_y, image_size=image_size, cameras=cameras,
-      label_thickness_ref=label_thickness_ref, sd_thickness_ref=sd_thickness_ref,
-      thickness_ref_step=thickness_ref_step,
-      direction_bins=direction_bins,
-      lidar_sweeps=lidar_sweeps, lidar_min_range=lidar_min_range,
+  plan = plan_build(
+      dataroot, version, bev_x=bev_x, bev_y=bev_y, image_size=image_size, cameras=cameras,
+      direction_bins=direction_bins, lidar_sweeps=lidar_sweeps, lidar_min_range=lidar_min_range,
       jpeg_quality=jpeg_quality, boundary_clip_margin=boundary_clip_margin,
-      sd_road_classes=sd_road_classes, osm_dir=osm_dir or os.path.join(dataroot, 'osm'))
-  settings = json.loads(json.dumps(dict(dataroot=dataroot, version=version,
-                                        **dataclasses.asdict(options))))
-  source = _get_source(dataroot, version, options, _osm_cache_dir(out_dir))
-  nusc = source.nusc
-  split_scenes, unassigned = scene_splits(nusc, dataroot, version)
-  if splits is not None:
-    unknown = [s for s in splits if s not in split_scenes]
-    if unknown:
-      raise ValueError(f'--splits: unknown split(s) {unknown}; known: {sorted(split_scenes)}')
-    split_scenes = {s: split_scenes[s] for s in splits}
-  if scenes is not None:
-    split_scenes = select_scenes(split_scenes, scenes, [s['name'] for s in nusc.scene])
+      sd_road_classes=sd_road_classes, label_thickness_ref=label_thickness_ref,
+      sd_thickness_ref=sd_thickness_ref, thickness_ref_step=thickness_ref_step, osm_dir=osm_dir,
+      splits=splits, scenes=scenes, limit=limit, osm_cache_dir=_osm_cache_dir(out_dir))
   for folder in (out_dir, os.path.join(out_dir, PROGRESS_DIR), _osm_cache_dir(out_dir)):
     os.makedirs(folder, exist_ok=True)
     for name in os.listdir(folder):  # Leftovers of a killed run.
       if name.endswith('.tmp'):
         os.remove(os.path.join(folder, name))
-  for location in scene_locations(nusc, [n for names in split_scenes.values() for n in names]):
-    source.osm_roads(location)  # Fail early, naming the location; fills the disk cache.
+  dataroot, options, settings = plan.dataroot, plan.options, plan.settings
 
   tasks, records, split_files = [], {}, {}
-  for split, names in split_scenes.items():
-    tokens = split_samples(nusc, names)[:limit]
-    count = min(num_shards, max(1, len(tokens)))
+  for split, tokens in plan.split_tokens.items():
+    chunks = shard_chunks(tokens, num_shards)
     split_files[split] = []
-    for k, chunk in enumerate(np.array_split(np.array(tokens, dtype=object), count)):
-      file = f'{split}-{k:05d}-of-{count:05d}.tfrecord'
+    for k, chunk in enumerate(chunks):
+      file = f'{split}-{k:05d}-of-{len(chunks):05d}.tfrecord'
       split_files[split].append(file)
       done = _finished(out_dir, file, settings, chunk)
       if done:
@@ -324,21 +439,9 @@ def build_shards(dataroot, version, out_dir, *, bev_x, bev_y, image_size, num_sh
     records[record['file']] = record
   bar.close()
 
-  info = dict(
-      version=version, dataroot=dataroot, schema_version=schema.SCHEMA_VERSION,
-      classes=list(schema.CLASSES), cameras=list(options.cameras),
-      image_size=list(options.image_size),
-      bev=dict(x_range=list(options.bev_x[:2]), y_range=list(options.bev_y[:2]),
-               resolution=[options.bev_x[2], options.bev_y[2]],
-               shape=list(schema.bev_shape(options.bev_x, options.bev_y))),
-      bev_x=list(options.bev_x), bev_y=list(options.bev_y),
-      bev_shape=list(schema.bev_shape(options.bev_x, options.bev_y)),
-      label_width=nuscenes_reader.label_width_spec(options),
-      direction_bins=options.direction_bins,
-      lidar_sweeps=options.lidar_sweeps, lidar_min_range=options.lidar_min_range,
-      sd_prior=dict(osm_dir=options.osm_dir, road_classes=list(options.sd_road_classes)),
-      splits={}, skipped=[], lidar_missing_sweep_files=0, unassigned_scenes=unassigned,
-      selected_scenes=None if scenes is None else list(scenes), missing_map_layers={})
+  info = dict(info_header(plan), splits={}, skipped=[], lidar_missing_sweep_files=0,
+              unassigned_scenes=plan.unassigned, selected_scenes=plan.scenes,
+              missing_map_layers={})
   for split, files in split_files.items():
     count = sum(records[f]['num_samples'] for f in files)
     info['splits'][split] = dict(num_samples=count, num_examples=count, files=files)
