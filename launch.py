@@ -3,6 +3,7 @@
   python launch.py --config configs/tcs.py:teacher --workdir runs/tcs
   python launch.py --config configs/tcs.py:student,tiny --workdir runs/tiny --config.train.steps=50
   python launch.py --config configs/tcs.py:demo --workdir runs/demo     # the whole chain + report
+  python launch.py --config configs/tcs.py:study --workdir runs/study   # + ablations, 5 paired seeds
 
 Each stage writes WORKDIR/<stage>/ (checkpoints/, best/, TensorBoard events, config.json) and
 reads the earlier stages it depends on from the same WORKDIR. Rerunning a command resumes it.
@@ -63,7 +64,7 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   config = _CONFIG.value
   logging.info('Stage %s, workdir %s', config.stage, _WORKDIR.value)
-  if config.stage == 'demo':
+  if config.stage in ('demo', 'study'):
     from mapkd_jax import demo
     demo.run(config, _WORKDIR.value)
   else:

@@ -8,7 +8,8 @@ SCHEDULES = ('step', 'cosine')
 # equivalence tests compare at float precision.
 OPTIMIZERS = ('adam', 'sgd')
 
-STAGES = ('hd_pretrain', 'teacher', 'coach', 'student', 'demo')
+# demo and study run the whole chain (mapkd_jax/demo.py); the others train one stage.
+STAGES = ('hd_pretrain', 'teacher', 'coach', 'student', 'demo', 'study')
 
 
 def parse_arg(arg, *, source='configs/tcs.py', **defaults):

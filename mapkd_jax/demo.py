@@ -2,13 +2,17 @@
 
   python launch.py --config configs/tcs.py:demo --workdir runs/demo
 
-Runs, in order and resumably (a finished run is not redone): data creation, hd_pretrain,
-teacher, coach, then for every seed the distilled student and the student baseline (nokd),
-then the ablations (one distillation term or the coach switched off), evaluates every model,
-times teacher/coach/student, and writes ROOT/report.md, ROOT/report.json and ROOT/report.png.
+  python launch.py --config configs/tcs.py:study --workdir runs/study
 
-Layout: ROOT/data, ROOT/{hd_pretrain,teacher,coach} (the chain, seed 0), ROOT/seed<k>/
-{student,student_nokd}, ROOT/ablation/<name>/student.
+Runs, in order and resumably (a finished run is not redone): data creation, hd_pretrain,
+teacher, coach, then for every seed the distilled student, the student baseline (nokd) and
+the ablations of config.demo.ablations (one distillation term or the coach switched off; none
+in the default demo, three in `study`), evaluates every model, times teacher/coach/student,
+and writes ROOT/report.md, ROOT/report.json and ROOT/report.png. Every comparison between
+students is paired within a seed (report.py).
+
+Layout: ROOT/data, ROOT/{hd_pretrain,teacher,coach} (the chain, first seed), ROOT/seed<k>/
+{student,student_nokd}, ROOT/seed<k>/ablation/<name>/student.
 """
 import copy
 import os
@@ -50,8 +54,22 @@ def _run_config(config, workdir, *, stage, seed, nokd=False, kd=None):
   return run
 
 
+def check_ablations(config):
+  for name in config.demo.ablations:
+    if name not in ABLATIONS:
+      # An unquoted tuple on the command line arrives as one name: '(no_tgpd,no_coach)'.
+      raise ValueError(f'config.demo.ablations: unknown {name!r}; known: {sorted(ABLATIONS)}; '
+                       f'on the command line quote each name: '
+                       f'"--config.demo.ablations=(\'no_tgpd\',\'no_coach\')"')
+
+
 def plan(config, workdir):
-  """[(label, run_root, run_config, evaluate?)] in execution order."""
+  """[(label, run_root, run_config, evaluate?)] in execution order.
+
+  Seed by seed: a study stopped half-way has whole seeds (student, baseline and every
+  ablation), which pair; a seed with only some of its runs would not.
+  """
+  check_ablations(config)
   runs = [(stage, workdir, _run_config(config, workdir, stage=stage, seed=config.demo.seeds[0]),
            stage != 'hd_pretrain') for stage in ('hd_pretrain', 'teacher', 'coach')]
   for seed in config.demo.seeds:
@@ -60,14 +78,10 @@ def plan(config, workdir):
                                                           seed=seed), True))
     runs.append((f'student_nokd/seed{seed}', root, _run_config(
         config, workdir, stage='student', seed=seed, nokd=True), True))
-  for name in config.demo.ablations:
-    if name not in ABLATIONS:
-      # An unquoted tuple on the command line arrives as one name: '(no_tgpd,no_coach)'.
-      raise ValueError(f'config.demo.ablations: unknown {name!r}; known: {sorted(ABLATIONS)}; '
-                       f'on the command line quote each name: '
-                       f'"--config.demo.ablations=(\'no_tgpd\',\'no_coach\')"')
-    runs.append((f'ablation/{name}', os.path.join(workdir, 'ablation', name), _run_config(
-        config, workdir, stage='student', seed=config.demo.seeds[0], kd=ABLATIONS[name]), True))
+    for name in config.demo.ablations:
+      runs.append((f'ablation/{name}/seed{seed}', os.path.join(root, 'ablation', name),
+                   _run_config(config, workdir, stage='student', seed=seed,
+                               kd=ABLATIONS[name]), True))
   return runs
 
 
@@ -114,8 +128,7 @@ def run(config, workdir):
       results[label] = {'metrics': metrics, 'root': run_root, 'stage_dir':
                         stages.stage_dir_name(run_config), 'seed': run_config.seed}
   speed = _speed(config)
-  summary = report.build(config, results, speed)
-  report.write(workdir, summary, results, config)
+  summary = report.write(workdir, report.build(config, results, speed), results, config)
   logging.info('Demo done in %.1f min: %s', (time.time() - started) / 60,
                os.path.join(workdir, 'report.md'))
   return summary

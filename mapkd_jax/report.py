@@ -86,17 +86,20 @@ def build(config, results, speed):
               results[f'student_nokd/seed{s}']['metrics'][key] for s in seeds]
     gain[key] = summarize_seeds(paired, confidence=config.demo.confidence)
     gain[key]['seeds'] = seeds
-  # Ablations run at the first seed only: their differences are reported, never concluded from.
+  # Each ablation ran on every seed: paired with the same seed's distilled student (what the
+  # switched-off term contributes) and baseline (what the rest still gains).
   ablations = []
-  student0 = results[f'student/seed{seeds[0]}']['metrics']
-  nokd0 = results[f'student_nokd/seed{seeds[0]}']['metrics']
   for name in config.demo.ablations:
-    metrics = results[f'ablation/{name}']['metrics']
-    vs_student = metrics['miou'] - student0['miou']
-    ablations.append({'name': name, 'seeds': [seeds[0]], 'miou': metrics['miou'],
-                      'map': metrics['map'], 'vs_student_miou': vs_student,
-                      'vs_nokd_miou': metrics['miou'] - nokd0['miou'],
-                      'verdict': summarize_seeds([vs_student])['verdict']})
+    runs = [results[f'ablation/{name}/seed{s}']['metrics'] for s in seeds]
+    entry = {'name': name, 'seeds': seeds,
+             'miou': float(np.mean([m['miou'] for m in runs])),
+             'map': float(np.mean([m['map'] for m in runs]))}
+    for other, label in (('student', 'vs_student'), ('student_nokd', 'vs_nokd')):
+      for key in ('miou', 'map'):
+        paired = [m[key] - results[f'{other}/seed{s}']['metrics'][key]
+                  for m, s in zip(runs, seeds)]
+        entry[f'{label}_{key}'] = summarize_seeds(paired, confidence=config.demo.confidence)
+    ablations.append(entry)
   miou = {r['model']: r['miou'] for r in rows}
   fps = speed['records']
   checks = {
@@ -108,8 +111,8 @@ def build(config, results, speed):
       'student_3x_teacher_fps': fps['student']['frames_per_s'] >= 3 * fps['teacher']['frames_per_s'],
       'student_1.5x_coach_fps': fps['student']['frames_per_s'] >= 1.5 * fps['coach']['frames_per_s'],
   }
-  return {'rows': rows, 'gain': gain, 'ablations': ablations, 'speed': speed, 'checks': checks,
-          'seeds': seeds, 'steps': dict(config.demo.steps), 'bev_x': list(config.data.bev_x),
+  return {'title': 'MapKD ' + config.stage + ' report', 'rows': rows, 'gain': gain,
+          'ablations': ablations, 'speed': speed, 'checks': checks, 'seeds': seeds, 'steps': dict(config.demo.steps), 'bev_x': list(config.data.bev_x),
           'optim': {'learning_rate': config.optim.learning_rate,
                     'schedule': config.optim.schedule, 'batch_size': config.train.batch_size},
           'bev_y': list(config.data.bev_y), 'classes': list(classes)}
@@ -145,12 +148,39 @@ def _gain_lines(gain):
   return lines
 
 
+def _interval(g):
+  """'+1.23 [-0.50, +2.96]' (percentage points) of a summarize_seeds dict."""
+  if g['ci'] is None:
+    return f"{_fmt(g['mean'], signed=True)} (n={g['n']})"
+  return (f"{_fmt(g['mean'], signed=True)} [{_fmt(g['ci'][0], signed=True)}, "
+          f"{_fmt(g['ci'][1], signed=True)}]")
+
+
+def _ablation_lines(ablations):
+  """One row per ablation: its means and its paired differences with their intervals."""
+  first = ablations[0]['vs_student_miou']
+  level = f"{100 * first['confidence']:g}%"
+  lines = ['', '## Ablations (paired per seed)', '',
+           f"Each ablation ran on seeds {ablations[0]['seeds']}; differences are taken within a "
+           f"seed against that seed's distilled student and baseline: mean [{level} t interval], "
+           "percentage points.", '',
+           '| run | mIoU | mAP | vs student mIoU | verdict | vs baseline mIoU | verdict | '
+           'vs student mAP | vs baseline mAP |', '|---|---|---|---|---|---|---|---|---|']
+  for a in ablations:
+    lines.append(
+        f"| {a['name']} | {_fmt(a['miou'])} | {_fmt(a['map'])} | "
+        f"{_interval(a['vs_student_miou'])} | {a['vs_student_miou']['verdict']} | "
+        f"{_interval(a['vs_nokd_miou'])} | {a['vs_nokd_miou']['verdict']} | "
+        f"{_interval(a['vs_student_map'])} | {_interval(a['vs_nokd_map'])} |")
+  return lines
+
+
 def markdown(summary):
   classes = summary['classes']
   bands = [k[len('miou_'):] for k in summary['rows'][0] if k.startswith('miou_')]
   head = (['model', 'inputs'] + classes + ['mIoU', 'mAP'] + [f'mIoU {b}' for b in bands] +
           ['params', 'frames/s'])
-  lines = ['# MapKD demo report', '',
+  lines = [f"# {summary['title']}", '',
            f"BEV x {summary['bev_x']}, y {summary['bev_y']}; steps {summary['steps']} at batch "
            f"{summary['optim']['batch_size']}, Adam lr {summary['optim']['learning_rate']:g} "
            f"({summary['optim']['schedule']} schedule over each run); "
@@ -165,16 +195,8 @@ def markdown(summary):
               f"{r['frames_per_s']:.2f}" if r['frames_per_s'] else '-'])
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines += _gain_lines(summary['gain'])
-  seed0 = summary['seeds'][0]
-  lines += ['', f'## Ablations (seed {seed0} only: single-seed, no conclusion drawn)', '',
-            'Differences below are one run each against the same-seed student and baseline; a '
-            'single seed has no interval, so none of them is a finding.', '',
-            '| run | mIoU | mAP | vs student mIoU | vs baseline mIoU | verdict |',
-            '|---|---|---|---|---|---|']
-  for a in summary['ablations']:
-    lines.append(f"| {a['name']} | {_fmt(a['miou'])} | {_fmt(a['map'])} | "
-                 f"{_fmt(a['vs_student_miou'], signed=True)} | {_fmt(a['vs_nokd_miou'], signed=True)} | "
-                 f"{a['verdict']} |")
+  if summary['ablations']:
+    lines += _ablation_lines(summary['ablations'])
   lines += ['', '## Speed ratios (same run, same device)', '']
   lines += [f'- {k}: {v:.2f}' for k, v in summary['speed']['ratios'].items()]
   lines += ['', '## What the method predicts, checked', '',
@@ -185,8 +207,45 @@ def markdown(summary):
     metric = k[len('student_above_baseline_'):] if k.startswith('student_above_baseline_') else None
     why = f": {summary['gain'][metric]['verdict']}" if metric in summary['gain'] else ''
     lines.append(f"- {k}: {'yes' if v else 'NO'}{why}")
-  lines += ['', 'Pictures: report.png (columns: ground truth, teacher, coach, student, baseline).']
+  pictures = ', '.join(summary.get('pictures', []))
+  lines += ['', 'Pictures: report.png (columns: ground truth, teacher, coach, student, baseline; '
+            'rows: the val samples with the most crossing pixels and the widest line spread, '
+            f'in turn: {pictures}).']
   return '\n'.join(lines) + '\n'
+
+
+def choose_samples(gt, num, class_names, *, min_gap):
+  """Indices of `num` val samples worth looking at: crossings, junctions and curves.
+
+  The first samples of a val split are the first seconds of one scene, usually a straight road,
+  which shows nothing a straight-road model could get wrong. Two scores, taken in turn:
+  pedestrian-crossing pixels, and the number of BEV rows that hold a divider or boundary pixel
+  (a straight road along the ego's x axis fills a few rows; a junction's cross street or a
+  curve fills many). Samples closer than `min_gap` in split order (neighbouring keyframes of a
+  scene look alike) to a chosen one are skipped while others remain.
+
+  Args:
+    gt: [N, H, W] ground-truth class maps (0 = background, i + 1 = class_names[i]).
+    num: samples wanted (at most N).
+    class_names: names of the classes, e.g. ('divider', 'ped_crossing', 'boundary').
+    min_gap: smallest index distance between two chosen samples, while possible.
+  Returns:
+    list of `num` distinct indices, in the order chosen.
+  """
+  gt = np.asarray(gt)
+  names = list(class_names)
+  lines = [names.index(c) + 1 for c in ('divider', 'boundary') if c in names]
+  crossing = (np.sum(gt == names.index('ped_crossing') + 1, axis=(1, 2))
+              if 'ped_crossing' in names else np.zeros(len(gt)))
+  spread = np.isin(gt, lines).any(axis=2).sum(axis=1)
+  orders = [np.argsort(-crossing, kind='stable'), np.argsort(-spread, kind='stable')]
+  chosen = []
+  for turn in range(min(num, len(gt))):
+    order = orders[turn % 2]
+    far = [int(i) for i in order if i not in chosen and
+           all(abs(int(i) - j) >= min_gap for j in chosen)]
+    chosen.append(far[0] if far else next(int(i) for i in order if i not in chosen))
+  return chosen
 
 
 def picture_grid(panels_by_model, num_samples, *, bev_x, bev_y, scale):
@@ -203,11 +262,8 @@ def picture_grid(panels_by_model, num_samples, *, bev_x, bev_y, scale):
 
 
 def write(workdir, summary, results, config):
-  """report.json, report.md and report.png under `workdir`."""
-  with open(os.path.join(workdir, 'report.json'), 'w') as f:
-    json.dump(summary, f, indent=2, default=float)
-  with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write(markdown(summary))
+  """report.json, report.md and report.png under `workdir`; returns the summary as written
+  (with 'pictures': the val tokens report.png shows)."""
   seed = config.demo.seeds[0]
   sources = {'teacher': results['teacher'], 'coach': results['coach'],
              'student': results[f'student/seed{seed}'],
@@ -216,10 +272,18 @@ def write(workdir, summary, results, config):
             for name, r in sources.items()}
   tokens = list(arrays['teacher']['tokens'])
   index = {name: {t: i for i, t in enumerate(a['tokens'])} for name, a in arrays.items()}
-  chosen = tokens[:config.demo.grid_samples]
+  picks = choose_samples(arrays['teacher']['gt'], config.demo.grid_samples,
+                         config.data.classes, min_gap=config.demo.grid_min_gap)
+  chosen = [tokens[i] for i in picks]
   panels = {'ground truth': [arrays['teacher']['gt'][index['teacher'][t]] for t in chosen]}
   for name, a in arrays.items():
     panels[name] = [a['pred'][index[name][t]] for t in chosen]
   grid = picture_grid(panels, len(chosen), bev_x=tuple(config.data.bev_x),
                       bev_y=tuple(config.data.bev_y), scale=config.demo.grid_scale)
   visualize.save_png(os.path.join(workdir, 'report.png'), grid)
+  summary = dict(summary, pictures=[str(t) for t in chosen])
+  with open(os.path.join(workdir, 'report.json'), 'w') as f:
+    json.dump(summary, f, indent=2, default=float)
+  with open(os.path.join(workdir, 'report.md'), 'w') as f:
+    f.write(markdown(summary))
+  return summary

@@ -68,7 +68,11 @@ def test_demo_tiny_runs_the_chain_and_reports_what_was_evaluated(demo_run):
   ablations = {a['name']: a for a in report['ablations']}
   assert set(ablations) == set(config.demo.ablations)
   for name, row in ablations.items():
-    assert row['miou'] == pytest.approx(_metrics(root, 'ablation', name, 'student')['miou'])
+    per_seed = [_metrics(root, f'seed{s}', 'ablation', name, 'student')['miou'] for s in seeds]
+    assert row['miou'] == pytest.approx(np.mean(per_seed))
+    assert row['vs_student_miou']['per_seed'] == pytest.approx(
+        [a - s for a, s in zip(per_seed, student)])
+  assert len(report['pictures']) == config.demo.grid_samples
 
   text = open(os.path.join(root, 'report.md')).read()
   for label in ('| teacher |', '| coach |', '| student |', '| student_nokd |',
@@ -78,7 +82,7 @@ def test_demo_tiny_runs_the_chain_and_reports_what_was_evaluated(demo_run):
 
   # Rerun: every run is finished, so nothing trains again and the report keeps its numbers.
   steps_before = _checkpoint_steps(root)
-  assert len(steps_before) == 3 + 2 * len(seeds) + len(config.demo.ablations)
+  assert len(steps_before) == 3 + (2 + len(config.demo.ablations)) * len(seeds)
   again = demo.run(config, root)
   assert _checkpoint_steps(root) == steps_before
   assert again['gain'] == summary['gain']

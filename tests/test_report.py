@@ -21,8 +21,10 @@ def _fake_results(tmp_path, config, students=None):
   results = {}
   values = {'teacher': (0.7, 0.5), 'coach': (0.6, 0.4), 'student/seed0': (0.5, 0.3),
             'student/seed1': (0.52, 0.33), 'student_nokd/seed0': (0.45, 0.31),
-            'student_nokd/seed1': (0.49, 0.29), 'ablation/no_tgpd': (0.48, 0.3),
-            'ablation/no_msrd': (0.47, 0.3), 'ablation/no_coach': (0.5, 0.3)}
+            'student_nokd/seed1': (0.49, 0.29),
+            'ablation/no_tgpd/seed0': (0.48, 0.3), 'ablation/no_tgpd/seed1': (0.47, 0.34),
+            'ablation/no_msrd/seed0': (0.47, 0.3), 'ablation/no_msrd/seed1': (0.5, 0.3),
+            'ablation/no_coach/seed0': (0.5, 0.3), 'ablation/no_coach/seed1': (0.52, 0.3)}
   if students is not None:
     values = {k: v for k, v in values.items() if not k.startswith('student')}
     for seed, (student, baseline) in students.items():
@@ -46,8 +48,14 @@ def _speed(teacher, coach, student):
           'device_kind': 'cpu'}
 
 
+def _two_seed_study():
+  config = tcs.get_config('study')
+  config.demo.seeds = (0, 1)
+  return config
+
+
 def test_gain_over_seeds_and_checks(tmp_path):
-  config = tcs.get_config('demo')
+  config = _two_seed_study()
   results = _fake_results(tmp_path, config)
   summary = report.build(config, results, _speed(1.0, 2.0, 4.0))
   np.testing.assert_allclose(summary['gain']['miou']['per_seed'], [0.05, 0.03], atol=1e-12)
@@ -73,7 +81,7 @@ def test_gain_over_seeds_and_checks(tmp_path):
 
 
 def test_report_files(tmp_path):
-  config = tcs.get_config('demo')
+  config = _two_seed_study()
   results = _fake_results(tmp_path, config)
   summary = report.build(config, results, _speed(1.0, 2.0, 4.0))
   report.write(str(tmp_path), summary, results, config)
@@ -84,29 +92,51 @@ def test_report_files(tmp_path):
     written = json.load(f)
   assert written['gain']['miou']['per_seed'][0] > 0
   assert written['gain'] == summary['gain']      # what test_demo compares after a rerun
-  assert written['ablations'][0]['verdict'] == report.ONE_SEED
+  # no_tgpd: seed 0 0.48 - 0.50, seed 1 0.47 - 0.52 -> -0.02, -0.05 vs the student; against the
+  # baselines (0.45, 0.49): +0.03, -0.02. t(0.975, 1) = 12.706.
+  no_tgpd = written['ablations'][0]
+  assert no_tgpd['name'] == 'no_tgpd' and no_tgpd['seeds'] == [0, 1]
+  np.testing.assert_allclose(no_tgpd['miou'], 0.475)
+  np.testing.assert_allclose(no_tgpd['vs_student_miou']['per_seed'], [-0.02, -0.05], atol=1e-12)
+  np.testing.assert_allclose(no_tgpd['vs_nokd_miou']['per_seed'], [0.03, -0.02], atol=1e-12)
+  np.testing.assert_allclose(no_tgpd['vs_student_map']['per_seed'], [0.0, 0.01], atol=1e-12)
+  np.testing.assert_allclose(no_tgpd['vs_student_miou']['ci'],
+                             [-0.035 - 12.706 * 0.015, -0.035 + 12.706 * 0.015], atol=1e-4)
+  assert no_tgpd['vs_student_miou']['verdict'] == report.NOT_RESOLVED
   assert '| mIoU | +5.00, +3.00 | 2 | +4.00 | 1.41 | 1.00 | 12.706 | [-8.71, +16.71] | ' \
          'not resolved (CI includes 0) |' in text
   assert '- mIoU gain: not resolved (CI includes 0).' in text
   assert '- mAP gain: not resolved (CI includes 0).' in text
-  assert '## Ablations (seed 0 only: single-seed, no conclusion drawn)' in text
-  assert ('| no_tgpd | 48.00 | 30.00 | -2.00 | +3.00 | one seed: no interval, no conclusion |'
-          in text)
+  assert '# MapKD study report' in text
+  assert '## Ablations (paired per seed)' in text
+  assert ('| no_tgpd | 47.50 | 32.00 | -3.50 [-22.56, +15.56] | not resolved (CI includes 0) | '
+          '+0.50 [-31.27, +32.27] | not resolved (CI includes 0) |' in text)
   assert '- student_above_baseline_miou: NO: not resolved (CI includes 0)' in text
   assert os.path.getsize(os.path.join(tmp_path, 'report.png')) > 1000
 
 
 def test_demo_plan_order_and_resume_keys(tmp_path):
   config = tcs.get_config('demo')
+  labels = [label for label, *_ in demo.plan(config, str(tmp_path))]
+  # The 30-minute demo: three paired seeds, no ablations.
+  assert labels == ['hd_pretrain', 'teacher', 'coach', 'student/seed0', 'student_nokd/seed0',
+                    'student/seed1', 'student_nokd/seed1', 'student/seed2', 'student_nokd/seed2']
+  config = _two_seed_study()
   runs = demo.plan(config, str(tmp_path))
   labels = [label for label, *_ in runs]
   assert labels[:3] == ['hd_pretrain', 'teacher', 'coach']
-  assert labels[3:7] == ['student/seed0', 'student_nokd/seed0', 'student/seed1',
-                         'student_nokd/seed1']
-  assert labels[7:] == ['ablation/no_tgpd', 'ablation/no_msrd', 'ablation/no_coach']
+  # Seed by seed, so a study stopped half-way holds whole pairs.
+  assert labels[3:8] == ['student/seed0', 'student_nokd/seed0', 'ablation/no_tgpd/seed0',
+                         'ablation/no_msrd/seed0', 'ablation/no_coach/seed0']
+  assert labels[8:] == ['student/seed1', 'student_nokd/seed1', 'ablation/no_tgpd/seed1',
+                        'ablation/no_msrd/seed1', 'ablation/no_coach/seed1']
   by_label = {label: cfg for label, _, cfg, _ in runs}
-  assert by_label['ablation/no_tgpd'].kd.tgpd_teacher_weight == 0.0
-  assert by_label['ablation/no_tgpd'].kd.msrd_teacher_weight > 0.0
+  roots = {label: root for label, root, _, _ in runs}
+  assert roots['ablation/no_msrd/seed1'] == os.path.join(str(tmp_path), 'seed1', 'ablation',
+                                                         'no_msrd')
+  assert by_label['ablation/no_tgpd/seed1'].seed == 1
+  assert by_label['ablation/no_tgpd/seed0'].kd.tgpd_teacher_weight == 0.0
+  assert by_label['ablation/no_tgpd/seed0'].kd.msrd_teacher_weight > 0.0
   assert by_label['student_nokd/seed1'].nokd and by_label['student_nokd/seed1'].seed == 1
   assert by_label['teacher'].train.steps == config.demo.steps['teacher']
   assert by_label['student/seed1'].frozen.teacher == os.path.join(str(tmp_path), 'teacher',
@@ -116,8 +146,8 @@ def test_demo_plan_order_and_resume_keys(tmp_path):
 def test_optional_ablation_drops_only_the_tgpd_feature_term(tmp_path):
   config = tcs.get_config('demo')
   config.demo.ablations = ('no_tgpd_feature',)
-  (label, _, run, _), = [r for r in demo.plan(config, str(tmp_path)) if r[0].startswith('abl')]
-  assert label == 'ablation/no_tgpd_feature'
+  (label, _, run, _), *_ = [r for r in demo.plan(config, str(tmp_path)) if r[0].startswith('abl')]
+  assert label == 'ablation/no_tgpd_feature/seed0'
   assert run.kd.tgpd_feature_weight == 0.0
   assert run.kd.tgpd_attention_weight == config.kd.tgpd_attention_weight > 0.0
   assert run.kd.tgpd_teacher_weight == config.kd.tgpd_teacher_weight > 0.0
@@ -210,3 +240,30 @@ def test_checks_follow_the_interval(tmp_path):
   assert summary['gain']['miou']['verdict'] == report.ONE_SEED
   assert not summary['checks']['student_above_baseline_miou']
   assert '- mIoU gain: one seed: no interval, no conclusion.' in report.markdown(summary)
+
+
+def _lines(h, w, rows=(), cols=(), crossing=None):
+  """A [h, w] class map with horizontal dividers on `rows`, vertical boundaries on `cols`."""
+  gt = np.zeros((h, w), np.uint8)
+  for r in rows:
+    gt[r] = 1
+  for c in cols:
+    gt[:, c] = 3
+  if crossing is not None:
+    gt[crossing] = 2
+  return gt
+
+
+def test_pictures_show_crossings_and_junctions_not_the_first_straight_roads():
+  straight = _lines(20, 40, rows=(5, 14))
+  junction = _lines(20, 40, rows=(5, 14), cols=(20, 30))          # a cross street: 20 rows
+  zebra = _lines(20, 40, rows=(5, 14), crossing=np.s_[6:13, 30:33])
+  gt = np.stack([straight] * 12 + [junction] + [straight] * 12 + [zebra] + [straight] * 5)
+  classes = ('divider', 'ped_crossing', 'boundary')
+  assert report.choose_samples(gt, 2, classes, min_gap=5) == [25, 12]
+  # A third pick alternates back to crossings: none left, so the first sample far enough from
+  # both (ties keep split order).
+  assert report.choose_samples(gt, 3, classes, min_gap=5) == [25, 12, 0]
+  # Too few samples for the gap: still distinct indices.
+  picks = report.choose_samples(gt[:3], 3, classes, min_gap=10)
+  assert sorted(picks) == [0, 1, 2]
