@@ -218,19 +218,17 @@ def test_sd_fusion_rejects_mismatched_width():
                train=False)
 
 
-HD_KWARGS = dict(patch_size=4, width=16, depth=1, num_heads=2, mlp_ratio=2, dropout=0.0,
-                 decoder_channels=8, num_classes=4, embedding_dim=5, direction_classes=37)
-
-
 def test_hd_prior_rejects_bad_patch():
-  model = prior.HDPrior(**HD_KWARGS)
+  config = tcs.get_config('teacher,tiny')
+  config.model.hd.update(patch_size=4, width=16, depth=1, num_heads=2, mlp_ratio=2)
+  model = prior.HDPrior(ml_collections.FrozenConfigDict(config))
   shapes = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0],
-                          jnp.ones((2, 8, 12, 4)))
+                          jnp.ones((2, 16, 24, 4)))
   assert {k: v.shape for k, v in shapes.items()} == {
-      'semantic': (2, 8, 12, 4), 'embedding': (2, 8, 12, 5), 'direction': (2, 8, 12, 37)}
+      'semantic': (2, 16, 24, 4), 'embedding': (2, 16, 24, 16), 'direction': (2, 16, 24, 37)}
   with pytest.raises(ValueError, match='patch_size'):
     jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                   jnp.ones((1, 9, 12, 4)))
+                   jnp.ones((1, 18, 24, 4)))
 
 
 @pytest.fixture(scope='module')

@@ -46,20 +46,43 @@ def _up2(in_channels, hidden, out_channels):
 
 
 class BevEncode(nn.Module):
-  """ResNet-18 stem + layers 1-3 (torchvision modules), per-head Up and up2 (P-MapNet/MapKD)."""
+  """ResNet-18 stem + layers 1-3 (torchvision modules), per-head Up and up2 (P-MapNet/MapKD).
 
-  def __init__(self, in_channels, out_channels=4, embedded_dim=16, direction_dim=37):
+  The defaults are the reference's sizes (torchvision resnet18's layers); other sizes build
+  the same structure from torchvision BasicBlocks (same names: layerK.J.conv1/bn1/conv2/bn2/
+  downsample.0/1) for small-config tests.
+  """
+
+  def __init__(self, in_channels, out_channels=4, embedded_dim=16, direction_dim=37,
+               stem=64, layers=(64, 128, 256), blocks=2, up=256, head=128):
     super().__init__()
-    trunk = resnet18(weights=None, zero_init_residual=True)
-    self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    self.bn1, self.relu = trunk.bn1, trunk.relu
-    self.layer1, self.layer2, self.layer3 = trunk.layer1, trunk.layer2, trunk.layer3
-    self.up1 = Up(64 + 256, 256, scale_factor=4)
-    self.up2 = _up2(256, 128, out_channels)
-    self.up1_embedded = Up(64 + 256, 256, scale_factor=4)
-    self.up2_embedded = _up2(256, 128, embedded_dim)
-    self.up1_direction = Up(64 + 256, 256, scale_factor=4)
-    self.up2_direction = _up2(256, 128, direction_dim)
+    self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=7, stride=2, padding=3, bias=False)
+    if (stem, tuple(layers), blocks) == (64, (64, 128, 256), 2):
+      trunk = resnet18(weights=None, zero_init_residual=True)
+      self.bn1, self.relu = trunk.bn1, trunk.relu
+      self.layer1, self.layer2, self.layer3 = trunk.layer1, trunk.layer2, trunk.layer3
+    else:
+      from torchvision.models.resnet import BasicBlock
+      self.bn1, self.relu = nn.BatchNorm2d(stem), nn.ReLU(inplace=True)
+      width = stem
+      for k, (channels, stride) in enumerate(zip(layers, (1, 2, 2)), start=1):
+        mods = []
+        for j in range(blocks):
+          s = stride if j == 0 else 1
+          down = None
+          if s != 1 or width != channels:
+            down = nn.Sequential(nn.Conv2d(width, channels, 1, stride=s, bias=False),
+                                 nn.BatchNorm2d(channels))
+          mods.append(BasicBlock(width, channels, stride=s, downsample=down))
+          width = channels
+        setattr(self, f'layer{k}', nn.Sequential(*mods))
+    skip = layers[0] + layers[2]
+    self.up1 = Up(skip, up, scale_factor=4)
+    self.up2 = _up2(up, head, out_channels)
+    self.up1_embedded = Up(skip, up, scale_factor=4)
+    self.up2_embedded = _up2(up, head, embedded_dim)
+    self.up1_direction = Up(skip, up, scale_factor=4)
+    self.up2_direction = _up2(up, head, direction_dim)
 
   def forward(self, x):
     x = self.relu(self.bn1(self.conv1(x)))

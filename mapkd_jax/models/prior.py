@@ -11,13 +11,11 @@ Numbers as the reference's torch modules have them: LayerNorm eps 1e-5, BatchNor
 torch momentum 0.1, DETR's normalization y / (h + 1e-6). convert/sd_attention.py maps the
 reference's `input_proj.`, `conv_osm.` and `sdmap_crossattn.` tensors onto these modules.
 
-HD prior (P-MapNet `model/utils/map_mae_head.py`): a ViT over patches of the 4-channel semantic
-map, pretrained as a masked autoencoder on ground-truth rasters (`HDMapMAE`) and then used to
-refine the teacher's semantic logits. Departure: the reference decodes ViT tokens with two
-transposed convs, a resize and a full ResNet BEV decoder; here each token is linearly expanded
-to its patch's pixels (MAE's patch decoder) and refined by one conv before the three heads.
-The module is always a submodule named `hd_prior`, so `params['hd_prior']` moves unchanged
-from the hd_pretrain checkpoint into the teacher and coach.
+HD prior (P-MapNet `model/utils/map_mae_head.py` MapVisionTransformer, `mae_head` of the
+teacher): a timm ViT over patches of the 4-channel semantic map, pretrained as a masked
+autoencoder on ground-truth rasters (`HDMapMAE`) and then used to refine the teacher's semantic
+logits; its tokens are decoded as the reference decodes them (two transposed convs, a resize,
+a 1x1 conv + BatchNorm and a full BEV decoder). convert/vit.py maps the reference's tensors.
 """
 import math
 from typing import Any, Sequence
@@ -28,11 +26,13 @@ import jax.numpy as jnp
 
 from mapkd_jax.models import precision
 from mapkd_jax.models import lidar
-from mapkd_jax.models.lidar import ConvBNReLU
+from mapkd_jax.models.bev_decoder import BEVDecoder, ConvBN, resize_half_pixel
 
 
 # torch nn.LayerNorm's default epsilon (Flax's is 1e-6); DETR's normalization epsilon.
 TORCH_LN_EPS = 1e-5
+# timm's ViT LayerNorm epsilon (partial(nn.LayerNorm, eps=1e-6)), P-MapNet's HD prior.
+TIMM_LN_EPS = 1e-6
 DETR_POS_EPS = 1e-6
 
 
@@ -183,7 +183,14 @@ class SDPriorFusion(nn.Module):
 
 
 class ViTBlock(nn.Module):
-  """Pre-norm transformer block (timm ViT): x + MHA(LN x); x + MLP(LN x). x: [B, N, D]."""
+  """timm ViT `Block`: x + attn(norm1 x); x + mlp(norm2 x). x: [B, N, D].
+
+  As timm builds it for P-MapNet's `vit_base_patch8`: LayerNorm eps 1e-6 (timm's; also Flax's
+  default), qkv with bias split into `num_heads` contiguous blocks of D / heads features
+  (Flax's DenseGeneral [D, heads, head_dim] layout; convert/vit.py splits timm's packed qkv),
+  scale head_dim ** -0.5, exact (erf) GELU as torch nn.GELU, no LayerScale, no drop path.
+  Submodules norm1, attn, norm2, fc1, fc2 mirror timm's names.
+  """
   num_heads: int
   mlp_ratio: int
   dropout: float
@@ -192,69 +199,89 @@ class ViTBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     width = x.shape[-1]
-    y = nn.LayerNorm(dtype=self.dtype)(x)
+    y = nn.LayerNorm(epsilon=TIMM_LN_EPS, dtype=self.dtype, name='norm1')(x)
     y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dropout_rate=self.dropout,
                                         deterministic=not train, dtype=self.dtype,
-                                        attention_fn=attention_float32_softmax)(y, y)
-    x = x + y
-    y = nn.gelu(nn.Dense(width * self.mlp_ratio, dtype=self.dtype)(
-        nn.LayerNorm(dtype=self.dtype)(x)))
-    y = nn.Dropout(self.dropout, deterministic=not train)(
-        nn.Dense(width, dtype=self.dtype)(y))
-    return x + y
+                                        attention_fn=attention_float32_softmax,
+                                        name='attn')(y, y)
+    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = nn.LayerNorm(epsilon=TIMM_LN_EPS, dtype=self.dtype, name='norm2')(x)
+    y = nn.gelu(nn.Dense(width * self.mlp_ratio, dtype=self.dtype, name='fc1')(y),
+                approximate=False)
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = nn.Dense(width, dtype=self.dtype, name='fc2')(y)
+    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
-class HDPrior(nn.Module):
-  """ViT refinement of a semantic map.
-
-  Attributes:
-    patch_size, width, depth, num_heads, mlp_ratio, dropout: the ViT (reference ViT-B/8).
-    decoder_channels: per-pixel features after expanding tokens back to patches.
-    num_classes: semantic channels (background + classes).
-    embedding_dim: instance embedding channels.
-    direction_classes: direction channels (bins + none).
-    dtype: compute dtype (precision.compute_dtype).
-  """
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_ratio: int
-  dropout: float
-  decoder_channels: int
-  num_classes: int
-  embedding_dim: int
-  direction_classes: int
+class ConvTranspose4x4(nn.Module):
+  """torch ConvTranspose2d(kernel 4, stride 2, padding 1) with bias and no activation:
+  [B, H, W, Cin] -> [B, 2H, 2W, features]. Kernel stored [kh, kw, Cin, Cout] for the forward
+  correlation of the dilated input (torch's weight flipped: convert/pmapnet.py
+  transposed_conv_kernel), padded kernel - 1 - padding = 2 on each side, as the neck's."""
+  features: int
   dtype: Any = jnp.float32
 
   @nn.compact
+  def __call__(self, x):
+    return nn.ConvTranspose(self.features, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
+                            dtype=self.dtype, name='conv')(x)
+
+
+class HDPrior(nn.Module):
+  """ViT refinement of a semantic map: P-MapNet's `MapVisionTransformer` (`mae_head`).
+
+  Reads config.model.hd (patch_size, width, depth, num_heads, mlp_ratio, dropout),
+  config.model.decoder (its BEV decoder `bev_head`), config.data (canvas, classes, bins).
+
+  semantic [B, Hb, Wb, K] -> patch conv (`map_patch_embed.proj`, kernel = stride = p)
+  -> tokens [B, (Hb/p) (Wb/p), D] + pos_embed[:-1] -> `depth` ViT blocks -> LayerNorm (`norm`)
+  -> [B, Hb/p, Wb/p, D] -> two ConvTranspose2d k4 s2 p1 with bias and no activation in between
+  (`conv_up.0`, `conv_up.1`) -> bilinear resize to the canvas with align_corners=False
+  (`conv_up.2`) -> 1x1 conv (no bias) + BatchNorm, no ReLU (`conv_up.3`) -> a BEVDecoder
+  (`bev_head`, HDMapNet's BevEncode on D input channels) -> semantic / embedding / direction.
+
+  Position embedding: the reference's table is timm's, sized for the image plus a class token
+  ([1 + N, D], class token first), but the forward adds `pos_embed[:, :-1]` to the N patch
+  tokens: patch i gets row i, i.e. the class token's row goes to the first patch and the last
+  row is never used. That is the function the released weights were trained with, so it is
+  kept: `pos_embed` here is the whole [N + 1, D] table and the first N rows are added. Dropout
+  (pos_drop, attention, MLP) is config.model.hd.dropout, 0 in the reference.
+  The module is always a submodule named `hd_prior`, so `params['hd_prior']` moves unchanged
+  from the hd_pretrain checkpoint into the teacher and coach.
+
+  Attributes:
+    config: the full (frozen) config.
+  """
+  config: object
+
+  @nn.compact
   def __call__(self, semantic, *, train: bool):
-    """semantic: [B, Hb, Wb, num_classes] -> {'semantic', 'embedding', 'direction'} maps."""
+    """semantic: [B, Hb, Wb, num_classes] -> {'semantic', 'embedding', 'direction'} maps
+    [B, Hb, Wb, *] (logits, compute dtype)."""
+    cfg = self.config.model.hd
+    dtype = precision.compute_dtype(self.config)
     batch, height, width, _ = semantic.shape
-    p = self.patch_size
+    p = cfg.patch_size
     if height % p or width % p:
       raise ValueError(f'config.model.hd.patch_size={p} must divide the BEV canvas '
                        f'{height}x{width}')
     grid_h, grid_w = height // p, width // p
-    x = nn.Conv(self.width, (p, p), strides=p, padding='VALID', dtype=self.dtype,
+    x = nn.Conv(cfg.width, (p, p), strides=p, padding='VALID', dtype=dtype,
                 name='patch_embed')(semantic)
-    x = x.reshape(batch, grid_h * grid_w, self.width)
-    pos = self.param('pos_embed', nn.initializers.normal(0.02), (grid_h * grid_w, self.width))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x + pos.astype(self.dtype))
-    for _ in range(self.depth):
-      x = ViTBlock(self.num_heads, self.mlp_ratio, self.dropout, dtype=self.dtype)(
+    x = x.reshape(batch, grid_h * grid_w, cfg.width)
+    pos = self.param('pos_embed', nn.initializers.normal(0.02),
+                     (grid_h * grid_w + 1, cfg.width))
+    x = nn.Dropout(cfg.dropout, deterministic=not train)(x + pos[:-1].astype(dtype))
+    for i in range(cfg.depth):
+      x = ViTBlock(cfg.num_heads, cfg.mlp_ratio, cfg.dropout, dtype=dtype, name=f'block_{i}')(
           x, train=train)
-    x = nn.LayerNorm(dtype=self.dtype)(x)
-    x = nn.Dense(p * p * self.decoder_channels, dtype=self.dtype, name='patch_decoder')(x)
-    x = x.reshape(batch, grid_h, grid_w, p, p, self.decoder_channels)
-    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height, width, self.decoder_channels)
-    x = ConvBNReLU(self.decoder_channels, dtype=self.dtype)(x, train=train)
-    head = lambda features, name: nn.Conv(features, (1, 1), dtype=self.dtype, name=name)(x)
-    return {
-        'semantic': head(self.num_classes, 'semantic_head'),
-        'embedding': head(self.embedding_dim, 'embedding_head'),
-        'direction': head(self.direction_classes, 'direction_head'),
-    }
+    x = nn.LayerNorm(epsilon=TIMM_LN_EPS, dtype=dtype, name='norm')(x)
+    x = x.reshape(batch, grid_h, grid_w, cfg.width)
+    x = ConvTranspose4x4(cfg.width, dtype=dtype, name='up_0')(x)
+    x = ConvTranspose4x4(cfg.width, dtype=dtype, name='up_1')(x)
+    x = resize_half_pixel(x, (height, width))
+    x = ConvBN(cfg.width, 1, relu=False, dtype=dtype, name='proj')(x, train=train)
+    return BEVDecoder(self.config, name='decoder')(x, train=train)
 
 
 def random_patch_mask(rng, batch, grid_h, grid_w, *, mask_ratio):
@@ -286,10 +313,11 @@ class HDMapMAE(nn.Module):
   def __call__(self, batch, *, train: bool):
     """batch['semantic']: [B, Hb, Wb] int -> {'reconstruction': [B, Hb, Wb, K] logits,
     'mask': [B, Hb, Wb] float (1 = masked pixel), 'target': [B, Hb, Wb, K] one-hot}."""
-    hd_prior = HDPrior(**hd_prior_kwargs(self.config), name='hd_prior')
-    target = jax.nn.one_hot(batch['semantic'], hd_prior.num_classes, dtype=jnp.float32)
+    hd_prior = HDPrior(self.config, name='hd_prior')
+    num_classes = len(self.config.data.classes) + 1
+    target = jax.nn.one_hot(batch['semantic'], num_classes, dtype=jnp.float32)
     b, height, width = batch['semantic'].shape
-    p = hd_prior.patch_size
+    p = self.config.model.hd.patch_size
     if height % p or width % p:
       raise ValueError(f'config.model.hd.patch_size={p} must divide the BEV canvas '
                        f'{height}x{width}')
@@ -300,19 +328,6 @@ class HDMapMAE(nn.Module):
     out = hd_prior(target * (1.0 - mask[..., None]), train=train)
     return precision.outputs_to_float32(
         {'reconstruction': out['semantic'], 'mask': mask, 'target': target})
-
-
-def hd_prior_kwargs(config):
-  """HDPrior fields for a full config (config.model.hd, class/bin counts from config.data,
-  compute dtype from config.mixed_precision)."""
-  cfg = config.model.hd
-  return dict(
-      patch_size=cfg.patch_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
-      mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout, decoder_channels=cfg.decoder_channels,
-      num_classes=len(config.data.classes) + 1,
-      embedding_dim=config.model.decoder.embedding_dim,
-      direction_classes=config.data.direction_bins + 1,
-      dtype=precision.compute_dtype(config))
 
 
 def sd_fusion_from_config(config, name=None):

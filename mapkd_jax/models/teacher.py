@@ -48,7 +48,7 @@ def decode_with_priors(config, camera_bev, range_bev, sd_prior, *, refine: bool,
   out = BEVDecoder(config, name='decoder')(bev, train=train)
   if not refine:
     return {**out, 'bev_small': bev_small}
-  refined = prior.HDPrior(**prior.hd_prior_kwargs(config), name='hd_prior')(
+  refined = prior.HDPrior(config, name='hd_prior')(
       out['semantic'], train=train)
   return {**refined, **{f'{k}_pre': v for k, v in out.items()}, 'bev_small': bev_small}
 
