@@ -1,0 +1,217 @@
+"""Training / evaluation batches from the `mapkd_nuscenes` TFDS dataset (data_prep/tfds_builder.py).
+
+Same interface and same batches as `pipeline.iterate` on build_shards' shard directory of the
+same samples: `iterate(data_dir, split, data_config, batch_size=..., seed=...)` where data_dir
+is the builder's versioned folder (e.g. ~/tensorflow_datasets/mapkd_nuscenes/tiny/2.0.0); the
+order, the `{'epoch', 'batch'}` resume position and the per-host split are pipeline.py's.
+
+How. TFDS writes a split's records in build_shards' order but groups them into its own files.
+The builder records build_shards' grouping (metadata `splits/<split>/shard_sizes`: examples per
+build_shards file); here each of those "virtual shards" is read back as the TFDS file segments
+that hold it (`TFRecordDataset(file).skip(a).take(b)`), and the virtual shards take the place
+of pipeline.py's files: host h reads virtual shards h::process_count (pipeline.py's
+files[h::n], rather than tfds.split_for_jax_process's even example ranges, so that every host
+gets exactly today's examples), permuted per epoch and interleaved, then shuffled, decoded and
+batched by pipeline.py's own functions.
+
+The records are pipeline.py's schema (tfds_builder declares its features from build_shards'
+record_spec), so pipeline's decode applies unchanged; metadata.json carries build_shards'
+dataset_info keys and is checked against config.data as pipeline.py checks dataset_info.json.
+"""
+import os
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mapkd_jax.data import dataset_info
+from mapkd_jax.data import pipeline
+from mapkd_jax.data import schema
+
+
+def load_builder(data_dir):
+  """The read-only builder of a prepared dataset folder (no builder code needed to read it).
+
+  Raises:
+    FileNotFoundError: naming the folder when it holds no prepared TFDS dataset.
+  """
+  data_dir = os.fspath(data_dir)
+  if not os.path.isfile(os.path.join(data_dir, 'dataset_info.json')) or not os.path.isfile(
+      os.path.join(data_dir, 'features.json')):
+    raise FileNotFoundError(f'{data_dir}: no prepared TFDS dataset (dataset_info.json and '
+                            f'features.json); build it with `tfds build --imports '
+                            f'data_prep.tfds_builder mapkd_nuscenes/<config>`')
+  return tfds.builder_from_directory(data_dir)
+
+
+def _metadata(builder, data_dir):
+  meta = dict(builder.info.metadata or {})
+  if 'splits' not in meta or 'schema_version' not in meta:
+    raise ValueError(f'{data_dir}/metadata.json: no build record (splits / schema_version); '
+                     f'not written by data_prep/tfds_builder.py')
+  return meta
+
+
+def virtual_shards(builder, data_dir, split):
+  """build_shards' files of `split` as TFDS file segments.
+
+  Returns:
+    [[(path, skip, take), ...] per build_shards file, in build_shards' file order].
+  Raises:
+    ValueError: unknown split, or recorded shard sizes that do not add up to the split's
+      example count (naming metadata.json).
+  """
+  meta = _metadata(builder, data_dir)
+  if split not in meta['splits'] or split not in builder.info.splits:
+    raise ValueError(f'{data_dir}: no split {split!r}; known: {sorted(meta["splits"])}')
+  sizes = [int(s) for s in meta['splits'][split]['shard_sizes']]
+  info = builder.info.splits[split]
+  if sum(sizes) != info.num_examples:
+    raise ValueError(f'{data_dir}/metadata.json: splits[{split!r}].shard_sizes sum to '
+                     f'{sum(sizes)} but the split holds {info.num_examples} examples')
+  files = [(os.path.join(data_dir, name), int(length))
+           for name, length in zip(info.filenames, info.shard_lengths)]
+  for path, _ in files:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: listed in {data_dir}/dataset_info.json (split '
+                              f'{split!r}) but missing')
+  out, file_index, offset = [], 0, 0   # offset: position inside files[file_index]
+  for size in sizes:
+    segments = []
+    while size > 0:
+      path, length = files[file_index]
+      take = min(size, length - offset)
+      if take > 0:
+        segments.append((path, offset, take))
+      size, offset = size - take, offset + take
+      if offset == length:
+        file_index, offset = file_index + 1, 0
+    out.append(segments)
+  return out
+
+
+def host_shards(data_dir, split, data_config, *, process_index=None, process_count=None):
+  """(this host's virtual shards, all TFDS files of the split), after checking the config.
+
+  Raises:
+    FileNotFoundError / ValueError as `load_builder`, `virtual_shards`,
+    `dataset_info.check_dataset_info`; ValueError for a host that gets no shard.
+  """
+  import jax  # Imported here: only needed for the default host identity.
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count})')
+  data_dir = os.fspath(data_dir)
+  builder = load_builder(data_dir)
+  if builder.info.file_format.value != 'tfrecord':
+    raise ValueError(f'{data_dir}: file format {builder.info.file_format.value!r}; this reader '
+                     f'reads tfrecord (the builder\'s default)')
+  dataset_info.check_dataset_info(_metadata(builder, data_dir), data_config, data_dir)
+  shards = virtual_shards(builder, data_dir, split)
+  mine = shards[process_index::process_count]
+  if not mine:
+    raise ValueError(f'{data_dir}: split {split!r} has {len(shards)} shards, fewer than the '
+                     f'{process_count} processes; process {process_index} would get none '
+                     f'(rebuild with a larger num_shards in the builder config)')
+  files = sorted({path for shard in shards for path, _, _ in shard})
+  return mine, files
+
+
+def _records(shards, cycle_length):
+  """Interleaved serialized records of `shards` (lists of segments), as pipeline.py's files."""
+  table = [(k, path, skip, take) for k, shard in enumerate(shards)
+           for path, skip, take in shard]
+  ids, paths, skips, takes = (list(column) for column in zip(*table)) if table else ([], [], [], [])
+  segments = tf.data.Dataset.from_tensor_slices((tf.constant(ids, tf.int64),
+                                                 tf.constant(paths, tf.string),
+                                                 tf.constant(skips, tf.int64),
+                                                 tf.constant(takes, tf.int64)))
+
+  def shard_records(k):
+    return segments.filter(lambda i, p, s, t: tf.equal(i, k)).flat_map(
+        lambda i, p, s, t: tf.data.TFRecordDataset(p).skip(s).take(t))
+
+  order = tf.data.Dataset.from_tensor_slices(tf.range(len(shards), dtype=tf.int64))
+  return order.interleave(shard_records, cycle_length=min(cycle_length, len(shards)),
+                          block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
+
+
+def make_dataset(data_dir, split, data_config, *, batch_size, seed, epoch=0, shuffle=True,
+                 skip_batches=0, process_index=None, process_count=None, with_tokens=False,
+                 drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, cycle_length=4,
+                 threads=None):
+  """One epoch of this host's batches; arguments and result as `pipeline.make_dataset`."""
+  pipeline._hide_gpus_from_tf()  # pylint: disable=protected-access
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+  shards, _ = host_shards(data_dir, split, data_config, process_index=process_index,
+                          process_count=process_count)
+  file_seed, example_seed = pipeline._epoch_seeds(seed, epoch)  # pylint: disable=protected-access
+  if shuffle:
+    shards = [shards[i] for i in np.random.default_rng(file_seed).permutation(len(shards))]
+  ds = _records(shards, cycle_length)
+  if shuffle:
+    ds = ds.shuffle(data_config.shuffle_buffer, seed=example_seed, reshuffle_each_iteration=False)
+  ds = ds.skip(skip_batches * batch_size)
+  ds = ds.map(pipeline._decode_fn(data_config, with_tokens),  # pylint: disable=protected-access
+              num_parallel_calls=num_parallel_calls, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds.map(pipeline._convert_batch,  # pylint: disable=protected-access
+              num_parallel_calls=num_parallel_calls, deterministic=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  if threads is not None:
+    options.threading.private_threadpool_size = threads
+  return ds.with_options(options)
+
+
+def iterate(data_dir, split, data_config, *, batch_size, seed, shuffle=True, num_epochs=None,
+            position=None, process_index=None, process_count=None, with_tokens=False,
+            drop_remainder=True, **dataset_kwargs):
+  """A `pipeline.BatchIterator` over the TFDS dataset; arguments as `pipeline.iterate`."""
+  _, files = host_shards(data_dir, split, data_config, process_index=process_index,
+                         process_count=process_count)
+
+  def dataset_fn(epoch, skip_batches):
+    return make_dataset(data_dir, split, data_config, batch_size=batch_size, seed=seed,
+                        epoch=epoch, shuffle=shuffle, skip_batches=skip_batches,
+                        process_index=process_index, process_count=process_count,
+                        with_tokens=with_tokens, drop_remainder=drop_remainder, **dataset_kwargs)
+
+  return pipeline.BatchIterator(
+      dataset_fn, files, position=position or {'epoch': 0, 'batch': 0}, num_epochs=num_epochs,
+      decode_fn=pipeline._decode_fn(data_config, False))  # pylint: disable=protected-access
+
+
+def read_vectors(data_dir, split):
+  """Ground-truth polylines of a split (all hosts), through `builder.as_dataset`.
+
+  Returns:
+    As `pipeline.read_vectors`: {sample_token: [(class_id, points [N, 2] float32), ...]}.
+  Raises:
+    ValueError: naming the folder for a sample with inconsistent vector lengths.
+  """
+  builder = load_builder(data_dir)
+  vectors = {}
+  for ex in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator():
+    token = _field(ex, schema.SAMPLE_TOKEN).decode()
+    classes, counts, points = (_field(ex, key) for key in (
+        schema.VECTOR_CLASS, schema.VECTOR_NUM_POINTS, schema.VECTOR_POINTS))
+    if len(classes) != len(counts) or counts.sum() != len(points):
+      raise ValueError(f'{data_dir}: sample {token!r} has {len(classes)} vector classes and '
+                       f'{len(counts)} point counts summing to {counts.sum()} for '
+                       f'{len(points)} points')
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    vectors[token] = [(int(cls), points[starts[i]:starts[i + 1]].astype(np.float32))
+                      for i, cls in enumerate(classes)]
+  return vectors
+
+
+def _field(example, key):
+  """A schema key ('vectors/points') of an `as_dataset` example (nested dicts)."""
+  for part in key.split('/'):
+    example = example[part]
+  return example
