@@ -5,17 +5,27 @@
       [--protocol maptr|pmapnet|legacy] [--workers N]
 
 Restores only the `params` item of ROOT/<stage>/{best|checkpoints} (any device count), runs
-the model jitted over the split (batch sharded over the mesh, last batch padded) and writes
-ROOT/<stage>/eval/: metrics.json, semantic.npz, predictions.json, gt.json and PNG figures.
-Protocol: DESIGN.md section 4, mapkd_jax/eval/ and vectorize.py docstrings. Vector AP follows
-MapTR's released evaluation by default; `--protocol pmapnet` computes P-MapNet's (the paper's
-mAP column, its defects included on purpose and listed in metrics.json).
+the model jitted over the split (batch sharded over this process's devices, last batch
+padded) and writes ROOT/<stage>/eval/: metrics.json, semantic.npz, predictions.json, gt.json
+and PNG figures. Protocol: DESIGN.md section 4, mapkd_jax/eval/ and vectorize.py docstrings.
+Vector AP follows MapTR's released evaluation by default; `--protocol pmapnet` computes
+P-MapNet's (the paper's mAP column, its defects included on purpose and listed in
+metrics.json).
 
-Vectorization runs in `--workers` processes (default config.eval.workers, 0 = the CPU count)
-while the device computes the next batches; results are the same as inline (workers 1). The
-pool starts 'spawn' processes, which import the caller's main module: a script that calls
-`evaluate` must keep its work under `if __name__ == '__main__':` (launch.py and this module do).
+Throughput. The forward of the next batch is dispatched before the current batch's outputs
+are copied to the host, and each sample's host work (vectorization and its AP record:
+Chamfer distances and matching) runs in `--workers` processes (default config.eval.workers,
+0 = the CPU count), at most a few samples a worker queued; results are the same as inline
+(workers 1). The pool starts 'spawn' processes, which import the caller's main module: a
+script that calls `evaluate` must keep its work under `if __name__ == '__main__':` (launch.py
+and this module do).
+
+Several processes (jax.distributed, e.g. one per host): process p evaluates samples i with
+i % process_count == p on its own devices, writes its share (vectors, AP records, IoU counts,
+class maps) under eval/parts/, and process 0 merges them after a barrier and writes the
+outputs; metrics.json is the one-process file.
 """
+import collections
 import concurrent.futures
 import functools
 import json
@@ -34,6 +44,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax import metrics as metrics_lib
 from mapkd_jax import models as models_lib
 from mapkd_jax import sharding
 from mapkd_jax import stages
@@ -42,6 +53,7 @@ from mapkd_jax import vectorize
 from mapkd_jax import visualize
 from mapkd_jax.data import dataset_info as info_lib
 from mapkd_jax.data import pipeline
+from mapkd_jax.data import schema
 from mapkd_jax.eval import ap as ap_lib
 from mapkd_jax.eval import files as vector_files
 from mapkd_jax.eval import protocols
@@ -125,29 +137,57 @@ def resolve_workers(workers):
   return workers or (os.cpu_count() or 1)
 
 
-class _Vectorizer:
-  """Vectorizes samples inline (1 worker) or in a process pool, keyed by sample token.
+def _score_sample(semantic, embedding, gt_vectors, *, vec_kwargs, ap_kwargs):
+  """(predicted vectors, AP record) of one sample: what a pool worker computes."""
+  vectors = vectorize.vectorize_sample(semantic, embedding, **vec_kwargs)
+  record = ap_lib.sample_record(vectors, gt_vectors, **ap_kwargs)
+  return vectors, record
 
-  The pool uses 'spawn' processes: forking a process that holds JAX's threads can deadlock.
+
+def _vectorize_only(semantic, embedding, gt_vectors, *, vec_kwargs):
+  del gt_vectors
+  return vectorize.vectorize_sample(semantic, embedding, **vec_kwargs)
+
+
+class Scorer:
+  """Vectorizes and AP-scores samples inline (1 worker) or in a process pool, by sample token.
+
+  The pool overlaps the host work (vectorization, Chamfer distances, matching: about all of a
+  sample's host time) with the device forward of the next batches. At most `max_pending`
+  samples wait in the pool (each holds its head outputs, [H, W, K + 1 + E] float32, 6 MB at
+  the reference size): `submit` then waits for the oldest, so memory stays bounded whatever
+  the split size. The pool uses 'spawn' processes: forking a process that holds JAX's threads
+  can deadlock.
   """
 
-  def __init__(self, workers, kwargs):
-    self._fn = functools.partial(vectorize.vectorize_sample, **kwargs)
+  def __init__(self, workers, vec_kwargs, ap_kwargs=None, max_pending=None):
+    if ap_kwargs is None:
+      self._fn = functools.partial(_vectorize_only, vec_kwargs=vec_kwargs)
+    else:
+      self._fn = functools.partial(_score_sample, vec_kwargs=vec_kwargs, ap_kwargs=ap_kwargs)
     self._pool = None
     if workers > 1:
       self._pool = concurrent.futures.ProcessPoolExecutor(
           max_workers=workers, mp_context=multiprocessing.get_context('spawn'))
+    self._max_pending = max_pending or 4 * workers
+    self._pending = collections.deque()
     self._results = {}
 
-  def submit(self, token, semantic, embedding):
+  def submit(self, token, semantic, embedding, gt_vectors=()):
+    gt_vectors = list(gt_vectors)
     if self._pool is None:
-      self._results[token] = self._fn(semantic, embedding)
-    else:
-      self._results[token] = self._pool.submit(self._fn, np.ascontiguousarray(semantic),
-                                               np.ascontiguousarray(embedding))
+      self._results[token] = self._fn(semantic, embedding, gt_vectors)
+      return
+    while len(self._pending) >= self._max_pending:
+      oldest = self._pending.popleft()
+      self._results[oldest] = self._results[oldest].result()
+    self._results[token] = self._pool.submit(self._fn, np.ascontiguousarray(semantic),
+                                             np.ascontiguousarray(embedding), gt_vectors)
+    self._pending.append(token)
 
   def results(self):
-    """{token: vectors}, waiting for the pool; shuts it down."""
+    """{token: (vectors, AP record)} (just vectors without ap_kwargs), waiting for the pool;
+    shuts it down."""
     try:
       return {t: (r.result() if isinstance(r, concurrent.futures.Future) else r)
               for t, r in self._results.items()}
@@ -191,44 +231,144 @@ def _json_safe(tree):
   return tree
 
 
+def process_rows(start, rows, process_index, process_count):
+  """[rows] bool: which rows of a global batch starting at sample `start` are this process's.
+
+  Sample i of the split (in the pipeline's unshuffled order) belongs to process
+  i % process_count: every sample exactly once, shares differing by at most one.
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, process_count='
+                     f'{process_count})')
+  return (start + np.arange(rows)) % process_count == process_index
+
+
+def _my_batches(batches, process_index, process_count):
+  """Yields (global sample indices [R], host batch of R rows) of this process's share."""
+  start = 0
+  for host in batches:
+    rows = len(host['semantic'])
+    keep = process_rows(start, rows, process_index, process_count)
+    indices = start + np.flatnonzero(keep)
+    start += rows
+    if len(indices):
+      yield indices, {k: v[keep] for k, v in host.items()}
+
+
+def _forward_ahead(forward, variables, batches, *, batch_size, mesh):
+  """Yields (indices, host batch, device outputs), dispatching the forward of the NEXT batch
+  before the current one is handed out, so the device computes while the caller copies,
+  argmaxes and submits the current one (JAX dispatch is asynchronous)."""
+  pending = None
+  for indices, host in batches:
+    padded = trainer.pad_batch(host, batch_size)
+    device_batch = {k: jax.device_put(v, sharding.batch_sharding(mesh))
+                    for k, v in padded.items()}
+    out = forward(variables, device_batch)
+    if pending is not None:
+      yield pending
+    pending = (indices, host, out)
+  if pending is not None:
+    yield pending
+
+
+def _to_local(variables, mesh):
+  """Replicated global arrays -> the same values replicated over this process's mesh."""
+  repl = sharding.replicated(mesh)
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x.addressable_data(0)), repl),
+                      variables)
+
+
+def _write_json(path, payload):
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(payload, f)
+  os.replace(tmp, path)
+
+
+def _gather_parts(out_dir, part, maps, *, process_index, process_count):
+  """Each process's share -> process 0 (None elsewhere), through files under `out_dir`.
+
+  Files, not a collective: the shares are nested, variable-size (vectors, per-sample AP
+  records), which jax's multihost_utils.process_allgather would need padded into fixed-size
+  arrays; the workdir is shared by all hosts anyway (they restore the same checkpoint and
+  process 0 writes the outputs there). A barrier (multihost_utils.sync_global_devices)
+  orders the writes before the reads.
+
+  Returns:
+    On process 0: (list of parts, list of map dicts) in process order; else None.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  parts_dir = os.path.join(out_dir, 'parts')
+  os.makedirs(parts_dir, exist_ok=True)
+  name = os.path.join(parts_dir, f'process_{process_index:05d}')
+  np.savez(f'{name}.tmp.npz', **maps)
+  os.replace(f'{name}.tmp.npz', f'{name}.npz')
+  _write_json(f'{name}.json', part)
+  multihost_utils.sync_global_devices('mapkd_jax.evaluate: parts written')
+  if process_index != 0:
+    return None
+  parts, all_maps = [], []
+  for k in range(process_count):
+    name = os.path.join(parts_dir, f'process_{k:05d}')
+    with open(f'{name}.json') as f:
+      parts.append(json.load(f))
+    with np.load(f'{name}.npz') as z:
+      all_maps.append({key: z[key] for key in z.files})
+    os.remove(f'{name}.json')
+    os.remove(f'{name}.npz')
+  if not os.listdir(parts_dir):
+    os.rmdir(parts_dir)
+  return parts, all_maps
+
+
 def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, protocol=None,
-             workers=None):
+             workers=None, process_index=None, process_count=None):
   """Evaluates ROOT/<stage> on `split` and writes ROOT/<stage>/eval/.
+
+  On several processes (jax.distributed), each evaluates its share of the samples
+  (`process_rows`) on its own devices, then process 0 merges the exact IoU counts, the
+  vectors and the per-sample AP records and writes the outputs: the same metrics.json as
+  one process (AP records are combined in sorted token order, IoU counts are integers).
 
   Args:
     protocol: vector AP protocol; default config.eval.ap_protocol ('maptr').
     workers: vectorization processes; default config.eval.workers (0 = CPU count). The pool
       is used only for splits of at least config.eval.pool_min_samples samples (starting
       'spawn' processes costs seconds).
+    process_index, process_count: this process and the process count; default from jax.
 
   Returns:
     The metrics dict of metrics.json (with NaN where the file has null: a class absent from
-    both prediction and ground truth, or without GT vectors).
+    both prediction and ground truth, or without GT vectors), on every process.
   """
   if config.stage == 'hd_pretrain':
     raise ValueError("evaluate: stage 'hd_pretrain' (model hd_mae) reconstructs masked ground "
                      'truth and has no map to score; evaluate teacher, coach or student')
-  if jax.process_count() > 1:
-    raise ValueError('evaluate: runs on one process (it gathers all predictions on the host); '
-                     f'got {jax.process_count()} processes')
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
   data = config.data
   classes = tuple(data.classes)
   protocol = protocols.check_protocol(config.eval.ap_protocol if protocol is None else protocol)
   workers = resolve_workers(config.eval.workers if workers is None else workers)
-  mesh = sharding.make_mesh()
+  # Each process runs the forward on its own devices: no collective, so the processes need
+  # not step in lockstep and uneven shares need no padding batches.
+  mesh = sharding.make_mesh(jax.local_devices())
   batch_size = config.train.batch_size
   sharding.check_batch_size(batch_size, mesh)
   stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
   out_dir = os.path.join(stage_dir, 'eval')
 
   model = models_lib.build(config.stage, config)
-  repl = sharding.replicated(mesh)
   dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
-  abstract = stages.abstract_variables(model, dummy, mesh)
+  # Restored replicated over all processes' devices (what every process's restore agrees
+  # on), then placed on this process's mesh.
+  abstract = stages.abstract_variables(model, dummy, sharding.make_mesh())
   ckpt_dir, want_step = checkpoint_location(config, workdir, checkpoint)
   step, variables = ckpt_lib.restore_params(
       ckpt_dir, abstract, step=want_step, what=f'{stages.stage_dir_name(config)} evaluation',
       hint=f'train it first: {_train_command(config, workdir)}')
+  variables = _to_local(variables, mesh)
 
   shards_dir = stages.shards_dir(config, workdir)
   info = info_lib.load_dataset_info(shards_dir)
@@ -239,59 +379,92 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
     raise ValueError(f'{shards_dir}: split {split!r} is empty; nothing to evaluate')
   _, meta = ckpt_lib.read_meta(ckpt_dir, step)
   check_label_width(meta, info, ckpt_dir=ckpt_dir, shards_dir=shards_dir)
-  if num_samples < config.eval.pool_min_samples:
+  if num_samples < config.eval.pool_min_samples * process_count:
     workers = 1
 
+  repl = sharding.replicated(mesh)
   forward = jax.jit(functools.partial(_forward, model=model),
                     in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=repl)
-  batches = pipeline.iterate(shards_dir, split, data, batch_size=batch_size, seed=config.seed,
-                             shuffle=False, num_epochs=1, drop_remainder=False, with_tokens=True)
-  tokens, preds, gts, figures = [], [], [], []
+  # Every process reads the whole split in one order and keeps its rows (process_rows).
+  batches = pipeline.iterate(shards_dir, split, data, batch_size=batch_size * process_count,
+                             seed=config.seed, shuffle=False, num_epochs=1,
+                             drop_remainder=False, with_tokens=True, process_index=0,
+                             process_count=1)
+  truth = pipeline.read_vectors(shards_dir, split)
   vec_kwargs = dict(bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=classes,
                     eps=config.eval.dbscan_eps, min_samples=config.eval.dbscan_min_samples,
                     max_cluster_pixels=config.eval.max_cluster_pixels,
                     link_radius_px=config.eval.link_radius_px,
                     line_width_px=vectorize.label_line_width_px(data),
                     simplify_tolerance=config.eval.simplify_tolerance)
-  vectorizer = _Vectorizer(workers, vec_kwargs)
-  for host in tqdm(batches, total=math.ceil(num_samples / batch_size), desc=f'eval {split}'):
-    rows = len(host['semantic'])
-    out = jax.device_get(forward(variables, sharding.host_batch_to_global(
-        trainer.pad_batch(host, batch_size), mesh)))
+  ap_kwargs = dict(class_names=classes, thresholds=tuple(config.eval.chamfer_thresholds),
+                   protocol=protocol, sample_step=config.eval.sample_step,
+                   num_points=config.eval.maptr_num_points, buffer_m=config.eval.maptr_buffer_m,
+                   bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y),
+                   pmapnet_thickness=config.eval.pmapnet_thickness,
+                   pmapnet_iou_gate=config.eval.pmapnet_iou_gate)
+  scorer = Scorer(workers, vec_kwargs, ap_kwargs)
+  # |x| of each column's centre: near and far halves of the range (DESIGN.md section 6).
+  height, width = schema.bev_shape(data.bev_x, data.bev_y)
+  x_centres = data.bev_x[0] + (np.arange(width) + 0.5) * data.bev_x[2]
+  split_m, x_max = config.eval.range_split, max(abs(data.bev_x[0]), abs(data.bev_x[1]))
+  column_masks = {'all': None, f'0-{split_m:g}m': np.abs(x_centres) < split_m,
+                  f'{split_m:g}-{x_max:g}m': np.abs(x_centres) >= split_m}
+  counts = {name: np.zeros((2, len(classes) + 1), np.int64) for name in column_masks}
+  indices, tokens, preds, gts, figures, gt_json = [], [], [], [], [], {}
+  share = math.ceil((num_samples - process_index) / process_count)
+  for rows_at, host, out in tqdm(
+      _forward_ahead(forward, variables,
+                     _my_batches(batches, process_index, process_count),
+                     batch_size=batch_size, mesh=mesh),
+      total=math.ceil(share / batch_size), desc=f'eval {split}'):
+    rows = len(rows_at)
+    out = jax.device_get(out)
     pred = np.argmax(out['semantic'][:rows], axis=-1).astype(np.uint8)
+    gt = host['semantic'].astype(np.uint8)
+    for name, mask in column_masks.items():
+      inter, union = iou_counts_np(pred, gt, num_classes=len(classes) + 1, column_mask=mask)
+      counts[name] += np.stack([inter, union])
     for i in range(rows):
       token = str(host['sample_token'][i])
-      vectorizer.submit(token, out['semantic'][i], out['embedding'][i])
+      gt_json[token] = _gt_json(truth, [token], classes)[token]
+      scorer.submit(token, out['semantic'][i], out['embedding'][i], gt_json[token])
       if len(figures) < num_images:
-        figures.append((token, host['images'][i], pred[i], host['semantic'][i]))
+        figures.append((token, host['images'][i], pred[i], gt[i]))
       tokens.append(token)
+    indices.append(rows_at)
     preds.append(pred)
-    gts.append(host['semantic'].astype(np.uint8))
-  vectors = vectorizer.results()
-  if not tokens:
+    gts.append(gt)
+  scored = scorer.results()
+  vectors = {t: v for t, (v, _) in scored.items()}
+  part = {'indices': [int(i) for k in indices for i in k], 'tokens': tokens,
+          'records': {t: r for t, (_, r) in scored.items()},
+          'predictions': {t: _vectors_to_json(vectors[t]) for t in tokens},
+          'gt': gt_json, 'counts': {k: v.tolist() for k, v in counts.items()}}
+  maps = {'pred': np.concatenate(preds) if preds else np.zeros((0, height, width), np.uint8),
+          'gt': np.concatenate(gts) if gts else np.zeros((0, height, width), np.uint8)}
+  if process_count > 1:
+    gathered = _gather_parts(out_dir, part, maps, process_index=process_index,
+                             process_count=process_count)
+    if gathered is None:   # not process 0: wait for its metrics.json
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('mapkd_jax.evaluate: metrics written')
+      return read_metrics(os.path.join(out_dir, 'metrics.json'))
+    part, maps = _merge_parts(*gathered)
+  if not part['tokens']:
     raise ValueError(f'{shards_dir}: split {split!r} gave no sample')
-  pred_all, gt_all = np.concatenate(preds), np.concatenate(gts)
 
-  gt_json = _gt_json(pipeline.read_vectors(shards_dir, split), tokens, classes)
-  pred_json = {t: _vectors_to_json(vectors[t]) for t in tokens}
-  ap = ap_lib.evaluate_vectors(
-      pred_json, gt_json, class_names=classes, thresholds=tuple(config.eval.chamfer_thresholds),
-      protocol=protocol, sample_step=config.eval.sample_step,
-      num_points=config.eval.maptr_num_points, buffer_m=config.eval.maptr_buffer_m,
-      bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y),
-      pmapnet_thickness=config.eval.pmapnet_thickness,
-      pmapnet_iou_gate=config.eval.pmapnet_iou_gate)
-  ious, miou = iou_from_class_maps(pred_all, gt_all, classes)
-  # |x| of each column's centre: near and far halves of the range (DESIGN.md section 6).
-  x_centres = data.bev_x[0] + (np.arange(pred_all.shape[-1]) + 0.5) * data.bev_x[2]
-  split_m, x_max = config.eval.range_split, max(abs(data.bev_x[0]), abs(data.bev_x[1]))
-  by_range = {}
-  for name, mask in ((f'0-{split_m:g}m', np.abs(x_centres) < split_m),
-                     (f'{split_m:g}-{x_max:g}m', np.abs(x_centres) >= split_m)):
-    range_ious, range_miou = iou_from_class_maps(pred_all, gt_all, classes, column_mask=mask)
-    by_range[name] = {'iou': range_ious, 'miou': range_miou}
+  tokens, records = part['tokens'], part['records']
+  pred_json, gt_json = part['predictions'], part['gt']
+  ap = ap_lib.combine_records(records, class_names=classes,
+                              thresholds=tuple(config.eval.chamfer_thresholds),
+                              protocol=protocol)
+  counts = {k: np.asarray(v, np.int64) for k, v in part['counts'].items()}
+  overall = metrics_lib.iou_from_counts(*counts.pop('all'), classes)
+  by_range = {name: metrics_lib.iou_from_counts(*c, classes) for name, c in counts.items()}
   metrics = {
-      'iou': ious, 'miou': miou, 'iou_by_range': by_range, 'ap': ap['ap'], 'map': ap['map'],
+      'iou': overall['iou'], 'miou': overall['miou'], 'iou_by_range': by_range,
+      'ap': ap['ap'], 'map': ap['map'],
       'num_gt_vectors': ap['num_gt'], 'num_pred_vectors': ap['num_pred'],
       'num_samples': len(tokens), 'checkpoint_step': int(step), 'checkpoint_dir': ckpt_dir,
       'split': split,
@@ -312,7 +485,7 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(_json_safe(metrics), f, indent=2, allow_nan=False)
   np.savez_compressed(os.path.join(out_dir, 'semantic.npz'), tokens=np.asarray(tokens),
-                      pred=pred_all, gt=gt_all)
+                      pred=maps['pred'], gt=maps['gt'])
   file_meta = dict(bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=classes)
   with open(os.path.join(out_dir, 'predictions.json'), 'w') as f:
     json.dump(vector_files.vector_file(pred_json, **file_meta), f)
@@ -324,10 +497,32 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
         [{**v, 'pts': np.asarray(v['pts'])} for v in gt_json[token]],
         bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=classes, title=token)
     visualize.save_png(os.path.join(out_dir, f'{token}.png'), figure)
-  logging.info('Evaluation of %s step %d on %s (%d samples): mIoU %.4f, mAP (%s) %.4f -> %s',
-               stages.stage_dir_name(config), step, split, len(tokens), miou, protocol,
-               ap['map'], out_dir)
+  logging.info('Evaluation of %s step %d on %s (%d samples, %d processes): mIoU %.4f, '
+               'mAP (%s) %.4f -> %s', stages.stage_dir_name(config), step, split, len(tokens),
+               process_count, metrics['miou'], protocol, ap['map'], out_dir)
+  if process_count > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('mapkd_jax.evaluate: metrics written')
   return metrics
+
+
+def _merge_parts(parts, all_maps):
+  """One part (as one process's, in sample order) from every process's part and maps."""
+  indices = np.concatenate([np.asarray(p['indices'], np.int64) for p in parts])
+  order = np.argsort(indices, kind='stable')
+  tokens = [t for p in parts for t in p['tokens']]
+  merged = {'indices': indices[order].tolist(), 'tokens': [tokens[i] for i in order],
+            'records': {}, 'predictions': {}, 'gt': {}, 'counts': {}}
+  for p in parts:
+    for key in ('records', 'predictions', 'gt'):
+      merged[key].update(p[key])
+  for name in parts[0]['counts']:
+    merged['counts'][name] = np.sum([np.asarray(p['counts'][name], np.int64) for p in parts],
+                                    axis=0).tolist()
+  merged['predictions'] = {t: merged['predictions'][t] for t in merged['tokens']}
+  merged['gt'] = {t: merged['gt'][t] for t in merged['tokens']}
+  maps = {k: np.concatenate([m[k] for m in all_maps])[order] for k in ('pred', 'gt')}
+  return merged, maps
 
 
 def _protocol_numbers(config, protocol):

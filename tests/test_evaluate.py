@@ -12,6 +12,7 @@ from configs import tcs
 from mapkd_jax import evaluate as eval_lib
 from mapkd_jax import trainer
 from mapkd_jax.data import pipeline
+from mapkd_jax.eval import ap as ap_lib
 from mapkd_jax.eval import cli
 from mapkd_jax.eval import protocols
 
@@ -230,16 +231,39 @@ def test_worker_pool_gives_the_inline_vectors():
                 class_names=('divider', 'ped_crossing', 'boundary'), eps=1.5, min_samples=10,
                 max_cluster_pixels=4000, link_radius_px=1.5, line_width_px=3,
                 simplify_tolerance=0.2)
+  gt = [{'cls': 'divider', 'pts': [[-20.0, -6.0], [20.0, -6.0]]}]
+  ap_kwargs = dict(class_names=kwargs['class_names'], thresholds=(0.5, 1.0, 1.5))
   results = []
-  for workers in (1, 2):
-    vectorizer = eval_lib._Vectorizer(workers, kwargs)
+  # max_pending=1: the pool's bounded queue waits for the oldest sample at every submit.
+  for workers, max_pending in ((1, None), (2, 1)):
+    scorer = eval_lib.Scorer(workers, kwargs, ap_kwargs, max_pending=max_pending)
     for token, semantic, embedding in samples:
-      vectorizer.submit(token, semantic, embedding)
-    results.append(vectorizer.results())
+      scorer.submit(token, semantic, embedding, gt)
+    results.append(scorer.results())
   inline, pooled = results
   assert set(inline) == {'tok0', 'tok1', 'tok2'}
-  assert all(len(v) == 2 for v in inline.values())
+  assert all(len(vectors) == 2 for vectors, _ in inline.values())
   np.testing.assert_equal(pooled, inline)
+  # Each sample's AP record is the one `sample_record` gives its vectors.
+  for vectors, record in inline.values():
+    assert record == ap_lib.sample_record(vectors, gt, **ap_kwargs)
+    assert record['divider']['num_gt'] == 1 and record['boundary']['num_pred'] == 1
+
+
+def test_process_rows_take_every_sample_once():
+  for count, total, batch in ((1, 5, 2), (2, 7, 4), (3, 10, 6), (4, 3, 8)):
+    owners = np.full(total, -1)
+    for start in range(0, total, batch):
+      rows = min(batch, total - start)
+      for p in range(count):
+        keep = eval_lib.process_rows(start, rows, p, count)
+        assert np.all(owners[start:start + rows][keep] == -1)
+        owners[start:start + rows][keep] = p
+    np.testing.assert_array_equal(owners, np.arange(total) % count)   # loop reference
+  with pytest.raises(ValueError, match='process_index=2'):
+    eval_lib.process_rows(0, 4, 2, 2)
+
+
 
 
 def test_label_width_warning_names_trained_width():
