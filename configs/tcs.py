@@ -120,6 +120,11 @@ def get_config(arg=None):
       tgpd_patch_size=(5, 5),   # on bev_small (25 x 50 at reference and tiny size): 50 patches
       tgpd_embed_dim=64, tgpd_temperature=1.0,
       tgpd_attention_weight=1.0, tgpd_feature_weight=1.0,
+      # Read the frozen teacher's/coach's outputs (semantic logits, bev_small) from the cache
+      # `python -m mapkd_jax.cache_frozen` writes instead of running the frozen models each step.
+      cached_frozen=False,
+      frozen_cache_dtype='bfloat16',   # or 'float32' (cache_frozen.py: size and loss error)
+      frozen_cache_dir='',             # '' = WORKDIR/<teacher|coach>/frozen_cache beside the ckpts
   )
   config.loss = dict(semantic_pos_weight=2.13, instance_weight=0.1, direction_weight=0.1,
                      delta_v=0.5, delta_d=3.0,
@@ -129,7 +134,10 @@ def get_config(arg=None):
   # Durations in steps. Reference recipe: 10 epochs of nuScenes train (28k samples, batch 8).
   config.train = dict(steps=35000, batch_size=8, log_every=50, checkpoint_every=1000,
                       eval_every=5000, keep_checkpoints=3,
-                      eval_batches=0)             # 0 = the whole val split
+                      eval_batches=0,             # 0 = the whole val split
+                      # EMA of the model's weights (0 = off): checkpoints' params item, eval,
+                      # export and later stages use the EMA; resume reads the live weights.
+                      ema_decay=0.0)
   config.optim = dict(name='adam',                # or 'sgd' (config_lib.OPTIMIZERS)
                       learning_rate=5e-4, grad_clip=5.0, b1=0.9, b2=0.999,
                       schedule='step',            # or 'cosine' (train_step.learning_rate_schedule)

@@ -2,12 +2,14 @@
 
 Layout of `ROOT/<stage>/checkpoints/`: an Orbax CheckpointManager directory whose steps hold
   params     the trained model's variables {'params', 'batch_stats'}: enough to evaluate,
-             export, or freeze it for the next stage;
+             export, or freeze it for the next stage; with config.train.ema_decay > 0 the
+             EMA of the weights (and the live batch_stats);
   opt_state  {'tx': optax state, 'aux': other trained params, e.g. TGPD projectors (which
-             are training-only and so never reach export or a later stage)};
+             are training-only and so never reach export or a later stage), and with EMA
+             'live_model': the live weights, which only resuming reads};
   data       the input position {'epoch', 'batch'} (pipeline.BatchIterator.position), for
              bit-identical resume;
-  meta       {'stage', 'step', 'config', 'metrics'}.
+  meta       {'stage', 'step', 'ema_decay', 'config', 'metrics'}.
 `ROOT/<stage>/best/` is a second manager keeping only the best step by validation mIoU (the
 metric is also written into `meta`, since a manager reopened without the same `best_fn`
 silently treats the latest step as best).
@@ -61,6 +63,11 @@ def restore_train(manager, step, *, abstract_variables, abstract_opt_state):
       data=ocp.args.JsonRestore(),
       meta=ocp.args.JsonRestore()))
   return restored['params'], restored['opt_state'], restored['data'], restored['meta']
+
+
+def restore_meta(manager, step):
+  """The `meta` item of `step` of an open manager (a dict)."""
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
 
 def restore_newest_readable(manager, restore_step, *, what):

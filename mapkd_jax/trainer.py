@@ -2,7 +2,14 @@
 
 Resume order: this stage's latest checkpoint -> scratch (plus `init.hd_prior` for the teacher's
 and coach's HD module). Frozen teacher/coach params are restored params-only from their stage
-directories and passed to every step as a separate, never-donated argument.
+directories and passed to every step as a separate, never-donated argument; with
+config.kd.cached_frozen their outputs are read from the cache of `python -m
+mapkd_jax.cache_frozen` instead and passed as batch inputs.
+
+EMA (config.train.ema_decay > 0): the checkpoint's `params` item holds the EMA weights (with
+the live BatchNorm statistics), so evaluation, export and a later stage's frozen model read
+the EMA with no change; the live weights go into the `opt_state` item (key 'live_model'),
+which only resuming reads. Meta records ema_decay; resuming with another value is refused.
 """
 import functools
 import json
@@ -38,6 +45,7 @@ def _log_start(config, mesh, stage_dir):
 def train_and_evaluate(config, workdir):
   """Trains `config.stage` under `workdir/<stage>` and returns its final eval metrics."""
   config_lib.validate(config)
+  _validate_ema_and_cache(config)
   stages.check_dependencies(config, workdir)
   stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
   os.makedirs(stage_dir, exist_ok=True)
@@ -68,9 +76,14 @@ def train_and_evaluate(config, workdir):
 
   latest_mngr, best_mngr = ckpt_lib.managers(stage_dir, max_to_keep=config.train.keep_checkpoints)
   start_step, data_position = 0, None
-  restore = functools.partial(ckpt_lib.restore_train, latest_mngr,
-                              abstract_variables=_abstract(_variables_of(state), repl),
-                              abstract_opt_state=_abstract(_train_extra_of(state), repl))
+  restore_items = functools.partial(ckpt_lib.restore_train, latest_mngr,
+                                    abstract_variables=_abstract(_variables_of(state), repl),
+                                    abstract_opt_state=_abstract(_train_extra_of(state), repl))
+
+  def restore(step):
+    _check_resume_ema(latest_mngr, step, config)
+    return restore_items(step)
+
   step_found, restored, unreadable = ckpt_lib.restore_newest_readable(
       latest_mngr, restore, what=f'resuming {config.stage}')
   if unreadable:
@@ -84,19 +97,30 @@ def train_and_evaluate(config, workdir):
   if step_found is not None:
     start_step = step_found
     variables, train_extra, data_position, _ = restored
+    ema_on = state.ema is not None
     state = state.replace(step=jnp.asarray(start_step, jnp.int32),
                           opt_state=train_extra['tx'],
-                          params={'model': variables['params'], 'aux': train_extra['aux']},
-                          batch_stats=variables['batch_stats'])
+                          params={'model': train_extra['live_model'] if ema_on
+                                           else variables['params'],
+                                  'aux': train_extra['aux']},
+                          batch_stats=variables['batch_stats'],
+                          ema=variables['params'] if ema_on else None)
     logging.info('Resumed %s from %s step %d (data position %s)', config.stage,
                  latest_mngr.directory, start_step, data_position)
   else:
     state = stages.apply_init(state, config, workdir, mesh)
-  frozen = stages.restore_frozen(config, workdir, models, dummy, mesh)
+  cache = None
+  if step_lib.cached_frozen(config):
+    from mapkd_jax import cache_frozen  # pylint: disable=g-import-not-at-top
+    cache = cache_frozen.open_for_training(config, workdir, shards_dir)
+    frozen_sh = cache.shardings(batch_sh)
+  else:
+    frozen = stages.restore_frozen(config, workdir, models, dummy, mesh)
+    frozen_sh = jax.tree.map(lambda _: repl, frozen)
 
   train_fn = jax.jit(
       functools.partial(step_lib.train_step, models=models, tgpd=tgpd, tx=tx, config=config),
-      in_shardings=(state_sh, jax.tree.map(lambda _: repl, frozen), batch_sh, repl),
+      in_shardings=(state_sh, frozen_sh, batch_sh, repl),
       out_shardings=(state_sh, repl), donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=models[step_lib.model_name(config)],
                                       num_classes=len(config.data.classes) + 1),
@@ -105,12 +129,17 @@ def train_and_evaluate(config, workdir):
   def evaluate(state):
     return run_eval(eval_fn, _variables_of(state), shards_dir, config, mesh)
 
+  # Tokens only when they key the cache (the same batches either way: tokens are decoded
+  # beside the other features, the order does not depend on them).
   batches = pipeline.iterate(shards_dir, 'train', config.data, batch_size=host_batch,
-                             seed=config.seed, shuffle=True, position=data_position)
+                             seed=config.seed, shuffle=True, position=data_position,
+                             with_tokens=cache is not None)
   eval_metrics = {}
   t_last, step_last = time.time(), start_step
   for step in range(start_step + 1, config.train.steps + 1):
     host = next(batches)
+    if cache is not None:
+      frozen = cache.global_batch(host.pop('sample_token'), mesh)
     batch = sharding.host_batch_to_global(host, mesh)
     state, step_metrics = train_fn(state, frozen, batch, train_rng)
 
@@ -159,13 +188,41 @@ def initial_state(config, models, tgpd, tx, mesh):
 
 
 def _variables_of(state):
-  """The model's variables: what `params` checkpoints hold and the next stage restores."""
-  return {'params': state.params['model'], 'batch_stats': state.batch_stats}
+  """The model's variables: what `params` checkpoints hold, evaluation and export read and the
+  next stage restores; the EMA weights when EMA is on (with the live batch_stats)."""
+  params = state.params['model'] if state.ema is None else state.ema
+  return {'params': params, 'batch_stats': state.batch_stats}
 
 
 def _train_extra_of(state):
-  """What resuming needs beyond the model: optimizer state and the TGPD projectors."""
-  return {'tx': state.opt_state, 'aux': state.params['aux']}
+  """What resuming needs beyond the model: optimizer state, the TGPD projectors and, when the
+  params item holds the EMA, the live weights."""
+  extra = {'tx': state.opt_state, 'aux': state.params['aux']}
+  if state.ema is not None:
+    extra['live_model'] = state.params['model']
+  return extra
+
+
+def _validate_ema_and_cache(config):
+  decay = step_lib.ema_decay(config)
+  if not 0.0 <= decay < 1.0:
+    raise ValueError(f'config.train.ema_decay={decay} must be in [0, 1) (0 = no EMA)')
+  if config.kd.get('cached_frozen', False):
+    dtype = config.kd.get('frozen_cache_dtype', 'bfloat16')
+    if dtype not in ('bfloat16', 'float32'):
+      raise ValueError(f"config.kd.frozen_cache_dtype={dtype!r} must be 'bfloat16' or "
+                       "'float32'")
+
+
+def _check_resume_ema(manager, step, config):
+  """A checkpoint written with another ema_decay has other items: refuse it, naming both."""
+  meta = ckpt_lib.restore_meta(manager, step)
+  found, wanted = float(meta.get('ema_decay', 0.0)), step_lib.ema_decay(config)
+  if found != wanted:
+    raise ckpt_lib.ModelMismatchError(
+        f'{manager.directory} step {step} was trained with config.train.ema_decay={found}, this '
+        f'run has {wanted}: resume with --config.train.ema_decay={found}, or start in another '
+        'workdir')
 
 
 def _abstract(tree, sharding_):
@@ -188,6 +245,7 @@ def _flat_eval(eval_metrics):
 
 def _save(latest_mngr, best_mngr, step, state, config, data_position, eval_metrics):
   meta = {'stage': config.stage, 'nokd': config.nokd, 'step': step,
+          'ema_decay': step_lib.ema_decay(config),
           'config': json.loads(config.to_json_best_effort()), 'metrics': _flat_eval(eval_metrics)}
   kwargs = dict(variables=_variables_of(state), opt_state=_train_extra_of(state),
                 data_position=data_position, meta=meta)
