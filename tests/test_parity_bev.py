@@ -185,13 +185,15 @@ def test_converter_errors_name_the_problem(decoder_pair):
   pmapnet.convert_decoder(conv, 2)
   with pytest.raises(ValueError, match='neither converted nor ignored: extra'):
     conv.finish()
-  # Stages whose blocks have no mapping fail naming the stage and blocks.
-  for stage, block in (('teacher', 'mae_head'), ('coach', 'lift-splat'),
-                       ('hd_pretrain', 'masked autoencoder')):
-    config = tcs.get_config(f'{stage},tiny')
-    with pytest.raises(ValueError, match=f"stage '{stage}' is not yet supported: missing "
-                                         f'mappings for .*{block}'):
-      pmapnet.convert_state_dict(source, config, {}, origin='t.pt')
+  # The stage whose blocks have no mapping fails naming the stage and blocks.
+  with pytest.raises(ValueError, match="stage 'coach' is not yet supported: missing "
+                                       'mappings for .*lift-splat'):
+    pmapnet.convert_state_dict(source, tcs.get_config('coach,tiny'), {}, origin='t.pt')
+  # A student's tensors are not a teacher's nor an HD prior's: the names are listed.
+  with pytest.raises(ValueError, match=r'not a P-MapNet teacher .*missing: .*mae_head\.'):
+    pmapnet.convert_state_dict(source, tcs.get_config('teacher,tiny'), {}, origin='t.pt')
+  with pytest.raises(ValueError, match=r'not a P-MapNet HD prior .*missing: .*pos_embed'):
+    pmapnet.convert_state_dict(source, tcs.get_config('hd_pretrain,tiny'), {}, origin='t.pt')
   # Another model's state dict: missing and unexpected names listed.
   with pytest.raises(ValueError, match=r'missing: .*feature_expand\.conv1\.weight.*not '
                                        r'expected: .*conv1\.weight'):
@@ -262,7 +264,9 @@ def test_cli_errors(tmp_path):
     run(tmp_path / 'missing.pt', 'student')
   path = tmp_path / 'tiny.pt'
   torch.save({'conv1.weight': torch.zeros(1)}, path)
-  with pytest.raises(SystemExit, match="stage 'teacher' is not yet supported: missing mappings"):
+  with pytest.raises(SystemExit, match="stage 'coach' is not yet supported: missing mappings"):
+    run(path, 'coach')
+  with pytest.raises(SystemExit, match=r'not a P-MapNet teacher .*missing: .*conv_bev'):
     run(path, 'teacher')
   with pytest.raises(SystemExit, match=r'not a MapKD student .*missing: .*bevencode'):
     run(path, 'student')

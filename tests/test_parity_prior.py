@@ -32,19 +32,10 @@ def _config():
   return ml_collections.FrozenConfigDict(config)
 
 
-def bev_kwargs(config):
-  """torch_ref_bev.BevEncode sizes of config.model.decoder."""
-  d = config.model.decoder
-  return dict(out_channels=len(config.data.classes) + 1, embedded_dim=d.embedding_dim,
-              direction_dim=config.data.direction_bins + 1, stem=d.stem_channels,
-              layers=tuple(d.layer_channels), blocks=d.blocks_per_layer, up=d.up_channels,
-              head=d.head_channels)
-
-
 def torch_hd_prior(config, seed):
   hd = config.model.hd
   model = ref.MapViT(tuple(CANVAS), hd.patch_size, hd.width, hd.depth, hd.num_heads,
-                     hd.mlp_ratio, bev_kwargs=bev_kwargs(config))
+                     hd.mlp_ratio, bev_kwargs=torch_ref_bev.bev_encode_kwargs(config))
   torch_ref_bev.randomize_(model, seed)
   ref.layer_norms_random_(model, seed + 1)
   with torch.no_grad():   # an O(1) table, so a wrong slice of it cannot pass

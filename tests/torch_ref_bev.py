@@ -92,6 +92,15 @@ class BevEncode(nn.Module):
             self.up2_direction(self.up1_direction(x2, x1)))
 
 
+def bev_encode_kwargs(config):
+  """BevEncode sizes of a config's model.decoder and data (classes, direction bins)."""
+  d = config.model.decoder
+  return dict(out_channels=len(config.data.classes) + 1, embedded_dim=d.embedding_dim,
+              direction_dim=config.data.direction_bins + 1, stem=d.stem_channels,
+              layers=tuple(d.layer_channels), blocks=d.blocks_per_layer, up=d.up_channels,
+              head=d.head_channels)
+
+
 class FeatureExpansion(nn.Module):
   """MapKD FeatureExpansionModule: 3x3 conv (bias) BN ReLU, in -> bev/2 -> bev channels."""
 

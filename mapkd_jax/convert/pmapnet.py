@@ -22,6 +22,16 @@ Name mapping (reference module -> our parameters; `reference` = MapKD `PMapNet_s
   bevencode.up2{,...}.{1,2,4}                           -> decoder/head_{...}/conv1, out
 Ignored by name in a student checkpoint: input_proj, conv_osm, conv_up (built by the reference
 student but never called by its forward) and every BatchNorm's num_batches_tracked.
+
+Teacher (`reference` = P-MapNet `PMapNet_HD` with lidar=True, the `model9.pt` names): the
+camera as above, conv_bev / conv_up / bevencode as above, and
+  pp.*                   -> lidar/*       (convert/pointpillars.py)
+  input_proj, conv_osm, sdmap_crossattn -> sd_prior/*   (convert/sd_attention.py)
+  mae_head.*             -> hd_prior/*    (convert/vit.py; timm's cls_token, patch_embed and
+                                           head ignored by name: never called)
+hd_pretrain: a bare MapVisionTransformer state dict, or a teacher file whose mae_head.* is
+taken (its other tensors listed as ignored) -> hd_prior/* of the MAE model.
+Coach: not yet (the lift-splat branch has no mapping; `_MISSING`).
 """
 import argparse
 import json
@@ -43,16 +53,15 @@ STUDENT_UNUSED = {
     'conv_osm.': 'student: SD-prior encoder, unused (no SD input at inference)',
     'conv_up.': 'student: transposed convs after the SD cross-attention, unused',
 }
-# What each stage needs beyond the student's blocks and has no mapping yet. PointPillars
-# (convert/pointpillars.py, source prefix 'pp.') and the SD cross-attention
-# (convert/sd_attention.py) have mappings with parity tests; a stage converts once every block
-# it holds has one.
+# What each stage needs and has no mapping yet; a stage converts once every block it holds
+# has one (PointPillars: convert/pointpillars.py, SD cross-attention: convert/sd_attention.py,
+# HD-prior ViT: convert/vit.py, all with parity tests).
 _MISSING = {
-    'teacher': ('mae_head (ViT-B/8 HD refinement)',),
-    'coach': ('lift-splat camencode_L / depthnet / expand_to_128 (simulated LiDAR)',
-              'mae_head (ViT-B/8 HD refinement)'),
-    'hd_pretrain': ('ViT-B/8 masked autoencoder (map_mae_head)',),
+    'coach': ('lift-splat camencode_L / depthnet / expand_to_128 (simulated LiDAR)',),
 }
+# The HD-prior MAE model's ViT inside a P-MapNet teacher file: everything else is not part of
+# the hd_pretrain model.
+HD_FROM_TEACHER = 'teacher tensor outside mae_head: not part of the hd_pretrain model'
 
 
 def transposed_conv_kernel(weight: np.ndarray) -> np.ndarray:
@@ -161,6 +170,32 @@ def student_tail_conversion(conv, config):
 EXPECTED_STUDENT_NAMES = ('feature_expand.conv1.weight', 'conv_bev.0.weight',
                           'bevencode.conv1.weight', 'bevencode.up1_direction.conv.0.weight',
                           'camencode.trunk._conv_stem.weight', 'view_fusion.hw_mat.0.0.weight')
+# ... and a P-MapNet teacher (PMapNet_HD with lidar=True, `model9.pt`).
+EXPECTED_TEACHER_NAMES = ('pp.pn.pointnet.0.weight', 'input_proj.weight', 'conv_osm.0.weight',
+                          'sdmap_crossattn.norm.weight', 'conv_bev.0.weight',
+                          'conv_up.0.weight', 'bevencode.conv1.weight',
+                          'mae_head.pos_embed', 'mae_head.map_patch_embed.proj.weight',
+                          'mae_head.bev_head.conv1.weight',
+                          'camencode.trunk._conv_stem.weight', 'view_fusion.hw_mat.0.0.weight')
+# ... and a bare MapVisionTransformer (the HD-prior MAE's own file).
+EXPECTED_VIT_NAMES = ('pos_embed', 'map_patch_embed.proj.weight', 'blocks.0.attn.qkv.weight',
+                      'norm.weight', 'conv_up.0.weight', 'conv_up.3.bn.running_var',
+                      'bev_head.conv1.weight')
+_CAMERA_PREFIXES = ('camencode.', 'view_fusion.')
+
+
+def teacher_tail_conversion(conv, config):
+  """Everything of the teacher after the camera branch (PMapNet_HD module names):
+  pp.* -> lidar/, input_proj / conv_osm / sdmap_crossattn -> sd_prior/, conv_bev / conv_up ->
+  neck/, bevencode -> decoder/, mae_head -> hd_prior/."""
+  from mapkd_jax.convert import pointpillars, sd_attention, vit
+  pointpillars.convert_pointpillars(conv, f'lidar{SEP}', 'pp.')
+  sd_attention.convert_sd_attention(conv, f'sd_prior{SEP}', '')
+  convert_neck_down(conv, config.model.neck.num_layers)
+  convert_neck_up(conv, config.model.neck.num_layers)
+  convert_decoder(conv, config.model.decoder.blocks_per_layer)
+  vit.convert_hd_prior(conv, config.model.decoder.blocks_per_layer, f'hd_prior{SEP}',
+                       'mae_head.')
 
 
 def convert_state_dict(state_dict, config, abstract_variables, *, origin='state dict',
@@ -169,32 +204,66 @@ def convert_state_dict(state_dict, config, abstract_variables, *, origin='state 
 
   Args:
     state_dict: {name: np.ndarray} (common.load_torch_state_dict).
-    config: the stage's config; only 'student' is supported.
+    config: the stage's config: 'student' (MapKD PMapNet_sdmap_S), 'teacher' (P-MapNet
+      PMapNet_HD with LiDAR) or 'hd_pretrain' (a bare MapVisionTransformer, or a teacher file
+      whose `mae_head.*` is taken and the rest listed as ignored).
     abstract_variables: the stage model's variables tree (shapes), e.g. from jax.eval_shape.
     origin: the file name, for errors.
-    camera: convert the camera branch (False: the tail only, for tests of the tail).
+    camera: convert the camera branch (False: the rest only, for tests of the rest).
   Raises:
-    ValueError naming the stage's missing mappings for teacher / coach / hd_pretrain, naming
-    missing and unexpected tensors for a state dict of another model, and naming both sides
-    of any shape mismatch.
+    ValueError naming the stage's missing mappings (coach), naming missing and unexpected
+    tensors for a state dict of another model, and naming both sides of any shape mismatch.
   """
   stage = config.stage
-  if stage in _MISSING:
-    raise ValueError(f'convert pmapnet: stage {stage!r} is not yet supported: missing mappings '
-                     f'for {"; ".join(_MISSING[stage])}. Only the student converts today.')
-  if stage != 'student':
-    raise ValueError(f'convert pmapnet: unknown stage {stage!r}')
-  names = [n for n in EXPECTED_STUDENT_NAMES
-           if camera or not n.startswith(('camencode.', 'view_fusion.'))]
-  common.check_names(state_dict, names, what='MapKD student (PMapNet_sdmap_S)', origin=origin)
+  check_source(state_dict, config, origin=origin, camera=camera)
+  if stage == 'hd_pretrain':
+    return _convert_hd_pretrain(state_dict, config, abstract_variables, origin)
   target = abstract_variables if camera else _without_camera(abstract_variables)
   conv = common.Conversion(state_dict, target, origin=origin)
   if camera:
     _convert_camera(conv, config)
   else:
-    conv.ignore_prefix('camencode.', 'camera branch not converted (camera=False)')
-    conv.ignore_prefix('view_fusion.', 'camera branch not converted (camera=False)')
-  student_tail_conversion(conv, config)
+    for prefix in _CAMERA_PREFIXES:
+      conv.ignore_prefix(prefix, 'camera branch not converted (camera=False)')
+  if stage == 'student':
+    student_tail_conversion(conv, config)
+  else:
+    teacher_tail_conversion(conv, config)
+  return conv.finish(), conv.report()
+
+
+def check_source(state_dict, config, *, origin='state dict', camera=True):
+  """Fails fast (before any model is built) on a stage without a mapping or a state dict of
+  another model, listing the first missing and unexpected names."""
+  stage = config.stage
+  if stage in _MISSING:
+    raise ValueError(f'convert pmapnet: stage {stage!r} is not yet supported: missing mappings '
+                     f'for {"; ".join(_MISSING[stage])}. The student, teacher and hd_pretrain '
+                     'stages convert today.')
+  if stage == 'hd_pretrain':
+    prefix = 'mae_head.' if 'mae_head.pos_embed' in state_dict else ''
+    names, what = ([prefix + n for n in EXPECTED_VIT_NAMES],
+                   'P-MapNet HD prior (MapVisionTransformer, bare or as mae_head.)')
+  elif stage in ('student', 'teacher'):
+    expected, what = ((EXPECTED_STUDENT_NAMES, 'MapKD student (PMapNet_sdmap_S)')
+                      if stage == 'student' else
+                      (EXPECTED_TEACHER_NAMES, 'P-MapNet teacher (PMapNet_HD, lidar=True)'))
+    names = [n for n in expected if camera or not n.startswith(_CAMERA_PREFIXES)]
+  else:
+    raise ValueError(f'convert pmapnet: unknown stage {stage!r}')
+  common.check_names(state_dict, names, what=what, origin=origin)
+
+
+def _convert_hd_pretrain(state_dict, config, abstract_variables, origin):
+  """MapVisionTransformer tensors (bare, or `mae_head.*` of a teacher) -> HDMapMAE's hd_prior."""
+  from mapkd_jax.convert import vit
+  prefix = 'mae_head.' if 'mae_head.pos_embed' in state_dict else ''
+  conv = common.Conversion(state_dict, abstract_variables, origin=origin)
+  vit.convert_hd_prior(conv, config.model.decoder.blocks_per_layer, f'hd_prior{SEP}', prefix)
+  if prefix:
+    for name in state_dict:
+      if not name.startswith(prefix):
+        conv.ignore(name, HD_FROM_TEACHER)
   return conv.finish(), conv.report()
 
 
@@ -217,13 +286,15 @@ def _fresh_train_extra(config, variables, bev_small):
   import jax
   import jax.numpy as jnp
   from mapkd_jax import train_step as step_lib
-  tgpd = step_lib.make_tgpd(config)
-  init_rng, _ = jax.random.split(jax.random.key(config.seed))
-  small = jnp.zeros(bev_small.shape, bev_small.dtype)
-  init_tgpd = jax.jit(tgpd.init)   # compiled once for both projectors; same values as eager
-  aux = {f'tgpd_{name}': init_tgpd(jax.random.fold_in(init_rng, index + 1), small,
-                                    small)['params']
-         for index, name in enumerate(step_lib.frozen_names(config))}
+  aux = {}
+  if step_lib.frozen_names(config):   # only distilling stages have TGPD projectors
+    tgpd = step_lib.make_tgpd(config)
+    init_rng, _ = jax.random.split(jax.random.key(config.seed))
+    small = jnp.zeros(bev_small.shape, bev_small.dtype)
+    init_tgpd = jax.jit(tgpd.init)   # compiled once for both projectors; same values as eager
+    aux = {f'tgpd_{name}': init_tgpd(jax.random.fold_in(init_rng, index + 1), small,
+                                      small)['params']
+           for index, name in enumerate(step_lib.frozen_names(config))}
   params = {'model': variables['params'], 'aux': aux}
   # One compiled call: tx.init op by op over ~80 M parameters takes seconds.
   return {'tx': jax.jit(step_lib.make_optimizer(config).init)(params), 'aux': aux}
@@ -245,8 +316,7 @@ def convert_file(path, config, workdir, *, config_name='', allow_pickle=False):
 
   start = time.time()
   state_dict = common.load_torch_state_dict(path, allow_pickle=allow_pickle)
-  if config.stage in _MISSING:   # before building any model: fail fast
-    convert_state_dict(state_dict, config, {}, origin=path)
+  check_source(state_dict, config, origin=path)   # before building any model: fail fast
   stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
   ckpt_dir = os.path.join(stage_dir, 'checkpoints')
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
@@ -259,8 +329,8 @@ def convert_file(path, config, workdir, *, config_name='', allow_pickle=False):
   variables, report = convert_state_dict(state_dict, config, abstract, origin=path)
   repl = sharding.replicated(sharding.make_mesh())
   variables = jax.device_put(variables, repl)
-  train_extra = jax.device_put(_fresh_train_extra(config, variables, outputs['bev_small']),
-                               repl)
+  train_extra = jax.device_put(
+      _fresh_train_extra(config, variables, outputs.get('bev_small')), repl)
   # Only now (the conversion succeeded) create the stage's checkpoint directories.
   latest, _ = ckpt_lib.managers(stage_dir, max_to_keep=config.train.keep_checkpoints)
   meta = {'stage': config.stage, 'nokd': config.nokd, 'step': 0,
