@@ -1,18 +1,24 @@
 """nuScenes-MapKD as a TFDS dataset (`mapkd_nuscenes`): the shard records, built by TFDS.
 
   # Locally (one process), the tiny config of configs/tcs.py, from the synthetic world:
-  tfds build --imports data_prep.tfds_builder \
-      'mapkd_nuscenes/tiny/nuscenes_version=v1.0-synthetic' \
-      --manual_dir WORKDIR/data/world --data_dir ~/tensorflow_datasets
-  # Real nuScenes at the reference canvas, OSM beside it, bad samples left out and listed:
-  tfds build --imports data_prep.tfds_builder \
-      'mapkd_nuscenes/ref_60x30/nuscenes_version=v1.0-trainval,skip_bad=True' \
+  python -m data_prep.tfds_builder 'mapkd_nuscenes/nuscenes_version=v1.0-synthetic' \
+      --config tiny --manual_dir WORKDIR/data/world --data_dir ~/tensorflow_datasets
+  # Real nuScenes at the reference canvas, OSM beside it, bad samples left out and listed
+  # (with the [beam] extra; `tfds build --imports data_prep.tfds_builder` takes the same flags):
+  python -m data_prep.tfds_builder \
+      'mapkd_nuscenes/nuscenes_version=v1.0-trainval,skip_bad=True' --config ref_60x30 \
       --manual_dir /data/nuscenes --data_dir gs://bucket/tfds \
       --beam_pipeline_options='runner=DataflowRunner,project=P,region=R,temp_location=gs://...'
 
-Builder options (after the config, `k=v` comma list; or `tfds.builder(..., k=v)`):
+`python -m data_prep.tfds_builder` is `tfds build` (same flags) with this builder registered:
+tensorflow-datasets 4.9.10's `tfds` command imports apache_beam at start, so it needs the
+[beam] extra even for a local build (see `main`).
+
+Builder options (`mapkd_nuscenes/k=v,k=v` with the config in --config: the CLI reads a name
+with two '/' as a script path; or `tfds.builder(..., k=v)` / `MapkdNuscenes(..., k=v)`):
   nuscenes_version  the table folder under --manual_dir (default v1.0-trainval)
-  osm_dir           OSM shapefiles (default MANUAL_DIR/osm)
+  osm_dir           OSM shapefiles (default MANUAL_DIR/osm; a path holds '/', so from the
+                    command line put or link them at MANUAL_DIR/osm instead)
   scenes            scene names joined by '+' (default all), as build_shards --scenes
   splits            split names joined by '+' (default all), as build_shards --splits
   skip_bad          leave out unreadable samples and list them (default False)
@@ -239,7 +245,9 @@ def _read_example(key_token, dataroot, version, options, skip_bad):
   return key, _unnest(features)
 
 
-class MapkdNuscenes(tfds.core.GeneratorBasedBuilder):
+# Run as `python -m data_prep.tfds_builder`, this file is __main__ and main() imports it again as
+# data_prep.tfds_builder: only that copy registers the name (TFDS refuses a second one).
+class MapkdNuscenes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == '__main__'):
   """nuScenes keyframes with MapKD's labels and SD prior (mapkd_jax/data/schema.py records)."""
 
   VERSION = tfds.core.Version('2.0.0')   # = schema.SCHEMA_VERSION
@@ -342,6 +350,13 @@ class MapkdNuscenes(tfds.core.GeneratorBasedBuilder):
 
   def _finish_split(self, plan, split):
     tally, metadata = self._tallies[split], self.info.metadata
+    if not sum(tally.shard_sizes):
+      # build_shards writes empty shard files; TFDS refuses an empty split ("No examples were
+      # yielded"), so say which split and why.
+      first = f'; first: {tally.skipped[0]["reason"]}' if tally.skipped else ''
+      raise ValueError(f'{NAME}: split {split!r} has no readable sample ({len(tally.skipped)} '
+                       f'skipped{first}); TFDS cannot write an empty split: choose others with '
+                       f'the splits / scenes options')
     metadata['splits'][split] = dict(num_examples=sum(tally.shard_sizes),
                                      shard_sizes=list(tally.shard_sizes))
     metadata['skipped'] += [dict(split=split, **s) for s in tally.skipped]
@@ -357,3 +372,22 @@ def _scene_names(plan, split):
   nusc = plan.source.nusc
   return sorted({nusc.get('scene', nusc.get('sample', t)['scene_token'])['name']
                  for t in plan.split_tokens[split]})
+
+
+def main():
+  """`tfds build` with this builder registered: the same flags, without `tfds` itself.
+
+  tensorflow-datasets 4.9.10's `tfds` command imports apache_beam as it starts (its
+  convert_format subcommand defines a beam.DoFn at import), so without the [beam] extra
+  `tfds build` fails before building anything; `build`'s own code does not need Beam.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.scripts.cli import build  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.scripts.cli import cli_utils  # pylint: disable=g-import-not-at-top
+  import data_prep.tfds_builder  # pylint: disable=g-import-not-at-top,unused-import,import-self
+  app.run(lambda args: args.execute(),
+          flags_parser=cli_utils.make_flags_parser(build.Args, description=__doc__.split('\n')[0]))
+
+
+if __name__ == '__main__':
+  main()

@@ -163,6 +163,12 @@ def test_bad_input_as_build_shards_skip_bad_recorded(tmp_path):
   assert FIRST_SCENE0523_SAMPLE in message and 'CAM_FRONT_LEFT' in message
   assert os.path.join(REAL_ROOT, 'samples', 'CAM_FRONT_LEFT') in message
 
+  empty, _ = _real_builder(tmp_path / 'empty', skip_bad=True, scenes='scene-0523')
+  with pytest.raises(ValueError, match=r"split 'val' has no readable sample \(40 skipped; "
+                     r"first: .*CAM_FRONT_LEFT"):
+    empty.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=REAL_ROOT))
+
   builder, data = _real_builder(tmp_path / 'lenient', skip_bad=True)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=REAL_ROOT))
