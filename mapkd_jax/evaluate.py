@@ -353,9 +353,15 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
   workers = resolve_workers(config.eval.workers if workers is None else workers)
   # Each process runs the forward on its own devices: no collective, so the processes need
   # not step in lockstep and uneven shares need no padding batches.
+  # config.train.batch_size is the global batch, as in training: each process forwards its
+  # share, so every device computes as many rows as in a one-process run (same programs,
+  # same float32 outputs).
   mesh = sharding.make_mesh(jax.local_devices())
-  batch_size = config.train.batch_size
-  sharding.check_batch_size(batch_size, mesh)
+  if config.train.batch_size % process_count:
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} is not divisible by '
+                     f'the {process_count} processes of this evaluation')
+  batch_size = config.train.batch_size // process_count
+  sharding.check_batch_size(batch_size, mesh, flag='config.train.batch_size / process count')
   stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
   out_dir = os.path.join(stage_dir, 'eval')
 
@@ -386,7 +392,7 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
   forward = jax.jit(functools.partial(_forward, model=model),
                     in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=repl)
   # Every process reads the whole split in one order and keeps its rows (process_rows).
-  batches = pipeline.iterate(shards_dir, split, data, batch_size=batch_size * process_count,
+  batches = pipeline.iterate(shards_dir, split, data, batch_size=config.train.batch_size,
                              seed=config.seed, shuffle=False, num_epochs=1,
                              drop_remainder=False, with_tokens=True, process_index=0,
                              process_count=1)
@@ -548,17 +554,29 @@ def define_flags():
                     "= P-MapNet's released evaluation (the paper's mAP column, defects included)")
   flags.DEFINE_integer('workers', None, 'vectorization processes; default config.eval.workers '
                        '(0 = CPU count)')
+  flags.DEFINE_integer('num_processes', None, 'processes of a multi-process evaluation '
+                       '(jax.distributed); each evaluates its share, process 0 writes eval/')
+  flags.DEFINE_integer('process_id', None, 'this process index in [0, --num_processes)')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (--num_processes)')
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.num_processes is not None:
+    if f.process_id is None or not f.coordinator_address:
+      raise app.UsageError('--num_processes needs --process_id and --coordinator_address')
+    # CPU-only processes need a collectives backend for the barriers (no-op on GPU/TPU).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=f.coordinator_address,
+                               num_processes=f.num_processes, process_id=f.process_id)
   config = f.config
   num_images = config.eval.num_images if f.num_images is None else f.num_images
   metrics = evaluate(config, f.workdir, checkpoint=f.checkpoint, split=f.split,
                      num_images=num_images, protocol=f.protocol, workers=f.workers)
-  print(json.dumps({k: metrics[k] for k in ('iou', 'miou', 'ap', 'map', 'num_samples')},
-                   indent=2))
+  if jax.process_index() == 0:
+    print(json.dumps({k: metrics[k] for k in ('iou', 'miou', 'ap', 'map', 'num_samples')},
+                     indent=2))
 
 
 if __name__ == '__main__':

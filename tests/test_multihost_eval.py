@@ -1,0 +1,124 @@
+"""`evaluate` on two jax.distributed processes (4 CPU devices each) == on one process.
+
+The val split is cut to 7 samples so the two shares are uneven (4 and 3). The model is a
+randomly initialized tiny student saved as a checkpoint (no training: the test is about the
+split and the merge, not about the weights); its noisy maps still give predicted vectors, so
+the AP records and IoU counts of both processes carry weight in the merged result.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import tcs
+from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax import evaluate as eval_lib
+from mapkd_jax import models as models_lib
+from mapkd_jax import stages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARG = 'student,nokd,tiny'
+STEP = 1
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _odd_val_split(tiny_shards, dest):
+  """A copy of the tiny shards whose val split lost the last record of its last file."""
+  shutil.copytree(tiny_shards, dest, ignore=shutil.ignore_patterns('_progress'))
+  info_path = os.path.join(dest, 'dataset_info.json')
+  with open(info_path) as f:
+    info = json.load(f)
+  last = os.path.join(dest, info['splits']['val']['files'][-1])
+  records = [r.numpy() for r in tf.data.TFRecordDataset(last)]
+  with tf.io.TFRecordWriter(last) as writer:
+    for record in records[:-1]:
+      writer.write(record)
+  for key in ('num_samples', 'num_examples'):
+    info['splits']['val'][key] -= 1
+  with open(info_path, 'w') as f:
+    json.dump(info, f)
+  return info['splits']['val']['num_samples']
+
+
+def _save_random_student(config, workdir):
+  model = models_lib.build(config.stage, config)
+  dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
+  rngs = {'params': jax.random.key(3), 'dropout': jax.random.key(0), 'mask': jax.random.key(0)}
+  variables = jax.jit(lambda: model.init(rngs, dummy, train=False))()
+  latest, best = ckpt_lib.managers(os.path.join(workdir, stages.stage_dir_name(config)),
+                                   max_to_keep=1)
+  ckpt_lib.save(latest, STEP, variables=variables, opt_state={'aux': jnp.zeros(3)},
+                data_position={'epoch': 0, 'batch': STEP},
+                meta={'stage': config.stage, 'nokd': config.nokd, 'step': STEP,
+                      'config': json.loads(config.to_json_best_effort())})
+  latest.wait_until_finished()
+  latest.close()
+  best.close()
+
+
+def test_two_processes_write_the_one_process_metrics(tiny_shards, tmp_path):
+  shards = str(tmp_path / 'shards')
+  num_val = _odd_val_split(tiny_shards, shards)
+  assert num_val % 2 == 1
+  config = tcs.get_config(ARG)
+  config.data.shards = shards
+  single, multi = str(tmp_path / 'one_process'), str(tmp_path / 'two_processes')
+  _save_random_student(config, single)
+  shutil.copytree(single, multi)
+
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'mapkd_jax.evaluate', f'--config=configs/tcs.py:{ARG}',
+       f'--workdir={multi}', f'--config.data.shards={shards}', '--checkpoint=latest',
+       '--num_images=1', '--num_processes=2', f'--process_id={i}',
+       f'--coordinator_address=localhost:{port}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  try:
+    # The one-process reference runs here (8 devices) while the two processes run.
+    reference = eval_lib.evaluate(config, single, checkpoint='latest', num_images=1)
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f'process {i} failed:\n{out[-3000:]}'
+
+  eval_dir = lambda root: os.path.join(root, 'student_nokd', 'eval')  # noqa: E731
+  read = lambda root, name: json.load(open(os.path.join(eval_dir(root), name)))  # noqa: E731
+  one, two = read(single, 'metrics.json'), read(multi, 'metrics.json')
+  assert one['num_samples'] == two['num_samples'] == num_val
+  assert sum(one['num_pred_vectors'].values()) > 0, 'the random model should predict vectors'
+  assert not np.isnan(reference['miou'])
+  one.pop('checkpoint_dir')
+  two.pop('checkpoint_dir')
+  assert two == one     # every IoU, AP, count and protocol field, exactly
+  for name in ('predictions.json', 'gt.json'):
+    assert read(multi, name) == read(single, name), name
+  npz_one = np.load(os.path.join(eval_dir(single), 'semantic.npz'))
+  npz_two = np.load(os.path.join(eval_dir(multi), 'semantic.npz'))
+  for key in ('tokens', 'pred', 'gt'):
+    np.testing.assert_array_equal(npz_two[key], npz_one[key])
+  assert not os.path.exists(os.path.join(eval_dir(multi), 'parts'))
+  # Only process 0 printed the metrics.
+  assert '"miou"' in outputs[0] and '"miou"' not in outputs[1]
+
+
+def test_bad_process_flags_are_refused():
+  with pytest.raises(ValueError, match='process_index=3'):
+    eval_lib.process_rows(0, 8, 3, 2)
