@@ -2,10 +2,15 @@
 
   python -m data_prep.bench [--dataroot DIR --version V --osm-dir DIR] [--workers 2]
 
-Prints two figures at config.data's image size and BEV range:
+Prints these figures at config.data's image size and BEV range:
   1. per-process steady state: samples/s of read_sample + Example encoding (no start-up),
   2. end to end: `build_shards` into a temp dir with --workers processes, wall clock including
-     process start-up and NuScenes/map/OSM loading, samples written / s.
+     process start-up and NuScenes/map/OSM loading, samples written / s,
+  3. end to end in this process: `build_shards` with one worker, then the TFDS builder
+     (data_prep/tfds_builder.py) `download_and_prepare` (TFDS's generator path), same settings
+     and samples, both into temp dirs,
+  4. the same with Apache Beam's DirectRunner (--beam-workers processes), when apache-beam
+     (the [beam] extra) is installed; otherwise it says so.
 Defaults to the real nuScenes fragment in /work/shared/realdata (10 readable keyframes).
 """
 import argparse
@@ -45,6 +50,27 @@ def steady_state(dataroot, version, tokens, options, repeats):
   return repeats * len(tokens) / (time.perf_counter() - start)
 
 
+def tfds_build(dataroot, version, data, osm_dir, beam_workers=None):
+  """(samples written, wall seconds) of the TFDS builder into a temp dir; Beam if beam_workers."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
+  config = tfds_builder.config_from_data('bench', data, 'data_prep.bench: config.data')
+  download = dict(manual_dir=os.path.abspath(dataroot))
+  if beam_workers:
+    from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+    download['beam_options'] = pipeline_options.PipelineOptions(
+        ['--runner=DirectRunner', f'--direct_num_workers={beam_workers}',
+         '--direct_running_mode=multi_processing'])
+  with tempfile.TemporaryDirectory() as out:
+    start = time.perf_counter()
+    builder = tfds_builder.MapkdNuscenes(config=config, data_dir=out, nuscenes_version=version,
+                                         osm_dir=osm_dir, skip_bad=True)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**download))
+    wall = time.perf_counter() - start
+    written = sum(split.num_examples for split in builder.info.splits.values())
+  return written, wall
+
+
 def main(argv=None):
   from configs import tcs  # pylint: disable=g-import-not-at-top
   data = tcs.get_config().data
@@ -54,6 +80,8 @@ def main(argv=None):
   parser.add_argument('--osm-dir', default=DEFAULT_OSM)
   parser.add_argument('--workers', type=int, default=data.prep_workers)
   parser.add_argument('--repeats', type=int, default=3, help='passes for the steady state')
+  parser.add_argument('--beam-workers', type=int, default=data.prep_workers,
+                      help='DirectRunner processes for the Beam figure')
   args = parser.parse_args(argv)
   kwargs = _builder_kwargs(data, args.osm_dir)
   options = nuscenes_reader.make_options(**kwargs)
@@ -75,6 +103,28 @@ def main(argv=None):
   print(f'end to end, {args.workers} workers: {written} samples in {wall:.1f} s = '
         f'{written / wall:.2f} samples/s (includes process start-up, TF import, table/map '
         f'loading and {len(skipped)} skipped samples)')
+  # Like for like with TFDS's generator path: one process, this one (TF already imported).
+  with tempfile.TemporaryDirectory() as out:
+    start = time.perf_counter()
+    info = build_shards.build_shards(args.dataroot, args.version, out, num_shards=data.num_shards,
+                                     workers=1, skip_bad=True, progress=False, **kwargs)
+    wall = time.perf_counter() - start
+  written = sum(s['num_samples'] for s in info['splits'].values())
+  print(f'build_shards, 1 process (this one): {written} samples in {wall:.1f} s = '
+        f'{written / wall:.2f} samples/s (includes table/map/OSM loading, skipped samples)')
+  written, wall = tfds_build(args.dataroot, args.version, data, args.osm_dir)
+  print(f'TFDS builder, 1 process (this one): {written} samples in {wall:.1f} s = '
+        f'{written / wall:.2f} samples/s (same, plus TFDS writing and split statistics)')
+  try:
+    import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    print('TFDS builder, Beam DirectRunner: not measured: apache-beam is not installed (the '
+          '[beam] extra; 2.77.0 needs pillow<13, protobuf<7, pyarrow<26, see pyproject.toml)')
+  else:
+    written, wall = tfds_build(args.dataroot, args.version, data, args.osm_dir,
+                               beam_workers=args.beam_workers)
+    print(f'TFDS builder, Beam DirectRunner x{args.beam_workers}: {written} samples in '
+          f'{wall:.1f} s = {written / wall:.2f} samples/s')
 
 
 if __name__ == '__main__':

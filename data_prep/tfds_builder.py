@@ -47,6 +47,7 @@ fails the pipeline. Without Beam, samples are read in this process exactly as bu
 workers read them.
 """
 import dataclasses
+import logging
 import os
 
 import numpy as np
@@ -309,6 +310,11 @@ class MapkdNuscenes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ 
     generators = {}
     for split, tokens in plan.split_tokens.items():
       chunks = build_shards.shard_chunks(tokens, self.builder_config.num_shards)
+      if not tokens:   # e.g. a fragment with val scenes only: build_shards writes one empty file
+        logging.warning('%s: split %r has no scene; left out (TFDS cannot write an empty split)',
+                        NAME, split)
+        metadata['splits'][split] = dict(num_examples=0, shard_sizes=[0])
+        continue
       self._tallies[split] = _Tally(chunks)
       if self._use_beam:
         generators[split] = self._beam_examples(plan, split, tokens)
