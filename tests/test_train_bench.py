@@ -42,3 +42,149 @@ def test_time_jitted_rejects_bad_counts():
     bench.time_jitted(lambda: 0, (), iters=0, warmup=0)
   with pytest.raises(ValueError, match='--warmup'):
     bench.time_jitted(lambda: 0, (), iters=1, warmup=-1)
+
+
+# --- peak FLOP/s table and MFU -------------------------------------------------------------
+
+def test_peak_flops_lookup_order_and_cpu_reason():
+  from mapkd_jax import peak_flops
+  assert peak_flops.peak_flops('TPU v5 lite', 'bf16')[0] == 197e12    # not v5p's 459e12
+  assert peak_flops.peak_flops('TPU v5', 'bf16')[0] == 459e12
+  assert peak_flops.peak_flops('NVIDIA H100 PCIe', 'bf16')[0] == 756.5e12
+  assert peak_flops.peak_flops('NVIDIA H100 80GB HBM3', 'f32')[0] == 494.5e12
+  assert peak_flops.peak_flops('NVIDIA A100-SXM4-40GB', 'f32')[0] == 156e12
+  peak, reason = peak_flops.peak_flops('cpu', 'f32')
+  assert peak is None and "'cpu'" in reason
+  with pytest.raises(ValueError, match='dtype'):
+    peak_flops.peak_flops('TPU v4', 'fp8')
+  assert peak_flops.mfu(2e12, 0.5, 8e12) == pytest.approx(0.5)
+  assert peak_flops.mfu(2e12, 0.5, None) is None
+
+
+# --- HLO instruction counts per model block ------------------------------------------------
+
+def test_block_of_unwraps_transformations_and_keeps_module_scopes():
+  from mapkd_jax.models import summary
+  assert summary.block_of('jit(train_step)/transpose(jvp(Student))/camera/conv/mul') == \
+      'Student/camera'
+  assert summary.block_of('jit(train_step)/jvp(Teacher)/Teacher.decode/x/add') == \
+      'Teacher/Teacher.decode'
+  assert summary.block_of('jit(step)/jvp(Teacher)/add') == 'Teacher'   # op directly in Teacher
+  assert summary.block_of('jit(train_step)/jvp()/div') == summary.OTHER
+  assert summary.block_of('reduce_sum') == summary.CALLED
+
+
+def test_count_blocks_on_hand_written_hlo():
+  from mapkd_jax.models import summary
+  text = '\n'.join([
+      'HloModule m',
+      '%region (a: f32[], b: f32[]) -> f32[] {',
+      '  %a = f32[] parameter(0)',
+      '  ROOT %add.1 = f32[] add(%a, %a), metadata={op_name="reduce_sum"}',
+      '}',
+      'ENTRY %main (x: f32[3]) -> f32[] {',
+      '  %x = f32[3]{0} parameter(0), metadata={op_name="x"}',
+      '  %c = f32[3]{0} cosine(%x), metadata={op_name="jit(f)/jvp(M)/a/cos" stack_frame_id=2}',
+      '  %s = f32[3]{0} sine(%c), metadata={op_name="jit(f)/transpose(jvp(M))/a/b/sin"}',
+      '  %m = f32[3]{0} multiply(%s, %s), metadata={op_name="jit(f)/jvp(M)/b/mul;jit(f)/x"}',
+      '  ROOT %r = f32[] reduce(%m, %a), to_apply=%region',
+      '}'])
+  # Counted by hand, line by line: cos and sin in M/a (sin's backward scope unwrapped), mul in
+  # M/b (the first of its ';' names); the reduce body's add and the parameter named 'x' have
+  # scope-less op_names (CALLED); the region's parameter and the reduce have no metadata.
+  assert summary.count_blocks(text) == {'M/a': 2, 'M/b': 1, summary.CALLED: 2,
+                                        summary.UNATTRIBUTED: 2}
+
+
+def test_hlo_block_counts_follow_the_size_of_each_block():
+  import flax.linen as nn
+  from mapkd_jax.models import summary
+
+  class Toy(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(4, name='small')(x)
+      for i in range(3):
+        x = nn.Dense(4, name=f'big{i}')(jnp.tanh(x))
+      return x
+
+  class Top(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return Toy(name='toy')(x)
+
+  model = Top()
+  x = jnp.ones((2, 4))
+  params = model.init(jax.random.key(0), x)
+  loss = lambda p: jnp.sum(model.apply(p, x) ** 2)
+  lowered = jax.jit(jax.grad(loss)).lower(params)
+  counts = summary.hlo_block_counts(lowered, lowered.compile(), depth=3)
+  before = counts['unoptimized']
+  assert sum(before.values()) == counts['unoptimized_total']
+  # Three identical Dense+tanh layers: each holds the same instruction count, above 0, and
+  # the one Dense without tanh has fewer.
+  big = [before[f'Top/toy/big{i}'] for i in range(3)]
+  assert big[0] > 0 and big == [big[0]] * 3
+  assert 0 < before['Top/toy/small'] < big[0]
+  assert counts['optimized_total'] > 0
+
+
+# --- train_bench end to end ----------------------------------------------------------------
+
+RECORD_KEYS = {
+    'stage', 'batch', 'batch_per_device', 'devices', 'device_kind', 'backend', 'jax_version',
+    'compute_dtype', 'params', 'lower_s', 'compile_s', 'cache_hit', 'mem_argument_bytes',
+    'mem_output_bytes', 'mem_temp_bytes', 'mem_alias_bytes', 'mem_generated_code_bytes',
+    'mem_peak_bytes', 'device_peak_bytes_in_use', 'device_bytes_limit',
+    'flops_per_step_per_device', 'step_s_median', 'step_s_iqr', 'step_s_p90', 'iters',
+    'warmup', 'steps_per_s', 'samples_per_s', 'samples_per_s_per_device',
+    'input_samples_per_s', 'input_note', 'peak_flops_per_s', 'peak_flops_source', 'mfu',
+    'mfu_note', 'loss', 'peak_rss_gb', 'compile_cold_s', 'compile_warm_s', 'lower_warm_s',
+    'warm_cache_hit'}
+
+
+def test_train_bench_record_with_warm_compile_in_a_second_process(tmp_path, monkeypatch):
+  """One tiny stage in this process (cold compile), its warm compile in a child process."""
+  import os
+
+  from configs import tcs
+  from mapkd_jax import train_bench
+  from tests import shard_fixtures
+  argv = ['--config=configs/tcs.py:hd_pretrain,tiny', '--config.model.hd.depth=1']
+  config = tcs.get_config('hd_pretrain,tiny')
+  config.model.hd.depth = 1
+  shards = str(tmp_path / 'shards')
+  shard_fixtures.write_shards(shards, config.data, split_sizes={'train': 16}, num_shards=2,
+                              points_range=(100, 200), seed=0)
+  cache = str(tmp_path / 'cache')
+  # The child reads the config path relative to its working directory: the repo root.
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  previous = train_bench.use_compile_cache(cache)
+  try:
+    record = train_bench.run_stage(
+        train_bench.stage_config(config, 'hd_pretrain'), argv=argv, cache_dir=cache,
+        batch_per_device=1, iters=2, warmup=1, shards=shards)
+  finally:   # back to the suite's cache for the tests after this one
+    train_bench.use_compile_cache(**previous)
+  assert set(record) >= RECORD_KEYS, RECORD_KEYS - set(record)
+  devices = len(jax.devices())   # the child sees the same (conftest's 8 fake CPU) devices
+  assert record['devices'] == devices and record['batch'] == devices
+  assert record['stage'] == 'hd_pretrain' and record['compute_dtype'] == 'f32'
+  # Cold in this process (empty cache), warm in the second one, which found the executable.
+  assert not record['cache_hit'] and record['warm_cache_hit']
+  assert 0 < record['compile_warm_s'] < record['compile_cold_s'] == record['compile_s']
+  # The donated state (params + Adam's two moments, float32) is aliased to the output.
+  assert record['mem_alias_bytes'] >= 3 * 4 * record['params']
+  assert record['mem_argument_bytes'] >= record['mem_alias_bytes']
+  assert record['mem_peak_bytes'] == (record['mem_argument_bytes'] + record['mem_output_bytes']
+                                      + record['mem_temp_bytes'] - record['mem_alias_bytes'])
+  # Training a model costs at least two forward passes' FLOPs per parameter and sample.
+  assert record['flops_per_step_per_device'] >= 2 * 2 * record['params']
+  assert record['step_s_median'] > 0 and record['step_s_iqr'] >= 0
+  assert record['samples_per_s'] == pytest.approx(record['batch'] / record['step_s_median'],
+                                                  rel=1e-2)
+  assert record['input_samples_per_s'] > 0 and shards in record['input_note']
+  assert record['mfu'] is None and record['peak_flops_per_s'] is None
+  assert 'cpu' in record['mfu_note']
+  assert record['device_peak_bytes_in_use'] is None   # CPU devices have no memory_stats
+  assert np.isfinite(record['loss'])

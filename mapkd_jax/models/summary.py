@@ -5,8 +5,11 @@
 
 FLOPs are XLA's cost analysis of the compiled eval-mode forward pass at batch 1 on the
 default backend; parameters are counted from abstract shapes (nothing is initialised).
+`hlo_block_counts` splits a compiled function's HLO instructions by model block (the Flax
+module scopes in each op's metadata), for compile-time breakdowns (train_bench --hlo_blocks).
 """
 import json
+import re
 
 from absl import app
 from absl import flags
@@ -51,6 +54,66 @@ def summarize(name, config, batch_size):
     cost = cost[0]
   return {'name': name, 'params': params, 'flops': float(cost.get('flops', float('nan'))),
           'batch_size': batch_size}
+
+
+_INSTRUCTION = re.compile(r'^\s+(?:ROOT\s+)?%\S+\s*=\s')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_WRAPPER = re.compile(r'^(?:[A-Za-z_]\w*\()+|\)+$')   # jvp( / transpose(jvp( ... ))
+UNATTRIBUTED = '(no op_name)'
+OTHER = '(outside model modules: optimizer update, losses, norms)'
+CALLED = '(reduce / scatter bodies)'
+
+
+def block_of(op_name, depth=2):
+  """The model block an HLO op_name belongs to: its first `depth` scopes after the jit.
+
+  'jit(train_step)/transpose(jvp(Student))/camera/conv' -> 'Student/camera': the jit scope is
+  dropped, transformation wrappers (jvp, transpose, vmap, ...) are unwrapped, and Flax module
+  scopes (which start with an upper-case class name) are kept. An op outside any module (loss,
+  optimizer: the path holds no upper-case scope) maps to OTHER, and the one-op bodies of
+  reductions and scatters (op_name without a scope) to CALLED.
+  """
+  if '/' not in op_name:   # the body of a reduce / scatter / sort: named by its primitive only
+    return CALLED
+  parts = [_WRAPPER.sub('', part) for part in op_name.split(';')[0].split('/')[1:]]
+  parts = [part for part in parts if part]
+  for start, part in enumerate(parts[:-1]):   # the last part is the primitive itself
+    if part[:1].isupper():
+      return '/'.join(parts[start:start + depth][:len(parts) - 1 - start])
+  return OTHER
+
+
+def count_blocks(hlo_text, depth=2):
+  """{block: instruction count} over every computation of an HLO module's text.
+
+  Fused and called computations are included, so an optimized module's fusions count every
+  instruction they hold; instructions without metadata go to UNATTRIBUTED.
+  """
+  counts = {}
+  for line in hlo_text.splitlines():
+    if not _INSTRUCTION.match(line):
+      continue
+    name = _OP_NAME.search(line)
+    block = block_of(name.group(1), depth) if name else UNATTRIBUTED
+    counts[block] = counts.get(block, 0) + 1
+  return counts
+
+
+def hlo_block_counts(lowered, compiled, depth=2):
+  """HLO instruction counts per model block before and after XLA's optimizations.
+
+  Args:
+    lowered, compiled: a jitted function's `.lower(...)` and its `.compile()`.
+  Returns:
+    {'unoptimized': {block: n}, 'optimized': {block: n}, 'unoptimized_total': n,
+     'optimized_total': n}, blocks sorted by unoptimized count, largest first.
+  """
+  before = count_blocks(lowered.compiler_ir('hlo').as_hlo_module().to_string(), depth)
+  after = count_blocks(compiled.as_text(), depth)
+  order = sorted(set(before) | set(after), key=lambda b: (-before.get(b, 0), b))
+  return {'unoptimized': {b: before.get(b, 0) for b in order},
+          'optimized': {b: after.get(b, 0) for b in order},
+          'unoptimized_total': sum(before.values()), 'optimized_total': sum(after.values())}
 
 
 def main(argv):
