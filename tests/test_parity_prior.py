@@ -56,12 +56,12 @@ def converted():
   conv = common.Conversion(source, {c: {'hd_prior': t} for c, t in abstract.items()})
   vit.convert_hd_prior(conv, config.model.decoder.blocks_per_layer)
   variables = {c: t['hd_prior'] for c, t in conv.finish().items()}
-  return config, torch_model, model, variables, x, conv.report()
+  return config, torch_model, model, variables, x, source, conv.report()
 
 
 @pytest.mark.parametrize('train', [False, True])
 def test_hd_prior_matches_reference(converted, train):
-  _, torch_model, model, variables, x, _ = converted
+  _, torch_model, model, variables, x = converted[:5]
   torch_model.train(train)
   with torch.no_grad():
     want = [t.permute(0, 2, 3, 1).numpy()
@@ -85,3 +85,29 @@ def test_hd_prior_conversion_lists_timm_unused(converted):
       'mae_head.cls_token', 'mae_head.patch_embed.proj.weight',
       'mae_head.patch_embed.proj.bias', 'mae_head.head.weight', 'mae_head.head.bias'}
   assert report['mapped']['mae_head.pos_embed'] == 'params/hd_prior/pos_embed'
+
+
+def test_hd_pretrain_conversion_bare_and_from_teacher(converted):
+  """hd_pretrain converts a bare MapVisionTransformer and a teacher's mae_head.* (its other
+  tensors ignored by name) into the MAE model's hd_prior, equal to the HDPrior conversion."""
+  from mapkd_jax import models, stages
+  from mapkd_jax.convert import pmapnet
+  config, _, _, variables, _, source = converted[:6]
+  mae_config = ml_collections.ConfigDict(config.to_dict())
+  mae_config.stage = 'hd_pretrain'
+  mae_config = ml_collections.FrozenConfigDict(mae_config)
+  mae = models.build('hd_mae', mae_config)
+  dummy = {k: np.zeros(s, d) for k, (s, d) in stages.batch_spec(mae_config, 1).items()}
+  rngs = {'params': jax.random.key(0), 'mask': jax.random.key(0)}
+  abstract = jax.eval_shape(lambda: mae.init(rngs, dummy, train=False))
+  # The converted snapshot (the train-mode parity test moves the torch BN statistics).
+  bare = {k[len('mae_head.'):]: v for k, v in source.items()}
+  teacher = {**{f'mae_head.{k}': v for k, v in bare.items()},
+             'bevencode.conv1.weight': np.zeros((1,), np.float32)}
+  for source, extra in ((bare, set()), (teacher, {'bevencode.conv1.weight'})):
+    got, report = pmapnet.convert_state_dict(source, mae_config, abstract, origin='mae.pt')
+    jax.tree.map(np.testing.assert_array_equal, got, {c: {'hd_prior': t}
+                                                      for c, t in variables.items()})
+    assert extra <= set(report['ignored'])
+    assert report['ignored'].get('bevencode.conv1.weight', pmapnet.HD_FROM_TEACHER) == (
+        pmapnet.HD_FROM_TEACHER)
