@@ -192,28 +192,24 @@ def tfds_features(num_cameras):
 
 
 def _keyframe_problem(nusc, token, cameras, lidar_sweeps):
-  """(None or build_shards' skip reason, missing sweep files) of a sample, without decoding it.
+  """(None or the error read_sample would raise, missing sweep files), without decoding.
 
-  Beam's driver runs this instead of collecting the workers' skips: the same channel and
-  keyframe-file checks (and messages) as nuscenes_reader.read_sample, and the same count of
-  missing sweep files as nuscenes_reader.read_lidar.
+  Beam's driver runs this instead of collecting the workers' skips: the channel and
+  keyframe-file checks of nuscenes_reader.read_sample (same exceptions and messages) and the
+  missing-sweep count of nuscenes_reader.read_lidar.
   """
   sample = nusc.get('sample', token)
   for channel in tuple(cameras) + (nuscenes_reader.LIDAR_CHANNEL,):
     if channel not in sample['data']:
-      return f'sample {token}: no {channel} sample_data in the tables', 0
-  for channel in cameras:
+      return ValueError(f'sample {token}: no {channel} sample_data in the tables'), 0
+  records = [nusc.get('sample_data', sample['data'][channel])
+             for channel in tuple(cameras) + (nuscenes_reader.LIDAR_CHANNEL,)]
+  for record in records:
     try:
-      nuscenes_reader._require_file(  # pylint: disable=protected-access
-          nusc, nusc.get('sample_data', sample['data'][channel]), token)
+      nuscenes_reader._require_file(nusc, record, token)  # pylint: disable=protected-access
     except FileNotFoundError as e:
-      return str(e), 0
-  record = nusc.get('sample_data', sample['data'][nuscenes_reader.LIDAR_CHANNEL])
-  try:
-    nuscenes_reader._require_file(nusc, record, token)  # pylint: disable=protected-access
-  except FileNotFoundError as e:
-    return str(e), 0
-  missing = 0
+      return e, 0
+  missing, record = 0, records[-1]
   for _ in range(lidar_sweeps):
     missing += not os.path.isfile(os.path.join(nusc.dataroot, record['filename']))
     if not record['prev']:
@@ -339,12 +335,13 @@ class MapkdNuscenes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ 
     tally = self._tallies[split]
     keep = []
     for index, token in enumerate(tokens):
-      reason, missing_sweeps = _keyframe_problem(plan.source.nusc, token,
-                                                 plan.options.cameras, plan.options.lidar_sweeps)
-      if reason and not self._skip_bad:
-        raise FileNotFoundError(reason) if 'missing' in reason else ValueError(reason)
-      tally.add(token, missing_sweeps, reason and dict(sample_token=token, reason=reason))
-      if not reason:
+      error, missing_sweeps = _keyframe_problem(plan.source.nusc, token,
+                                                plan.options.cameras, plan.options.lidar_sweeps)
+      if error is not None and not self._skip_bad:
+        raise error
+      tally.add(token, missing_sweeps,
+                None if error is None else dict(sample_token=token, reason=str(error)))
+      if error is None:
         keep.append((index, token))
     for location in build_shards.scene_locations(plan.source.nusc, _scene_names(plan, split)):
       plan.source.map_layers(location)   # Fills missing_map_layers as the workers will see it.

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from configs import tcs
 from data_prep import build_shards
 from data_prep import tfds_builder
+from mapkd_jax.data import dataset_info
 from mapkd_jax.data import pipeline
 from mapkd_jax.data import schema
 from mapkd_jax.data import tfds_source
@@ -41,7 +42,7 @@ def _records(files):
 
 def test_records_and_info_equal_build_shards(tiny):
   shards, data_dir, _ = tiny
-  info = pipeline.dataset_info.load_dataset_info(shards)
+  info = dataset_info.load_dataset_info(shards)
   meta = tfds_source.load_builder(data_dir).info.metadata
   for split in ('train', 'val'):
     theirs = _records(os.path.join(shards, f) for f in info['splits'][split]['files'])
@@ -124,6 +125,7 @@ def test_reader_refuses_another_config_and_missing_dir(tiny, tmp_path):
                         process_index=0)
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     tfds_source.load_builder(tmp_path)
+  assert tfds_source.is_tfds_dir(data_dir) and not tfds_source.is_tfds_dir(tiny[0])
 
 
 def test_builder_configs_follow_configs_tcs():
@@ -186,6 +188,22 @@ def test_bad_input_as_build_shards_skip_bad_recorded(tmp_path):
   theirs = _records(os.path.join(tmp_path / 'shards', f) for f in info['splits']['val']['files'])
   assert ours == theirs
 
+  # The Beam path's driver-side check skips the same samples for the same reasons and counts
+  # the same missing sweeps, without reading them.
+  plan = build_shards.plan_build(REAL_ROOT, REAL_VERSION, osm_dir=REAL_OSM, splits=['val'],
+                                 limit=42, **{k: data[k] for k in tfds_builder._DATA_KEYS
+                                              if k != 'num_shards'})
+  found, missing = [], 0
+  for token in plan.split_tokens['val']:
+    error, sweeps = tfds_builder._keyframe_problem(plan.source.nusc, token, data['cameras'],
+                                                   data['lidar_sweeps'])
+    missing += sweeps
+    if error is not None:
+      assert isinstance(error, FileNotFoundError)
+      found.append(dict(split='val', sample_token=token, reason=str(error)))
+  assert found == info['skipped']
+  assert missing == info['lidar_missing_sweep_files'] == meta['lidar_missing_sweep_files']
+
 
 def test_beam_direct_runner_gives_the_same_records(request, tmp_path):
   pytest.importorskip('apache_beam', reason='apache-beam (the [beam] extra) is not installed: '
@@ -197,7 +215,7 @@ def test_beam_direct_runner_gives_the_same_records(request, tmp_path):
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=world, beam_options=__import__('apache_beam').options.pipeline_options
       .PipelineOptions(['--runner=DirectRunner', '--direct_num_workers=1'])))
-  info = pipeline.dataset_info.load_dataset_info(shards)
+  info = dataset_info.load_dataset_info(shards)
   for split in ('train', 'val'):
     theirs = _records(os.path.join(shards, f) for f in info['splits'][split]['files'])
     ours = _records(sorted(glob.glob(os.path.join(builder.data_dir, f'*-{split}.tfrecord-*'))))

@@ -29,6 +29,14 @@ from mapkd_jax.data import pipeline
 from mapkd_jax.data import schema
 
 
+def is_tfds_dir(path):
+  """True for a prepared TFDS dataset folder (features.json beside dataset_info.json), False
+  for build_shards' shard directory; pipeline.py can dispatch on it."""
+  path = os.fspath(path)
+  return all(os.path.isfile(os.path.join(path, name))
+             for name in ('dataset_info.json', 'features.json'))
+
+
 def load_builder(data_dir):
   """The read-only builder of a prepared dataset folder (no builder code needed to read it).
 
@@ -36,8 +44,7 @@ def load_builder(data_dir):
     FileNotFoundError: naming the folder when it holds no prepared TFDS dataset.
   """
   data_dir = os.fspath(data_dir)
-  if not os.path.isfile(os.path.join(data_dir, 'dataset_info.json')) or not os.path.isfile(
-      os.path.join(data_dir, 'features.json')):
+  if not is_tfds_dir(data_dir):
     raise FileNotFoundError(f'{data_dir}: no prepared TFDS dataset (dataset_info.json and '
                             f'features.json); build it with `tfds build --imports '
                             f'data_prep.tfds_builder mapkd_nuscenes/<config>`')
