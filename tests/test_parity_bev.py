@@ -185,11 +185,9 @@ def test_converter_errors_name_the_problem(decoder_pair):
   pmapnet.convert_decoder(conv, 2)
   with pytest.raises(ValueError, match='neither converted nor ignored: extra'):
     conv.finish()
-  # The stage whose blocks have no mapping fails naming the stage and blocks.
-  with pytest.raises(ValueError, match="stage 'coach' is not yet supported: missing "
-                                       'mappings for .*lift-splat'):
+  # A student's tensors are not a teacher's, a coach's nor an HD prior's: names are listed.
+  with pytest.raises(ValueError, match=r'not a MapKD coach .*missing: .*expand_to_128'):
     pmapnet.convert_state_dict(source, tcs.get_config('coach,tiny'), {}, origin='t.pt')
-  # A student's tensors are not a teacher's nor an HD prior's: the names are listed.
   with pytest.raises(ValueError, match=r'not a P-MapNet teacher .*missing: .*mae_head\.'):
     pmapnet.convert_state_dict(source, tcs.get_config('teacher,tiny'), {}, origin='t.pt')
   with pytest.raises(ValueError, match=r'not a P-MapNet HD prior .*missing: .*pos_embed'):
@@ -264,7 +262,7 @@ def test_cli_errors(tmp_path):
     run(tmp_path / 'missing.pt', 'student')
   path = tmp_path / 'tiny.pt'
   torch.save({'conv1.weight': torch.zeros(1)}, path)
-  with pytest.raises(SystemExit, match="stage 'coach' is not yet supported: missing mappings"):
+  with pytest.raises(SystemExit, match=r'not a MapKD coach .*missing: .*expand_to_128'):
     run(path, 'coach')
   with pytest.raises(SystemExit, match=r'not a P-MapNet teacher .*missing: .*conv_bev'):
     run(path, 'teacher')

@@ -67,12 +67,19 @@ def _report(name, ours, theirs):
   assert scale > 0 and diff <= REL_TOL * scale, (name, diff, scale)
 
 
-@pytest.fixture(scope='module')
-def teacher_run(tmp_path_factory):
-  """(torch outputs NHWC, our outputs, convert summary, ckpt dir, config, batch)."""
-  config = ml_collections.FrozenConfigDict(small_teacher_config())
-  torch_model = torch_ref_bev.randomize_(ref.Teacher(config), 11)
+def whole_model_run(config, torch_model, model, root):
+  """Reference outputs, conversion through convert_file and our restored model's outputs.
+
+  Args:
+    config: the stage's (frozen) config; torch_model: its torch reference (random weights);
+    model: our model of the stage; root: workdir for the conversion.
+  Returns:
+    (torch outputs NHWC, our outputs, convert summary, ckpt dir, variables, dummy, mesh).
+  """
+  torch_ref_bev.randomize_(torch_model, 11)
   torch_ref_vit.layer_norms_random_(torch_model, 12)
+  if hasattr(torch_model, 'restore_constants_'):   # the coach's geometry Parameters
+    torch_model.restore_constants_()
   torch_model.eval()
   image_hw = tuple(config.data.image_size)
   rng = np.random.default_rng(5)
@@ -84,37 +91,49 @@ def teacher_run(tmp_path_factory):
   sd = np.sign(rng.normal(size=(1, *canvas, 1))).astype(np.float32)
   with torch.no_grad():
     out = torch_model(torch.from_numpy(images).permute(0, 1, 4, 2, 3).contiguous(),
-                      torch.from_numpy(rot), torch.from_numpy(trans), torch.from_numpy(points),
-                      torch.from_numpy(mask), torch.from_numpy(sd).permute(0, 3, 1, 2))
+                      torch.from_numpy(rot), torch.from_numpy(trans), torch.from_numpy(intr),
+                      torch.from_numpy(points), torch.from_numpy(mask),
+                      torch.from_numpy(sd).permute(0, 3, 1, 2))
   theirs = {k: np.transpose(v.numpy(), (0, 2, 3, 1)) for k, v in out.items()}
 
-  root = tmp_path_factory.mktemp('converted')
-  path = os.path.join(root, 'model9.pt')
+  path = os.path.join(root, f'{config.stage}.pt')
   torch.save(torch_model.state_dict(), path)
-  del torch_model, out
   start = time.time()
-  summary = pmapnet.convert_file(path, config, str(root), config_name='small teacher')
-  print(f'convert_file (teacher): {time.time() - start:.2f} s')
+  summary = pmapnet.convert_file(path, config, str(root), config_name=f'small {config.stage}')
+  print(f'convert_file ({config.stage}): {time.time() - start:.2f} s')
 
-  model = Teacher(config)
   mesh = sharding.make_mesh()
   dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
-  ckpt_dir = os.path.join(root, 'teacher', 'checkpoints')
+  ckpt_dir = os.path.join(root, config.stage, 'checkpoints')
   _, variables = ckpt_lib.restore_params(ckpt_dir, stages.abstract_variables(model, dummy, mesh))
   batch = dict(dummy, images=jnp.asarray(images), intrinsics=jnp.asarray(intr),
                cam_rotation=jnp.asarray(rot), cam_translation=jnp.asarray(trans),
                lidar_points=jnp.asarray(points), lidar_mask=jnp.asarray(mask),
                sd_prior=jnp.asarray(sd))
   ours = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
+  return theirs, ours, summary, ckpt_dir, variables, dummy, mesh
+
+
+def compare_outputs(what, ours, theirs):
+  _report(f'{what} bev_small', ours['bev_small'], theirs['bev_small'])
+  for name in HEADS:
+    _report(f'{what} {name}_pre', ours[f'{name}_pre'], theirs[f'{name}_pre'])
+    _report(f'{what} {name}', ours[name], theirs[name])
+
+
+@pytest.fixture(scope='module')
+def teacher_run(tmp_path_factory):
+  """(torch outputs NHWC, our outputs, convert summary, ckpt dir, config, variables, dummy,
+  mesh)."""
+  config = ml_collections.FrozenConfigDict(small_teacher_config())
+  theirs, ours, summary, ckpt_dir, variables, dummy, mesh = whole_model_run(
+      config, ref.Teacher(config), Teacher(config), tmp_path_factory.mktemp('converted'))
   return theirs, ours, summary, ckpt_dir, config, variables, dummy, mesh
 
 
 def test_teacher_matches_reference(teacher_run):
   theirs, ours = teacher_run[:2]
-  _report('teacher bev_small', ours['bev_small'], theirs['bev_small'])
-  for name in HEADS:
-    _report(f'teacher {name}_pre', ours[f'{name}_pre'], theirs[f'{name}_pre'])
-    _report(f'teacher {name}', ours[name], theirs[name])
+  compare_outputs('teacher', ours, theirs)
 
 
 def test_converted_teacher_is_frozen_teacher_and_lists_ignored(teacher_run):

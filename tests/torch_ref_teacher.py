@@ -55,15 +55,21 @@ class Teacher(nn.Module):
     self.mae_head = torch_ref_vit.MapViT(self.canvas, hd.patch_size, hd.width, hd.depth,
                                          hd.num_heads, hd.mlp_ratio, bev_kwargs=bev_kwargs)
 
-  def forward(self, images, rots, trans, points, mask, osm):
-    """images [B, N, 3, H, W], rots / trans camera -> ego, points [B, P, 5], mask [B, P],
-    osm [B, 1, Hb, Wb] -> dict of NCHW maps (final heads, *_pre heads, bev_small)."""
+  def range_branch(self, images, rots, trans, intrins, points, mask):
+    """The LiDAR slot: PointPillars here, lift-splat in the coach."""
+    return self.pp(points, mask)
+
+  def forward(self, images, rots, trans, intrins, points, mask, osm):
+    """images [B, N, 3, H, W], rots / trans camera -> ego, intrins [B, N, 3, 3] of the input
+    images, points [B, P, 5], mask [B, P], osm [B, 1, Hb, Wb] -> dict of NCHW maps (final
+    heads, *_pre heads, bev_small)."""
     b, n = images.shape[:2]
     feats, _ = self.camencode(images.flatten(0, 1))
     feats = feats.reshape(b, n, *feats.shape[1:])
     topdown = torch_ref_camera.upsample(torch_ref_camera.ipm(
         self.view_fusion(feats), rots, trans, self.xbound, self.ybound))
-    x = torch.cat([topdown, self.pp(points, mask)], dim=1)
+    x = torch.cat([topdown, self.range_branch(images, rots, trans, intrins, points, mask)],
+                  dim=1)
     bev_small = self.conv_bev(x)
     sd = self.conv_osm(osm)
     assert sd.shape[2:] == bev_small.shape[2:]

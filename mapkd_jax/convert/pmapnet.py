@@ -31,7 +31,13 @@ camera as above, conv_bev / conv_up / bevencode as above, and
                                            head ignored by name: never called)
 hd_pretrain: a bare MapVisionTransformer state dict, or a teacher file whose mae_head.* is
 taken (its other tensors listed as ignored) -> hd_prior/* of the MAE model.
-Coach: not yet (the lift-splat branch has no mapping; `_MISSING`).
+Coach (MapKD `PMapNet_mae_head_C`, sim_lidar=True): the teacher's names with the LiftSplat
+as `pp`:
+  pp.camencode.{trunk,up1,depthnet} -> lss/ImageEncoder_0/EfficientNetB0_0 (fusion 512 + 1x1)
+  expand_to_128          -> lss/Conv_0
+  pp.dx, pp.bx, pp.nx, pp.frustum  -> ignored after checking them against the config
+  pp.reduce_to_3, pp.bevencode     -> ignored: built by LiftSplat, never called by the coach
+  mae_head.*             -> hd_prior/* (ignored when config.model.hd.coach_refine is off)
 """
 import argparse
 import json
@@ -52,12 +58,6 @@ STUDENT_UNUSED = {
                    'does not run',
     'conv_osm.': 'student: SD-prior encoder, unused (no SD input at inference)',
     'conv_up.': 'student: transposed convs after the SD cross-attention, unused',
-}
-# What each stage needs and has no mapping yet; a stage converts once every block it holds
-# has one (PointPillars: convert/pointpillars.py, SD cross-attention: convert/sd_attention.py,
-# HD-prior ViT: convert/vit.py, all with parity tests).
-_MISSING = {
-    'coach': ('lift-splat camencode_L / depthnet / expand_to_128 (simulated LiDAR)',),
 }
 # The HD-prior MAE model's ViT inside a P-MapNet teacher file: everything else is not part of
 # the hd_pretrain model.
@@ -146,15 +146,20 @@ def _convert_camera(conv, config):
                      f'config.model.camera.image_encoder is '
                      f'{config.model.camera.image_encoder!r}')
   from mapkd_jax.convert import efficientnet, hdmapnet_camera
-  prefix = f'params{SEP}camera{SEP}'
+  efficientnet.map_camencode(conv, _encoder_path(conv, 'camera'), 'camencode.', depthnet=False)
+  hdmapnet_camera.convert_view_fusion(conv, f'camera{SEP}view_fusion', 'view_fusion.')
+
+
+def _encoder_path(conv, module):
+  """Module path of the one EfficientNetB0 under params/<module>/ (e.g. 'camera/...')."""
+  prefix = f'params{SEP}{module}{SEP}'
   encoders = sorted({p[len('params' + SEP):p.index('EfficientNetB0_0') + len('EfficientNetB0_0')]
                      for p in conv.target
                      if p.startswith(prefix) and 'EfficientNetB0_0' in p})
   if len(encoders) != 1:
     raise ValueError(f'{conv.origin}: expected one EfficientNetB0 under {prefix}, found '
                      f'{encoders or "none"}')
-  efficientnet.map_camencode(conv, encoders[0], 'camencode.', depthnet=False)
-  hdmapnet_camera.convert_view_fusion(conv, f'camera{SEP}view_fusion', 'view_fusion.')
+  return encoders[0]
 
 
 def student_tail_conversion(conv, config):
@@ -177,6 +182,19 @@ EXPECTED_TEACHER_NAMES = ('pp.pn.pointnet.0.weight', 'input_proj.weight', 'conv_
                           'mae_head.pos_embed', 'mae_head.map_patch_embed.proj.weight',
                           'mae_head.bev_head.conv1.weight',
                           'camencode.trunk._conv_stem.weight', 'view_fusion.hw_mat.0.0.weight')
+# ... and a MapKD coach (PMapNet_mae_head_C, sim_lidar=True: the LiftSplat is its `pp`).
+EXPECTED_COACH_NAMES = ('pp.camencode.depthnet.weight', 'pp.camencode.up1.conv.0.weight',
+                        'pp.frustum', 'expand_to_128.weight', 'input_proj.weight',
+                        'conv_osm.0.weight', 'sdmap_crossattn.norm.weight', 'conv_bev.0.weight',
+                        'conv_up.0.weight', 'bevencode.conv1.weight', 'mae_head.pos_embed',
+                        'pp.camencode.trunk._conv_stem.weight', 'camencode.trunk._conv_stem.weight',
+                        'view_fusion.hw_mat.0.0.weight')
+# Tensors of the coach's LiftSplat that its forward never uses.
+LSS_UNUSED = {
+    'pp.reduce_to_3.': "coach: LiftSplat's 1x1 conv to 3 channels, never called",
+    'pp.bevencode.': "coach: LiftSplat's own BEV decoder, never called (the coach's forward "
+                     'returns the splatted BEV)',
+}
 # ... and a bare MapVisionTransformer (the HD-prior MAE's own file).
 EXPECTED_VIT_NAMES = ('pos_embed', 'map_patch_embed.proj.weight', 'blocks.0.attn.qkv.weight',
                       'norm.weight', 'conv_up.0.weight', 'conv_up.3.bn.running_var',
@@ -188,14 +206,67 @@ def teacher_tail_conversion(conv, config):
   """Everything of the teacher after the camera branch (PMapNet_HD module names):
   pp.* -> lidar/, input_proj / conv_osm / sdmap_crossattn -> sd_prior/, conv_bev / conv_up ->
   neck/, bevencode -> decoder/, mae_head -> hd_prior/."""
-  from mapkd_jax.convert import pointpillars, sd_attention, vit
+  from mapkd_jax.convert import pointpillars
   pointpillars.convert_pointpillars(conv, f'lidar{SEP}', 'pp.')
+  _prior_tail_conversion(conv, config, refine=True)
+
+
+def coach_tail_conversion(conv, config):
+  """Everything of the coach after the camera branch (MapKD PMapNet_mae_head_C names):
+  pp.camencode (CamEncode_L: trunk, up1, depthnet) -> lss/<EfficientNetB0>, expand_to_128 ->
+  lss/Conv_0; pp.dx / bx / nx / frustum (geometry constants, checked against the config and
+  recomputed), pp.reduce_to_3 and pp.bevencode (never called) ignored by name; then the
+  teacher's SD fusion, neck, decoder and (coach_refine) mae_head."""
+  from mapkd_jax.convert import efficientnet
+  efficientnet.map_camencode(conv, _encoder_path(conv, 'lss'), 'pp.camencode.', depthnet=True)
+  conv.conv(f'lss{SEP}Conv_0', 'expand_to_128', bias=True)
+  check_lss_constants(conv, config)
+  for prefix, reason in LSS_UNUSED.items():
+    conv.ignore_prefix(prefix, reason)
+  _prior_tail_conversion(conv, config, refine=config.model.hd.coach_refine)
+
+
+def check_lss_constants(conv, config):
+  """The LiftSplat's stored grid (dx, bx, nx) and frustum must be the config's geometry
+  (this project recomputes them); they are then listed as ignored."""
+  from mapkd_jax.models import lss
+  data, cfg = config.data, config.model.lss
+  z_step = cfg.z_range[1] - cfg.z_range[0]
+  rows = (data.bev_x, data.bev_y, (*cfg.z_range, z_step))
+  want = {'pp.dx': [r[2] for r in rows], 'pp.bx': [r[0] + r[2] / 2.0 for r in rows],
+          'pp.nx': [int((r[1] - r[0]) / r[2]) for r in rows]}
+  for name, values in want.items():
+    got = conv.source.get(name)
+    if got is None or got.shape != (3,) or not np.allclose(got, values, rtol=1e-5, atol=1e-5):
+      raise ValueError(f'{conv.origin}: {name} = {None if got is None else got.tolist()} '
+                       f'but config.data bev_x / bev_y and config.model.lss.z_range give '
+                       f'{values}')
+    conv.ignore(name, 'LiftSplat grid constant; recomputed from config.data / model.lss')
+  frustum = conv.source.get('pp.frustum')
+  depths = lss.depth_values(cfg.depth_bins)
+  if (frustum is None or frustum.ndim != 4 or frustum.shape[0] != depths.shape[0]
+      or not np.allclose(frustum[:, 0, 0, 2], depths)):
+    raise ValueError(f'{conv.origin}: pp.frustum '
+                     f'{None if frustum is None else tuple(frustum.shape)} does not have the '
+                     f'depth bins of config.model.lss.depth_bins={tuple(cfg.depth_bins)} '
+                     f'({depths.shape[0]} bins from {depths[0]} m)')
+  conv.ignore('pp.frustum', 'LiftSplat frustum constant; recomputed from the image size and '
+                            'config.model.lss.depth_bins')
+
+
+def _prior_tail_conversion(conv, config, *, refine):
+  """SD fusion, neck, decoder and (refine) the HD prior: the part teacher and coach share."""
+  from mapkd_jax.convert import sd_attention, vit
   sd_attention.convert_sd_attention(conv, f'sd_prior{SEP}', '')
   convert_neck_down(conv, config.model.neck.num_layers)
   convert_neck_up(conv, config.model.neck.num_layers)
   convert_decoder(conv, config.model.decoder.blocks_per_layer)
-  vit.convert_hd_prior(conv, config.model.decoder.blocks_per_layer, f'hd_prior{SEP}',
-                       'mae_head.')
+  if refine:
+    vit.convert_hd_prior(conv, config.model.decoder.blocks_per_layer, f'hd_prior{SEP}',
+                         'mae_head.')
+  else:
+    conv.ignore_prefix('mae_head.', 'config.model.hd.coach_refine is off: this coach has no '
+                                    'HD refinement')
 
 
 def convert_state_dict(state_dict, config, abstract_variables, *, origin='state dict',
@@ -211,8 +282,7 @@ def convert_state_dict(state_dict, config, abstract_variables, *, origin='state 
     origin: the file name, for errors.
     camera: convert the camera branch (False: the rest only, for tests of the rest).
   Raises:
-    ValueError naming the stage's missing mappings (coach), naming missing and unexpected
-    tensors for a state dict of another model, and naming both sides of any shape mismatch.
+    ValueError naming missing and unexpected tensors for a state dict of another model, and naming both sides of any shape mismatch.
   """
   stage = config.stage
   check_source(state_dict, config, origin=origin, camera=camera)
@@ -225,29 +295,24 @@ def convert_state_dict(state_dict, config, abstract_variables, *, origin='state 
   else:
     for prefix in _CAMERA_PREFIXES:
       conv.ignore_prefix(prefix, 'camera branch not converted (camera=False)')
-  if stage == 'student':
-    student_tail_conversion(conv, config)
-  else:
-    teacher_tail_conversion(conv, config)
+  {'student': student_tail_conversion, 'teacher': teacher_tail_conversion,
+   'coach': coach_tail_conversion}[stage](conv, config)
   return conv.finish(), conv.report()
 
 
 def check_source(state_dict, config, *, origin='state dict', camera=True):
-  """Fails fast (before any model is built) on a stage without a mapping or a state dict of
-  another model, listing the first missing and unexpected names."""
+  """Fails fast (before any model is built) on a state dict of another model, listing the
+  first missing and unexpected names."""
   stage = config.stage
-  if stage in _MISSING:
-    raise ValueError(f'convert pmapnet: stage {stage!r} is not yet supported: missing mappings '
-                     f'for {"; ".join(_MISSING[stage])}. The student, teacher and hd_pretrain '
-                     'stages convert today.')
   if stage == 'hd_pretrain':
     prefix = 'mae_head.' if 'mae_head.pos_embed' in state_dict else ''
     names, what = ([prefix + n for n in EXPECTED_VIT_NAMES],
                    'P-MapNet HD prior (MapVisionTransformer, bare or as mae_head.)')
-  elif stage in ('student', 'teacher'):
-    expected, what = ((EXPECTED_STUDENT_NAMES, 'MapKD student (PMapNet_sdmap_S)')
-                      if stage == 'student' else
-                      (EXPECTED_TEACHER_NAMES, 'P-MapNet teacher (PMapNet_HD, lidar=True)'))
+  elif stage in ('student', 'teacher', 'coach'):
+    expected, what = {
+        'student': (EXPECTED_STUDENT_NAMES, 'MapKD student (PMapNet_sdmap_S)'),
+        'teacher': (EXPECTED_TEACHER_NAMES, 'P-MapNet teacher (PMapNet_HD, lidar=True)'),
+        'coach': (EXPECTED_COACH_NAMES, 'MapKD coach (PMapNet_mae_head_C)')}[stage]
     names = [n for n in expected if camera or not n.startswith(_CAMERA_PREFIXES)]
   else:
     raise ValueError(f'convert pmapnet: unknown stage {stage!r}')
