@@ -7,8 +7,11 @@
   # (with the [beam] extra; `tfds build --imports data_prep.tfds_builder` takes the same flags):
   python -m data_prep.tfds_builder \
       'mapkd_nuscenes/nuscenes_version=v1.0-trainval,skip_bad=True' --config ref_60x30 \
-      --manual_dir /data/nuscenes --data_dir gs://bucket/tfds \
-      --beam_pipeline_options='runner=DataflowRunner,project=P,region=R,temp_location=gs://...'
+      --manual_dir /mnt/nuscenes --data_dir gs://bucket/tfds \
+      --beam_pipeline_options='runner=DataflowRunner,project=P,region=R,temp_location=gs://B/tmp,extra_package=dist/mapkd_jax-0.1.0.tar.gz'
+  # The samples are read with os.path and nuscenes-devkit (not tf.io.gfile), so --manual_dir
+  # must be a path every Beam worker sees (e.g. a GCS FUSE or NFS mount on Dataflow / Spark /
+  # Flink workers); the workers need this package (extra_package: `python -m build --sdist`).
 
 `python -m data_prep.tfds_builder` is `tfds build` (same flags) with this builder registered:
 tensorflow-datasets 4.9.10's `tfds` command imports apache_beam at start, so it needs the

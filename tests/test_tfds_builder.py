@@ -59,6 +59,20 @@ def test_records_and_info_equal_build_shards(tiny):
   assert meta['skip_bad'] is False
 
 
+def test_beam_worker_function_gives_the_record(tiny):
+  """_read_example (what each Beam worker runs) -> the TFDS record = build_shards' record."""
+  shards, _, data = tiny
+  first = _records([os.path.join(shards, 'val-00000-of-00002.tfrecord')])[0]
+  token = first.features.feature[schema.SAMPLE_TOKEN].bytes_list.value[0].decode()
+  world = os.path.join(os.path.dirname(shards), 'world')
+  options = build_shards.plan_build(world, data.version, splits=['val'], limit=1, **{
+      k: data[k] for k in tfds_builder._DATA_KEYS if k != 'num_shards'}).options
+  key, features = tfds_builder._read_example((7, token), os.path.abspath(world), data.version,
+                                             options, False)
+  serialized = tfds_builder.tfds_features(len(data.cameras)).serialize_example(features)
+  assert key == 7 and tf.train.Example.FromString(serialized) == first
+
+
 def test_tfds_serializer_matches_build_shards_with_and_without_vectors():
   rng = np.random.default_rng(0)
   features = tfds_builder.tfds_features(num_cameras=2)
