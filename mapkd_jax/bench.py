@@ -12,7 +12,10 @@ models.summary), compile time, median / p90 latency and frames/s over --iters ti
 after --warmup untimed ones, each ending in `block_until_ready` (`time_jitted`, shared with
 the other benchmarks). A final line holds the
 student/teacher and student/coach frames/s ratios of this run (MapKD's claim: student >= 3x
-teacher, >= 1.5x coach on the same device).
+teacher, >= 1.5x coach on the same device). --torch_student adds the PyTorch eager reference
+student (same shapes, random weights) timed in the same process:
+
+  python -m mapkd_jax.bench --config configs/tcs.py:student --models student --torch_student
 """
 import json
 import time
@@ -185,21 +188,91 @@ def bench_model(name, config, *, batch_size, iters, warmup, seed, config_name=''
   }
 
 
+def bench_torch_student(config, *, batch_size, iters, warmup, seed, config_name=''):
+  """Times the PyTorch eager reference student (tests/torch_ref_bev.Student) on this CPU.
+
+  The reference architecture the converter maps (PMapNet_sdmap_S: EfficientNet-B0 CamEncode,
+  HDMapNet view MLP + IPM, BEV tail), random weights (speed does not depend on their values),
+  eval mode under torch.no_grad, the same batch shapes as the JAX student's call. torch and
+  the tests/ references are imported here only: no other code of this package needs them.
+
+  Raises:
+    FileNotFoundError: tests/torch_ref_bev.py cannot be found (run from the repo root).
+    ValueError: the config's student is not the reference's (only that one has a torch twin).
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  tests_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
+  if not os.path.exists(os.path.join(tests_dir, 'torch_ref_bev.py')):
+    raise FileNotFoundError(f'--torch_student needs {tests_dir}/torch_ref_bev.py (a source '
+                            'checkout of mapkd-jax)')
+  camera = config.model.camera
+  if camera.image_encoder != 'efficientnet_b0' or camera.view_transform != 'hdmapnet':
+    raise ValueError('--torch_student: the PyTorch reference student has an efficientnet_b0 '
+                     'encoder and the hdmapnet view transform; the config has '
+                     f'{camera.image_encoder!r} / {camera.view_transform!r}')
+  # The references import each other as top-level modules (also inside forward): tests/ stays
+  # on the path until the timing is done.
+  sys.path.insert(0, tests_dir)
+  try:
+    return _time_torch_student(config, torch, batch_size=batch_size, iters=iters,
+                               warmup=warmup, seed=seed, config_name=config_name)
+  finally:
+    sys.path.remove(tests_dir)
+
+
+def _time_torch_student(config, torch, *, batch_size, iters, warmup, seed, config_name):
+  """bench_torch_student's body, with tests/ on sys.path."""
+  import torch_ref_bev  # pylint: disable=g-import-not-at-top
+  camera = config.model.camera
+  canvas = schema.bev_shape(config.data.bev_x, config.data.bev_y)
+  model = torch_ref_bev.Student(image_hw=tuple(config.data.image_size), canvas=tuple(canvas),
+                                cam_channels=camera.channels,
+                                n_views=len(config.data.cameras)).eval()
+  batch = random_batch(config, batch_size, seed=seed)
+  images = torch.from_numpy(np.ascontiguousarray(batch['images'].transpose(0, 1, 4, 2, 3)))
+  rots, trans = torch.from_numpy(batch['cam_rotation']), torch.from_numpy(batch['cam_translation'])
+
+  def forward():
+    with torch.no_grad():   # eager CPU torch is synchronous: the call returns when done
+      return model(images, rots, trans)['semantic']
+
+  timing = time_jitted(forward, (), iters=iters, warmup=warmup)
+  return {'name': 'torch_student', 'framework': f'torch {torch.__version__} eager',
+          'torch_threads': torch.get_num_threads(),
+          'latency_ms_median': round(1e3 * timing.median_s, 3),
+          'latency_ms_p90': round(1e3 * timing.p90_s, 3),
+          'latency_ms_iqr': round(1e3 * timing.spread_s, 3),
+          'frames_per_s': round(batch_size / timing.median_s, 3),
+          'iters': iters, 'warmup': warmup, 'batch': batch_size, 'config_name': config_name}
+
+
 def speed_ratios(records):
   """{'student_over_<model>_fps': ratio} for every timed model besides the student."""
   fps = {r['name']: r['frames_per_s'] for r in records}
   if 'student' not in fps:
     return {}
+  # torch_student: >= 1 means the jitted JAX student is at least as fast as PyTorch eager.
   return {f'student_over_{name}_fps': round(fps['student'] / value, 3)
           for name, value in fps.items() if name != 'student'}
 
 
-def run(config, names, *, batch_size, iters, warmup, seed, config_name='', emit=print):
-  """Benchmarks `names` in order, emitting one JSON line each, then the ratio line."""
+def run(config, names, *, batch_size, iters, warmup, seed, config_name='', emit=print,
+        torch_student=False):
+  """Benchmarks `names` in order, emitting one JSON line each, then the ratio line.
+
+  With `torch_student`, the PyTorch eager reference student is timed after them in the same
+  process (bench_torch_student), and the ratio line gains student_over_torch_student_fps.
+  """
   records = []
   for name in names:
     records.append(bench_model(name, config, batch_size=batch_size, iters=iters, warmup=warmup,
                                seed=seed, config_name=config_name))
+    emit(json.dumps(records[-1]))
+  if torch_student:
+    records.append(bench_torch_student(config, batch_size=batch_size, iters=iters,
+                                       warmup=warmup, seed=seed, config_name=config_name))
     emit(json.dumps(records[-1]))
   ratios = speed_ratios(records)
   targets = {f'student_over_{k}_fps': v for k, v in RATIO_TARGETS.items()
@@ -225,6 +298,9 @@ def define_flags():
   flags.DEFINE_integer('iters', 20, 'Timed calls per model (median / p90 over these).')
   flags.DEFINE_integer('warmup', 3, 'Untimed calls per model after compilation.')
   flags.DEFINE_integer('seed', 0, 'Seed of the random variables and inputs.')
+  flags.DEFINE_bool('torch_student', False, 'Also time the PyTorch eager reference student '
+                    '(tests/torch_ref_bev.py; needs the [torch] extra) in the same run; the '
+                    'ratio line gives student_over_torch_student_fps.')
 
 
 def main(argv):
@@ -233,7 +309,7 @@ def main(argv):
   config = ml_collections.FrozenConfigDict(f.config)
   run(config, model_names(f.models, config), batch_size=f.batch, iters=f.iters,
       warmup=f.warmup, seed=f.seed, config_name=f['config'].config_filename,
-      emit=lambda line: print(line, flush=True))
+      emit=lambda line: print(line, flush=True), torch_student=f.torch_student)
 
 
 if __name__ == '__main__':

@@ -188,3 +188,11 @@ def test_train_bench_record_with_warm_compile_in_a_second_process(tmp_path, monk
   assert 'cpu' in record['mfu_note']
   assert record['device_peak_bytes_in_use'] is None   # CPU devices have no memory_stats
   assert np.isfinite(record['loss'])
+
+
+def test_torch_student_refuses_a_student_without_a_torch_twin():
+  pytest.importorskip('torch')
+  from configs import tcs
+  with pytest.raises(ValueError, match='--torch_student.*resnet_small'):
+    bench.bench_torch_student(tcs.get_config('student,tiny'), batch_size=1, iters=1, warmup=0,
+                              seed=0)
