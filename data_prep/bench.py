@@ -10,7 +10,7 @@ Prints these figures at config.data's image size and BEV range:
      (data_prep/tfds_builder.py) `download_and_prepare` (TFDS's generator path), same settings
      and samples, both into temp dirs,
   4. the same with Apache Beam's DirectRunner (--beam-workers processes), when apache-beam
-     (the [beam] extra) is installed; otherwise it says so.
+     is installed (not by .ci/install: see pyproject.toml); otherwise it says so.
 Defaults to the real nuScenes fragment in /work/shared/realdata (10 readable keyframes).
 """
 import argparse
@@ -118,8 +118,8 @@ def main(argv=None):
   try:
     import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
-    print('TFDS builder, Beam DirectRunner: not measured: apache-beam is not installed (the '
-          '[beam] extra; 2.77.0 needs pillow<13, protobuf<7, pyarrow<26, see pyproject.toml)')
+    print('TFDS builder, Beam DirectRunner: not measured: apache-beam is not installed '
+          '(2.77.0 needs pillow<13, protobuf<7, pyarrow<26; see pyproject.toml)')
   else:
     written, wall = tfds_build(args.dataroot, args.version, data, args.osm_dir,
                                beam_workers=args.beam_workers)

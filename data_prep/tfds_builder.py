@@ -4,7 +4,7 @@
   python -m data_prep.tfds_builder 'mapkd_nuscenes/nuscenes_version=v1.0-synthetic' \
       --config tiny --manual_dir WORKDIR/data/world --data_dir ~/tensorflow_datasets
   # Real nuScenes at the reference canvas, OSM beside it, bad samples left out and listed
-  # (with the [beam] extra; `tfds build --imports data_prep.tfds_builder` takes the same flags):
+  # (needs apache-beam; `tfds build --imports data_prep.tfds_builder` takes the same flags):
   python -m data_prep.tfds_builder \
       'mapkd_nuscenes/nuscenes_version=v1.0-trainval,skip_bad=True' --config ref_60x30 \
       --manual_dir /mnt/nuscenes --data_dir gs://bucket/tfds \
@@ -15,7 +15,7 @@
 
 `python -m data_prep.tfds_builder` is `tfds build` (same flags) with this builder registered:
 tensorflow-datasets 4.9.10's `tfds` command imports apache_beam at start, so it needs the
-[beam] extra even for a local build (see `main`).
+apache-beam even for a local build (see `main`).
 
 Builder options (`mapkd_nuscenes/k=v,k=v` with the config in --config: the CLI reads a name
 with two '/' as a script path; or `tfds.builder(..., k=v)` / `MapkdNuscenes(..., k=v)`):
@@ -42,8 +42,8 @@ pipeline.py gives for the same seed. The rest of metadata.json is build_shards'
 dataset_info.json (label_width, bev, skipped, ...) plus `skip_bad`.
 
 Beam: with a DownloadConfig `beam_runner` / `beam_options` (`tfds build
---beam_pipeline_options`) the examples are a Beam PTransform (apache-beam, the `[beam]` extra).
-The workers cannot send back what they skipped, so with Beam the driver checks every sample's
+--beam_pipeline_options`) the examples are a Beam PTransform (apache-beam 2.77.0 cannot be
+installed beside this project's pins today; see pyproject.toml). The workers cannot send back what they skipped, so with Beam the driver checks every sample's
 keyframe files first (missing ones are skipped and listed with build_shards' message, or raise
 naming the file without skip_bad) and counts missing sweep files; a sample that fails later
 fails the pipeline. Without Beam, samples are read in this process exactly as build_shards'
@@ -384,7 +384,7 @@ def main():
   """`tfds build` with this builder registered: the same flags, without `tfds` itself.
 
   tensorflow-datasets 4.9.10's `tfds` command imports apache_beam as it starts (its
-  convert_format subcommand defines a beam.DoFn at import), so without the [beam] extra
+  convert_format subcommand defines a beam.DoFn at import), so without apache-beam
   `tfds build` fails before building anything; `build`'s own code does not need Beam.
   """
   from absl import app  # pylint: disable=g-import-not-at-top

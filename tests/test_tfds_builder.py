@@ -220,8 +220,8 @@ def test_bad_input_as_build_shards_skip_bad_recorded(tmp_path):
 
 
 def test_beam_direct_runner_gives_the_same_records(request, tmp_path):
-  pytest.importorskip('apache_beam', reason='apache-beam (the [beam] extra) is not installed: '
-                      '2.77.0 needs pillow<13, protobuf<7, pyarrow<26 (pyproject.toml)')
+  pytest.importorskip('apache_beam', reason='apache-beam is not installed: 2.77.0 needs '
+                      'pillow<13, protobuf<7, pyarrow<26 (see pyproject.toml)')
   shards, _, data = request.getfixturevalue('tiny')   # after the skip: the world costs ~20 s
   world = os.path.join(os.path.dirname(shards), 'world')
   builder = tfds_builder.MapkdNuscenes(config='tiny', data_dir=str(tmp_path),
