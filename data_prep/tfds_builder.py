@@ -75,12 +75,14 @@ direction label rasters and the ego-frame map polylines (mapkd_jax/data/schema.p
 _CITATION = """\
 @article{yan2025mapkd,
   title={MapKD: Unlocking Prior Knowledge with Cross-Modal Distillation for Efficient Online HD Map Construction},
-  author={Yan, Ziyang and others}, journal={arXiv preprint arXiv:2508.15653}, year={2025}}
+  author={Yan, Ziyang and Li, Ruikai and Cui, Zhiyong and Li, Bohan and Jiang, Han and Ren, Yilong and
+          Li, Aoyong and Li, Zhenning and Wen, Sijia and Yu, Haiyang},
+  journal={arXiv preprint arXiv:2508.15653}, year={2025}}
 @article{jiang2024pmapnet,
   title={P-MapNet: Far-seeing Map Generator Enhanced by both SDMap and HDMap Priors},
   author={Jiang, Zhou and Zhu, Zhenxin and Li, Pengfei and Gao, Huan-ang and Yuan, Tianyuan and
           Shi, Yongliang and Zhao, Hang and Zhao, Hao},
-  journal={IEEE Robotics and Automation Letters}, year={2024}}
+  journal={arXiv preprint arXiv:2403.10521}, year={2024}}
 @inproceedings{li2022hdmapnet,
   title={HDMapNet: An Online HD Map Construction and Evaluation Framework},
   author={Li, Qi and Wang, Yue and Wang, Yilun and Zhao, Hang},
