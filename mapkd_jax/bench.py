@@ -202,7 +202,6 @@ def bench_torch_student(config, *, batch_size, iters, warmup, seed, config_name=
   """
   import os  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
   tests_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
   if not os.path.exists(os.path.join(tests_dir, 'torch_ref_bev.py')):
     raise FileNotFoundError(f'--torch_student needs {tests_dir}/torch_ref_bev.py (a source '
@@ -212,6 +211,7 @@ def bench_torch_student(config, *, batch_size, iters, warmup, seed, config_name=
     raise ValueError('--torch_student: the PyTorch reference student has an efficientnet_b0 '
                      'encoder and the hdmapnet view transform; the config has '
                      f'{camera.image_encoder!r} / {camera.view_transform!r}')
+  import torch  # pylint: disable=g-import-not-at-top   (after the checks: it takes seconds)
   # The references import each other as top-level modules (also inside forward): tests/ stays
   # on the path until the timing is done.
   sys.path.insert(0, tests_dir)

@@ -191,7 +191,6 @@ def test_train_bench_record_with_warm_compile_in_a_second_process(tmp_path, monk
 
 
 def test_torch_student_refuses_a_student_without_a_torch_twin():
-  pytest.importorskip('torch')
   from configs import tcs
   with pytest.raises(ValueError, match='--torch_student.*resnet_small'):
     bench.bench_torch_student(tcs.get_config('student,tiny'), batch_size=1, iters=1, warmup=0,
