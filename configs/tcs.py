@@ -107,7 +107,8 @@ def get_config(arg=None):
       hd=dict(           # HD-prior ViT refinement / MAE (teacher, coach, hd_pretrain); ViT-B/8
           patch_size=8, width=768, depth=12, num_heads=12, mlp_ratio=4, dropout=0.0,
           decoder_channels=64, mask_ratio=0.5,
-          coach_refine=True),   # coach variant with (True) or without the HD refinement
+          coach_refine=True,    # coach variant with (True) or without the HD refinement
+          remat=False),         # recompute each ViT block in the backward (less memory)
   )
 
   config.kd = dict(
@@ -152,6 +153,7 @@ def get_config(arg=None):
   config.eval = dict(
       dbscan_eps=1.5,              # instance-embedding distance of DBSCAN neighbours
       dbscan_min_samples=50,       # pixels in an eps-ball that make a DBSCAN core point
+      dbscan_algorithm='ball_tree',   # DBSCAN neighbour search (same sets as 'brute', faster)
       max_cluster_pixels=4000,     # DBSCAN on a strided subset above this; the rest join the nearest
       link_radius_px=1.5,          # pixels this close are neighbours when ordering a cluster
       simplify_tolerance=0.2,      # metres, shapely simplify of each predicted polyline
@@ -159,7 +161,7 @@ def get_config(arg=None):
       sample_step=0.15,            # metres between resampled points for the Chamfer distance
       range_split=15.0,            # metres of |x|: IoU reported for |x| < split and >= split
       num_images=4,                # PNGs written by the evaluation
-      # Vector AP protocol (mapkd_jax/vector_ap.py): 'maptr' (MapTR's released evaluation, the
+      # Vector AP protocol (mapkd_jax/eval/protocols.py): 'maptr' (MapTR's released evaluation, the
       # default), 'pmapnet' (P-MapNet's released one, defects included, only to set a number
       # beside the paper's mAP column) or 'legacy' (this project's rules before MapTR's).
       ap_protocol='maptr',

@@ -4,23 +4,33 @@
   python -m mapkd_jax.eval_bench --config configs/tcs.py:student,tiny --samples 8 --workers 2
 
 Prints one JSON line. The forward pass is the config's stage model, jitted, random weights, on
-a random batch (bench.random_batch); its outputs are not vectorized (random weights give
-noise everywhere). Vectorization and AP run on label-like head outputs with noise
-(`noisy_outputs`: lines drawn at the label thickness, logits +-2 plus Gaussian noise of
+a random batch of --batch rows (bench.random_batch); its outputs are not vectorized (random
+weights give noise everywhere). Vectorization and AP run on label-like head outputs with
+noise (`noisy_outputs`: lines drawn at the label thickness, logits +-2 plus Gaussian noise of
 --noise, one embedding per line plus noise), the same work per sample as a trained model's
 maps with that much clutter. For a trained model's own predictions, time `evaluate` (its log
 gives samples/s; README shows figures).
 
-Fields: forward_s (per sample), vectorize_s (per sample, inline), vectorize_pool_s (wall per
-sample through a pool of --workers spawn processes, pool start excluded), ap_s (per sample,
-protocol --protocol), samples_per_s_serial = 1 / (forward + vectorize + ap) (one process, no
-overlap), samples_per_s_pipelined = 1 / max(forward, vectorize_pool + ap) (what `evaluate`
-approaches when vectorization overlaps the forward).
+Both evaluation paths are measured in the same run, on the same samples:
+  before: what `evaluate` did before the eval/ package: DBSCAN with sklearn's default
+    neighbour search ('auto', brute force here), vectorization in the --workers pool, the
+    forward waited for before the next one is dispatched, vector AP computed at the end in
+    the main process;
+  after: `eval.scoring.Scorer` (vectorization with config.eval.dbscan_algorithm AND each
+    sample's AP record in the pool, bounded queue), the next forward dispatched before the
+    current batch is handed to the pool, AP combined from the records.
+Fields (seconds per sample unless named otherwise): forward_s (one --batch forward / batch),
+vectorize_s / vectorize_before_s (inline, after / before neighbour search), ap_s (inline,
+whole split at the end), host_before_s (pool vectorization + serial AP, wall) and
+host_after_s (Scorer pool, wall), host_speedup = host_before_s / host_after_s;
+end_to_end_before_s / end_to_end_after_s (both loops with the forward, wall, pool start
+excluded) and end_to_end_speedup; samples_per_s_before / samples_per_s_after = their inverses.
 """
 import concurrent.futures
 import functools
 import json
 import multiprocessing
+import os
 import time
 
 import cv2
@@ -37,6 +47,7 @@ from mapkd_jax import vectorize
 from mapkd_jax.data import schema
 from mapkd_jax.eval import ap as ap_lib
 from mapkd_jax.eval import protocols
+from mapkd_jax.eval import scoring
 
 
 def noisy_outputs(rng, config, *, num_lines=12, noise=0.5, line_px=None):
@@ -83,77 +94,159 @@ def noisy_outputs(rng, config, *, num_lines=12, noise=0.5, line_px=None):
 
 def vectorize_kwargs(config):
   """vectorize_sample's keyword arguments from a config, as `evaluate` passes them."""
-  data = config.data
-  return dict(bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=tuple(data.classes),
-              eps=config.eval.dbscan_eps, min_samples=config.eval.dbscan_min_samples,
-              max_cluster_pixels=config.eval.max_cluster_pixels,
-              link_radius_px=config.eval.link_radius_px,
-              line_width_px=vectorize.label_line_width_px(data),
-              simplify_tolerance=config.eval.simplify_tolerance)
+  return vectorize.config_kwargs(config)
 
 
-def time_forward(config, *, batch_size, iters, seed=0):
-  """Median seconds per sample of the stage model's jitted eval forward (random weights)."""
+def make_forward(config, *, batch_size, seed=0):
+  """(jitted eval forward, variables, random batch) of the config's stage model."""
   model = models_lib.build(config.stage, config)
   batch = jax.device_put(bench.random_batch(config, batch_size, seed=seed))
   rngs = {name: jax.random.key(seed) for name in ('params', 'dropout', 'mask')}
   variables = jax.jit(lambda b: model.init(rngs, b, train=False))(batch)
   forward = jax.jit(lambda v, b: model.apply(v, b, train=False))
-  jax.block_until_ready(forward(variables, batch))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(forward(variables, batch))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) / batch_size
+  return forward, variables, batch
+
+
+def time_forward(config, *, batch_size, iters, seed=0):
+  """Median seconds per sample of the stage model's jitted eval forward (random weights)."""
+  forward, variables, batch = make_forward(config, batch_size=batch_size, seed=seed)
+  timing = bench.time_jitted(forward, (variables, batch), iters=iters, warmup=1)
+  return timing.median_s / batch_size
+
+
+def _scored_ap(records, config, protocol):
+  return ap_lib.combine_records(records, class_names=tuple(config.data.classes),
+                                thresholds=tuple(config.eval.chamfer_thresholds),
+                                protocol=protocol)
+
+
+def _before_loop(inputs, pool, vec_kwargs, ap_kwargs, config, protocol, step):
+  """The pre-eval/-package evaluation loop; `step()` runs one forward to completion."""
+  fn = functools.partial(vectorize.vectorize_sample, **vec_kwargs)
+  futures = []
+  for k, (semantic, embedding, _) in enumerate(inputs):
+    if step is not None and k % step[1] == 0:
+      step[0]()
+    futures.append(pool.submit(fn, semantic, embedding) if pool else fn(semantic, embedding))
+  vectors = [f.result() if pool else f for f in futures]
+  preds = {f's{k:05d}': v for k, v in enumerate(vectors)}
+  gts = {f's{k:05d}': inp[2] for k, inp in enumerate(inputs)}
+  return ap_lib.evaluate_vectors(preds, gts, **ap_kwargs), vectors
+
+
+def _after_loop(inputs, scorer, config, protocol, dispatch):
+  """`evaluate`'s loop: the next forward is dispatched before this batch goes to the pool."""
+  pending = dispatch[0]() if dispatch is not None else None
+  for k, (semantic, embedding, gt) in enumerate(inputs):
+    if dispatch is not None and k % dispatch[1] == 0 and k:
+      jax.block_until_ready(pending)
+      pending = dispatch[0]()
+    scorer.submit(f's{k:05d}', semantic, embedding, gt)
+  if pending is not None:
+    jax.block_until_ready(pending)
+  scored = scorer.results()
+  return _scored_ap({t: r for t, (_, r) in scored.items()}, config, protocol), \
+      [scored[f's{k:05d}'][0] for k in range(len(inputs))]
 
 
 def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, forward=True,
-        seed=0):
+        batch=1, seed=0):
   """The bench record (module docstring)."""
   if samples < 1:
     raise ValueError(f'--samples must be >= 1, got {samples}')
+  if batch < 1:
+    raise ValueError(f'--batch must be >= 1, got {batch}')
   workers = eval_lib.resolve_workers(workers)
   rng = np.random.default_rng(seed)
   inputs = [noisy_outputs(rng, config, noise=noise) for _ in range(samples)]
-  kwargs = vectorize_kwargs(config)
+  after_kwargs = vectorize.config_kwargs(config)
+  before_kwargs = {**after_kwargs, 'dbscan_algorithm': 'auto'}
+  ap_kwargs = eval_lib.config_ap_kwargs(config, protocol)
+
   start = time.perf_counter()
-  vectors = [vectorize.vectorize_sample(s, e, **kwargs) for s, e, _ in inputs]
+  vectors = [vectorize.vectorize_sample(s, e, **after_kwargs) for s, e, _ in inputs]
   vectorize_s = (time.perf_counter() - start) / samples
-  pool_s = vectorize_s
-  if workers > 1:
-    fn = functools.partial(vectorize.vectorize_sample, **kwargs)
-    with concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context('spawn')) as pool:
-      list(pool.map(fn, *zip(*[(s, e) for s, e, _ in inputs[:workers]])))   # start the pool
-      start = time.perf_counter()
-      pooled = list(pool.map(fn, [s for s, _, _ in inputs], [e for _, e, _ in inputs]))
-      pool_s = (time.perf_counter() - start) / samples
-    np.testing.assert_equal(pooled, vectors)
-  preds = {f's{k}': [{**v, 'pts': v['pts']} for v in vec] for k, vec in enumerate(vectors)}
-  gts = {f's{k}': inp[2] for k, inp in enumerate(inputs)}
   start = time.perf_counter()
-  result = ap_lib.evaluate_vectors(
-      preds, gts, class_names=tuple(config.data.classes),
-      thresholds=tuple(config.eval.chamfer_thresholds), protocol=protocol,
-      sample_step=config.eval.sample_step, num_points=config.eval.maptr_num_points,
-      buffer_m=config.eval.maptr_buffer_m, bev_x=tuple(config.data.bev_x),
-      bev_y=tuple(config.data.bev_y), pmapnet_thickness=config.eval.pmapnet_thickness,
-      pmapnet_iou_gate=config.eval.pmapnet_iou_gate)
+  before_vectors = [vectorize.vectorize_sample(s, e, **before_kwargs) for s, e, _ in inputs]
+  vectorize_before_s = (time.perf_counter() - start) / samples
+  preds = {f's{k:05d}': v for k, v in enumerate(vectors)}
+  gts = {f's{k:05d}': inp[2] for k, inp in enumerate(inputs)}
+  start = time.perf_counter()
+  result = ap_lib.evaluate_vectors(preds, gts, **ap_kwargs)
   ap_s = (time.perf_counter() - start) / samples
-  forward_s = time_forward(config, batch_size=1, iters=forward_iters) if forward else 0.0
+
+  fwd = None
+  forward_s = 0.0
+  if forward:
+    fn, variables, batch_arrays = make_forward(config, batch_size=batch, seed=seed)
+    forward_s = bench.time_jitted(fn, (variables, batch_arrays), iters=forward_iters,
+                                  warmup=1).median_s / batch
+    fwd = lambda: fn(variables, batch_arrays)  # noqa: E731
+
+  figures = {}
+  for name, fwd_step in [('host', None)] + ([('end_to_end', fwd)] if fwd else []):
+    pool = None
+    if workers > 1:   # started and its workers' imports done before the clock starts
+      pool = concurrent.futures.ProcessPoolExecutor(
+          workers, mp_context=multiprocessing.get_context('spawn'))
+      fn = functools.partial(vectorize.vectorize_sample, **before_kwargs)
+      for f in [pool.submit(fn, *inputs[0][:2]) for _ in range(workers)]:
+        f.result()
+    try:
+      step = None if fwd_step is None else (lambda f=fwd_step: jax.block_until_ready(f()), batch)
+      start = time.perf_counter()
+      before, got_before = _before_loop(inputs, pool, before_kwargs, ap_kwargs, config,
+                                        protocol, step)
+      figures[f'{name}_before_s'] = (time.perf_counter() - start) / samples
+    finally:
+      if pool is not None:
+        pool.shutdown()
+    with scoring.Scorer(workers, after_kwargs, ap_kwargs) as scorer:
+      scorer.start(inputs[0])
+      start = time.perf_counter()
+      after, got_after = _after_loop(inputs, scorer, config, protocol,
+                                     None if fwd_step is None else (fwd_step, batch))
+      figures[f'{name}_after_s'] = (time.perf_counter() - start) / samples
+    # Each path gives its inline vectors and AP: the pool and the overlap change speed only.
+    np.testing.assert_equal(got_after, vectors)
+    np.testing.assert_equal(got_before, before_vectors)
+    np.testing.assert_equal(after, result)
+    figures[f'{name}_map_before'] = before['map']
   height, width = schema.bev_shape(config.data.bev_x, config.data.bev_y)
-  return {
+  record = {
       'stage': config.stage, 'canvas': [height, width], 'samples': samples, 'workers': workers,
-      'noise': noise, 'protocol': protocol, 'backend': jax.default_backend(),
+      'batch': batch, 'noise': noise, 'protocol': protocol, 'backend': jax.default_backend(),
+      'cpu_count': os.cpu_count(),
       'foreground_px_per_sample': float(np.mean([(s.argmax(-1) > 0).sum() for s, _, _ in inputs])),
       'vectors_per_sample': float(np.mean([len(v) for v in vectors])),
-      'map': result['map'],
+      'same_vectors_before_after': bool(_same(vectors, before_vectors)),
+      'map': result['map'], 'map_before': figures['host_map_before'],
       'forward_s': round(forward_s, 4), 'vectorize_s': round(vectorize_s, 4),
-      'vectorize_pool_s': round(pool_s, 4), 'ap_s': round(ap_s, 4),
-      'samples_per_s_serial': round(1.0 / (forward_s + vectorize_s + ap_s), 3),
-      'samples_per_s_pipelined': round(1.0 / max(forward_s, pool_s + ap_s), 3),
+      'vectorize_before_s': round(vectorize_before_s, 4), 'ap_s': round(ap_s, 4),
+      'host_before_s': round(figures['host_before_s'], 4),
+      'host_after_s': round(figures['host_after_s'], 4),
+      'host_speedup': round(figures['host_before_s'] / figures['host_after_s'], 3),
   }
+  if 'end_to_end_before_s' in figures:
+    record.update(
+        end_to_end_before_s=round(figures['end_to_end_before_s'], 4),
+        end_to_end_after_s=round(figures['end_to_end_after_s'], 4),
+        end_to_end_speedup=round(figures['end_to_end_before_s'] / figures['end_to_end_after_s'],
+                                 3),
+        samples_per_s_before=round(1.0 / figures['end_to_end_before_s'], 3),
+        samples_per_s_after=round(1.0 / figures['end_to_end_after_s'], 3))
+  else:
+    record.update(samples_per_s_before=round(1.0 / figures['host_before_s'], 3),
+                  samples_per_s_after=round(1.0 / figures['host_after_s'], 3))
+  return record
+
+
+def _same(a, b):
+  try:
+    np.testing.assert_equal(a, b)
+    return True
+  except AssertionError:
+    return False
 
 
 def define_flags():
@@ -164,7 +257,8 @@ def define_flags():
                        '(0 = CPU count)')
   flags.DEFINE_float('noise', 0.5, 'std of the logit noise of the label-like maps')
   flags.DEFINE_enum('protocol', 'maptr', list(protocols.PROTOCOLS), 'vector AP protocol')
-  flags.DEFINE_bool('forward', True, 'time the forward pass too')
+  flags.DEFINE_bool('forward', True, 'time the forward pass too (and the loops with it)')
+  flags.DEFINE_integer('batch', 1, 'rows of the forward batch')
 
 
 def main(argv):
@@ -172,7 +266,7 @@ def main(argv):
   f = flags.FLAGS
   workers = f.config.eval.workers if f.workers is None else f.workers
   print(json.dumps(run(f.config, samples=f.samples, workers=workers, noise=f.noise,
-                       protocol=f.protocol, forward=f.forward)), flush=True)
+                       protocol=f.protocol, forward=f.forward, batch=f.batch)), flush=True)
 
 
 if __name__ == '__main__':

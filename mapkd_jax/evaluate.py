@@ -25,12 +25,9 @@ i % process_count == p on its own devices, writes its share (vectors, AP records
 class maps) under eval/parts/, and process 0 merges them after a barrier and writes the
 outputs; metrics.json is the one-process file.
 """
-import collections
-import concurrent.futures
 import functools
 import json
 import math
-import multiprocessing
 import os
 import warnings
 
@@ -57,6 +54,7 @@ from mapkd_jax.data import schema
 from mapkd_jax.eval import ap as ap_lib
 from mapkd_jax.eval import files as vector_files
 from mapkd_jax.eval import protocols
+from mapkd_jax.eval import scoring
 
 
 def _train_command(config, workdir):
@@ -137,65 +135,6 @@ def resolve_workers(workers):
   return workers or (os.cpu_count() or 1)
 
 
-def _score_sample(semantic, embedding, gt_vectors, *, vec_kwargs, ap_kwargs):
-  """(predicted vectors, AP record) of one sample: what a pool worker computes."""
-  vectors = vectorize.vectorize_sample(semantic, embedding, **vec_kwargs)
-  record = ap_lib.sample_record(vectors, gt_vectors, **ap_kwargs)
-  return vectors, record
-
-
-def _vectorize_only(semantic, embedding, gt_vectors, *, vec_kwargs):
-  del gt_vectors
-  return vectorize.vectorize_sample(semantic, embedding, **vec_kwargs)
-
-
-class Scorer:
-  """Vectorizes and AP-scores samples inline (1 worker) or in a process pool, by sample token.
-
-  The pool overlaps the host work (vectorization, Chamfer distances, matching: about all of a
-  sample's host time) with the device forward of the next batches. At most `max_pending`
-  samples wait in the pool (each holds its head outputs, [H, W, K + 1 + E] float32, 6 MB at
-  the reference size): `submit` then waits for the oldest, so memory stays bounded whatever
-  the split size. The pool uses 'spawn' processes: forking a process that holds JAX's threads
-  can deadlock.
-  """
-
-  def __init__(self, workers, vec_kwargs, ap_kwargs=None, max_pending=None):
-    if ap_kwargs is None:
-      self._fn = functools.partial(_vectorize_only, vec_kwargs=vec_kwargs)
-    else:
-      self._fn = functools.partial(_score_sample, vec_kwargs=vec_kwargs, ap_kwargs=ap_kwargs)
-    self._pool = None
-    if workers > 1:
-      self._pool = concurrent.futures.ProcessPoolExecutor(
-          max_workers=workers, mp_context=multiprocessing.get_context('spawn'))
-    self._max_pending = max_pending or 4 * workers
-    self._pending = collections.deque()
-    self._results = {}
-
-  def submit(self, token, semantic, embedding, gt_vectors=()):
-    gt_vectors = list(gt_vectors)
-    if self._pool is None:
-      self._results[token] = self._fn(semantic, embedding, gt_vectors)
-      return
-    while len(self._pending) >= self._max_pending:
-      oldest = self._pending.popleft()
-      self._results[oldest] = self._results[oldest].result()
-    self._results[token] = self._pool.submit(self._fn, np.ascontiguousarray(semantic),
-                                             np.ascontiguousarray(embedding), gt_vectors)
-    self._pending.append(token)
-
-  def results(self):
-    """{token: (vectors, AP record)} (just vectors without ap_kwargs), waiting for the pool;
-    shuts it down."""
-    try:
-      return {t: (r.result() if isinstance(r, concurrent.futures.Future) else r)
-              for t, r in self._results.items()}
-    finally:
-      if self._pool is not None:
-        self._pool.shutdown()
-
-
 def _gt_json(vectors, tokens, class_names):
   return {t: [{'cls': class_names[cls - 1], 'pts': np.asarray(pts).tolist()}
               for cls, pts in vectors.get(t, [])] for t in tokens}
@@ -229,6 +168,17 @@ def _json_safe(tree):
   if isinstance(tree, float) and math.isnan(tree):
     return None
   return tree
+
+
+def config_ap_kwargs(config, protocol):
+  """`ap_lib.sample_record`'s keyword arguments from a full config, for `protocol`."""
+  data = config.data
+  return dict(class_names=tuple(data.classes), thresholds=tuple(config.eval.chamfer_thresholds),
+              protocol=protocol, sample_step=config.eval.sample_step,
+              num_points=config.eval.maptr_num_points, buffer_m=config.eval.maptr_buffer_m,
+              bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y),
+              pmapnet_thickness=config.eval.pmapnet_thickness,
+              pmapnet_iou_gate=config.eval.pmapnet_iou_gate)
 
 
 def process_rows(start, rows, process_index, process_count):
@@ -397,19 +347,9 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
                              drop_remainder=False, with_tokens=True, process_index=0,
                              process_count=1)
   truth = pipeline.read_vectors(shards_dir, split)
-  vec_kwargs = dict(bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=classes,
-                    eps=config.eval.dbscan_eps, min_samples=config.eval.dbscan_min_samples,
-                    max_cluster_pixels=config.eval.max_cluster_pixels,
-                    link_radius_px=config.eval.link_radius_px,
-                    line_width_px=vectorize.label_line_width_px(data),
-                    simplify_tolerance=config.eval.simplify_tolerance)
-  ap_kwargs = dict(class_names=classes, thresholds=tuple(config.eval.chamfer_thresholds),
-                   protocol=protocol, sample_step=config.eval.sample_step,
-                   num_points=config.eval.maptr_num_points, buffer_m=config.eval.maptr_buffer_m,
-                   bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y),
-                   pmapnet_thickness=config.eval.pmapnet_thickness,
-                   pmapnet_iou_gate=config.eval.pmapnet_iou_gate)
-  scorer = Scorer(workers, vec_kwargs, ap_kwargs)
+  vec_kwargs = vectorize.config_kwargs(config)
+  ap_kwargs = config_ap_kwargs(config, protocol)
+  scorer = scoring.Scorer(workers, vec_kwargs, ap_kwargs)
   # |x| of each column's centre: near and far halves of the range (DESIGN.md section 6).
   height, width = schema.bev_shape(data.bev_x, data.bev_y)
   x_centres = data.bev_x[0] + (np.arange(width) + 0.5) * data.bev_x[2]
@@ -442,6 +382,7 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
     preds.append(pred)
     gts.append(gt)
   scored = scorer.results()
+  scorer.close()
   vectors = {t: v for t, (v, _) in scored.items()}
   part = {'indices': [int(i) for k in indices for i in k], 'tokens': tokens,
           'records': {t: r for t, (_, r) in scored.items()},
@@ -482,7 +423,8 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
           'range_split': f'|x| of pixel centres < {split_m:g} m vs >= {split_m:g} m',
           'thresholds_m': [float(t) for t in config.eval.chamfer_thresholds],
           'score': 'mean sigmoid of the class logit over the polyline pixels',
-          'dbscan': {'eps': config.eval.dbscan_eps, 'min_samples': config.eval.dbscan_min_samples},
+          'dbscan': {'eps': config.eval.dbscan_eps, 'min_samples': config.eval.dbscan_min_samples,
+                     'algorithm': config.eval.dbscan_algorithm},
           'ap_protocol': protocol,
           **_protocol_numbers(config, protocol),
           **protocols.protocol_description(protocol)}}

@@ -15,6 +15,7 @@ from mapkd_jax.data import pipeline
 from mapkd_jax.eval import ap as ap_lib
 from mapkd_jax.eval import cli
 from mapkd_jax.eval import protocols
+from mapkd_jax.eval import scoring
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -236,10 +237,10 @@ def test_worker_pool_gives_the_inline_vectors():
   results = []
   # max_pending=1: the pool's bounded queue waits for the oldest sample at every submit.
   for workers, max_pending in ((1, None), (2, 1)):
-    scorer = eval_lib.Scorer(workers, kwargs, ap_kwargs, max_pending=max_pending)
-    for token, semantic, embedding in samples:
-      scorer.submit(token, semantic, embedding, gt)
-    results.append(scorer.results())
+    with scoring.Scorer(workers, kwargs, ap_kwargs, max_pending=max_pending) as scorer:
+      for token, semantic, embedding in samples:
+        scorer.submit(token, semantic, embedding, gt)
+      results.append(scorer.results())
   inline, pooled = results
   assert set(inline) == {'tok0', 'tok1', 'tok2'}
   assert all(len(vectors) == 2 for vectors, _ in inline.values())
@@ -287,8 +288,11 @@ def test_eval_bench_record_on_noisy_label_like_maps():
   drawn = semantic.argmax(-1) > 0
   assert drawn.any() and np.all(semantic[~drawn, 0] == 2.0)
   record = eval_bench.run(config, samples=2, workers=1, noise=0.5, forward=False)
-  for key in ('vectorize_s', 'ap_s', 'samples_per_s_serial', 'samples_per_s_pipelined'):
+  for key in ('vectorize_s', 'vectorize_before_s', 'ap_s', 'host_before_s', 'host_after_s',
+              'host_speedup', 'samples_per_s_before', 'samples_per_s_after'):
     assert record[key] > 0, key
+  # The run itself asserts that both paths give the inline vectors and AP.
+  assert record['same_vectors_before_after'] and record['map'] == record['map_before']
   assert record['canvas'] == [50, 100] and record['forward_s'] == 0.0
   with pytest.raises(ValueError, match='--samples'):
     eval_bench.run(config, samples=0, workers=1, noise=0.5)

@@ -197,3 +197,23 @@ def test_label_line_width_follows_label_thickness():
   assert vectorize.label_line_width_px(data) == 7    # thickness 5 at 0.15 m covers 7 px
   data.bev_x, data.bev_y = (-30.0, 30.0, 0.6), (-15.0, 15.0, 0.6)
   assert vectorize.label_line_width_px(data) == 1    # thickness 1: a 1-px line
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_ball_tree_dbscan_gives_the_brute_force_labels(seed):
+  # config.eval.dbscan_algorithm='ball_tree' must only change speed: same labels as sklearn's
+  # brute-force neighbour search on clustered 16-d embeddings with noise, full and subsampled.
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(scale=4.0, size=(5, 16))
+  emb = np.concatenate([c + rng.normal(scale=0.4, size=(300, 16)) for c in centres]
+                       + [rng.normal(scale=6.0, size=(100, 16))]).astype(np.float32)
+  emb = emb[rng.permutation(len(emb))]
+  for max_pixels in (10000, 700):
+    got = vectorize.cluster_embeddings(emb, eps=1.5, min_samples=20, max_pixels=max_pixels)
+    want = vectorize.cluster_embeddings(emb, eps=1.5, min_samples=20, max_pixels=max_pixels,
+                                        algorithm='brute')
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(got[got >= 0])) == 5 and (got == -1).any()
+  with pytest.raises(ValueError, match='algorithm'):   # the choice reaches sklearn
+    vectorize.cluster_embeddings(emb, eps=1.5, min_samples=20, max_pixels=10000,
+                                 algorithm='no_such_search')
