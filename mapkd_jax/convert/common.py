@@ -171,6 +171,37 @@ class Conversion:
     self.filled[target_path] = value.astype(np.float32) if value.dtype.kind == 'f' else value
     self.used[source_name] = target_path
 
+  def put_stacked(self, target_path: str, source_names: list,
+                  transform: Callable[[np.ndarray], np.ndarray] = lambda x: x):
+    """target[target_path] = stack([transform(source[n]) for n in source_names]) on a new
+    leading axis (the parameters of an nn.scan over identical layers), shape-checked; each
+    source name is recorded as used for `target_path[i]`."""
+    if target_path not in self.target:
+      raise ValueError(f'{self.origin}: {source_names[0]!r}: target {target_path!r} is not a '
+                       f'leaf of the model (near: {_preview(self._near(target_path))})')
+    want = tuple(self.target[target_path].shape)
+    if not source_names or want[0] != len(source_names):
+      raise ValueError(f'{self.origin}: target {target_path} {want} stacks {want[0]} layers; '
+                       f'the source has {len(source_names)}: {_preview(source_names)}')
+    if target_path in self.filled:
+      raise ValueError(f'{self.origin}: target {target_path} filled twice')
+    values = []
+    for i, name in enumerate(source_names):
+      if name not in self.source:
+        raise ValueError(f'{self.origin}: tensor {name!r} (for {target_path}[{i}]) not found')
+      values.append(np.asarray(transform(self.source[name])))
+      if tuple(values[-1].shape) != want[1:]:
+        raise ValueError(f'{self.origin}: shape mismatch: source {name} '
+                         f'{tuple(self.source[name].shape)} (converted '
+                         f'{tuple(values[-1].shape)}) vs target {target_path}[{i}] {want[1:]}')
+    value = np.stack(values)
+    self.filled[target_path] = value.astype(np.float32) if value.dtype.kind == 'f' else value
+    for i, name in enumerate(source_names):
+      if name in self.used:
+        raise ValueError(f'{self.origin}: {name!r} used twice ({self.used[name]} and '
+                         f'{target_path}[{i}])')
+      self.used[name] = f'{target_path}[{i}]'
+
   def ignore(self, source_name: str, reason: str):
     """Marks one source tensor as deliberately unused."""
     if source_name not in self.source:

@@ -7,10 +7,12 @@ Reference names (after `source_prefix`, 'mae_head.' in a P-MapNet / MapKD teache
   map_patch_embed.proj.{weight,bias}        -> patch_embed                 (k = stride = p conv)
   pos_embed [1, N + 1, D]                   -> pos_embed [N + 1, D]         (whole table; the
                                                                             forward adds [:-1])
-  blocks.{i}.norm1 / norm2                  -> block_i/norm1 / norm2
-  blocks.{i}.attn.qkv.{weight,bias} [3D, D] -> block_i/attn/{query,key,value} [D, heads, hd]
-  blocks.{i}.attn.proj                      -> block_i/attn/out [heads, hd, D]
-  blocks.{i}.mlp.fc1 / fc2                  -> block_i/fc1 / fc2
+  blocks.{i}.norm1 / norm2                  -> blocks/block/norm1 / norm2 [i]
+  blocks.{i}.attn.qkv.{weight,bias} [3D, D] -> blocks/block/attn/{query,key,value}
+                                               [i] = [D, heads, hd]
+  blocks.{i}.attn.proj                      -> blocks/block/attn/out [i] = [heads, hd, D]
+  blocks.{i}.mlp.fc1 / fc2                  -> blocks/block/fc1 / fc2 [i]
+  (the blocks are one nn.scan: each parameter stacks the depth blocks on a leading axis)
   norm                                      -> norm
   conv_up.0 / conv_up.1 (ConvTranspose2d)   -> up_0/conv / up_1/conv        (kernel flipped)
   conv_up.3.conv / conv_up.3.bn             -> proj/conv / proj/bn          (conv_up.2: Upsample)
@@ -38,27 +40,31 @@ def _layer_norm(conv, target, source):
   conv.put(f'params{SEP}{target}{SEP}bias', f'{source}.bias')
 
 
-def convert_packed_attention(conv: Conversion, target: str, qkv: str, proj: str):
-  """A packed qkv Linear `qkv` [3D, D] and output Linear `proj` -> Flax
-  MultiHeadDotProductAttention at module path `target` (under params, no trailing '/')."""
+def convert_packed_attention(conv: Conversion, target: str, qkv: list, proj: list):
+  """Packed qkv Linears `qkv` [3D, D] and output Linears `proj` (one name per scanned layer)
+  -> a Flax MultiHeadDotProductAttention at module path `target` (under params, no trailing
+  '/') whose parameters carry a leading [layers] axis (nn.scan)."""
   kernel = conv.target.get(f'params{SEP}{target}{SEP}query{SEP}kernel')
   if kernel is None:
     raise ValueError(f'{conv.origin}: no attention module at target {target!r}')
-  d, heads, head_dim = kernel.shape
+  _, d, heads, head_dim = kernel.shape
   for i, name in enumerate(('query', 'key', 'value')):
     rows = slice(i * d, (i + 1) * d)
-    conv.put(f'params{SEP}{target}{SEP}{name}{SEP}kernel', f'{qkv}.weight',
-             lambda w, rows=rows: np.transpose(w[rows]).reshape(d, heads, head_dim))
-    # One source tensor feeds three targets: `put` allows each name once.
-    conv.used.pop(f'{qkv}.weight')
-    conv.put(f'params{SEP}{target}{SEP}{name}{SEP}bias', f'{qkv}.bias',
-             lambda b, rows=rows: b[rows].reshape(heads, head_dim))
-    conv.used.pop(f'{qkv}.bias')
-  conv.used[f'{qkv}.weight'] = f'params{SEP}{target}{SEP}{{query,key,value}}/kernel'
-  conv.used[f'{qkv}.bias'] = f'params{SEP}{target}{SEP}{{query,key,value}}/bias'
-  conv.put(f'params{SEP}{target}{SEP}out{SEP}kernel', f'{proj}.weight',
-           lambda w: np.transpose(w).reshape(heads, head_dim, d))
-  conv.put(f'params{SEP}{target}{SEP}out{SEP}bias', f'{proj}.bias')
+    for suffix, fn in (
+        ('kernel', lambda w, rows=rows: np.transpose(w[rows]).reshape(d, heads, head_dim)),
+        ('bias', lambda b, rows=rows: b[rows].reshape(heads, head_dim))):
+      sources = [f'{q}.{"weight" if suffix == "kernel" else "bias"}' for q in qkv]
+      conv.put_stacked(f'params{SEP}{target}{SEP}{name}{SEP}{suffix}', sources, fn)
+      # One source tensor feeds three targets: `put_stacked` allows each name once.
+      for source in sources:
+        conv.used.pop(source)
+  for layer, q in enumerate(qkv):
+    for part in ('weight', 'bias'):
+      conv.used[f'{q}.{part}'] = (f'params{SEP}{target}{SEP}{{query,key,value}}/'
+                                  f'{"kernel" if part == "weight" else "bias"}[{layer}]')
+  conv.put_stacked(f'params{SEP}{target}{SEP}out{SEP}kernel', [f'{p}.weight' for p in proj],
+                   lambda w: np.transpose(w).reshape(heads, head_dim, d))
+  conv.put_stacked(f'params{SEP}{target}{SEP}out{SEP}bias', [f'{p}.bias' for p in proj])
 
 
 def convert_hd_prior(conv: Conversion, layer_blocks: int, target_prefix: str = 'hd_prior/',
@@ -78,17 +84,28 @@ def convert_hd_prior(conv: Conversion, layer_blocks: int, target_prefix: str = '
     raise ValueError(f'{conv.origin}: no HDPrior under target {t!r} (expected {t}pos_embed)')
   conv.conv(f'{t}patch_embed', f'{s}map_patch_embed.proj', bias=True)
   conv.put(f'params{SEP}{t}pos_embed', f'{s}pos_embed', _pos_table)
-  depth = 0
-  while f'params{SEP}{t}block_{depth}{SEP}norm1{SEP}scale' in conv.target:
-    depth += 1
-  for i in range(depth):
-    target, source = f'{t}block_{i}', f'{s}blocks.{i}'
-    _layer_norm(conv, f'{target}{SEP}norm1', f'{source}.norm1')
-    convert_packed_attention(conv, f'{target}{SEP}attn', f'{source}.attn.qkv',
-                             f'{source}.attn.proj')
-    _layer_norm(conv, f'{target}{SEP}norm2', f'{source}.norm2')
-    conv.linear(f'{target}{SEP}fc1', f'{source}.mlp.fc1', bias=True)
-    conv.linear(f'{target}{SEP}fc2', f'{source}.mlp.fc2', bias=True)
+  # The blocks are one nn.scan: every parameter is the [depth]-stack of blocks.{i}'s.
+  block = f'{t}blocks{SEP}block'
+  scale = conv.target.get(f'params{SEP}{block}{SEP}norm1{SEP}scale')
+  if scale is None:
+    raise ValueError(f'{conv.origin}: no scanned ViT blocks under target {block!r}')
+  blocks = [f'{s}blocks.{i}' for i in range(scale.shape[0])]
+  if f'{s}blocks.{len(blocks)}.norm1.weight' in conv.source:
+    raise ValueError(f'{conv.origin}: {s}blocks.{len(blocks)}.* present but '
+                     f'config.model.hd.depth is {len(blocks)}')
+
+  def stacked(target, part, transform=lambda x: x):
+    conv.put_stacked(f'params{SEP}{block}{SEP}{target}', [f'{b}.{part}' for b in blocks],
+                     transform)
+
+  for norm in ('norm1', 'norm2'):
+    stacked(f'{norm}{SEP}scale', f'{norm}.weight')
+    stacked(f'{norm}{SEP}bias', f'{norm}.bias')
+  convert_packed_attention(conv, f'{block}{SEP}attn', [f'{b}.attn.qkv' for b in blocks],
+                           [f'{b}.attn.proj' for b in blocks])
+  for fc in ('fc1', 'fc2'):
+    stacked(f'{fc}{SEP}kernel', f'mlp.{fc}.weight', np.transpose)
+    stacked(f'{fc}{SEP}bias', f'mlp.{fc}.bias')
   _layer_norm(conv, f'{t}norm', f'{s}norm')
   for i in range(2):
     conv.put(f'params{SEP}{t}up_{i}{SEP}conv{SEP}kernel', f'{s}conv_up.{i}.weight',

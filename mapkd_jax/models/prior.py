@@ -213,6 +213,36 @@ class ViTBlock(nn.Module):
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
+class _ScannedViTBlock(nn.Module):
+  """ViTBlock with the scan carry signature (x, _) -> (x, None); `train` is an attribute
+  because nn.scan passes only positional carries and scanned inputs."""
+  num_heads: int
+  mlp_ratio: int
+  dropout: float
+  train: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _):
+    return ViTBlock(self.num_heads, self.mlp_ratio, self.dropout, dtype=self.dtype,
+                    name='block')(x, train=self.train), None
+
+
+def vit_blocks(depth, *, num_heads, mlp_ratio, dropout, train, remat, dtype, name):
+  """`depth` identical ViT blocks as one nn.scan (MaxText practice): one block is traced and
+  compiled once instead of `depth` times; parameters are stacked on a leading [depth] axis
+  (params/<name>/block/..., convert/vit.py stacks the reference's blocks.{i}). With `remat`
+  each block's activations are recomputed in the backward pass instead of stored (less
+  memory, about one more forward of FLOPs). Call as `blocks(x, None)` -> (x, None)."""
+  block = _ScannedViTBlock
+  if remat:
+    block = nn.remat(block, prevent_cse=False)   # inside a scan CSE cannot merge iterations
+  stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True,
+                                                                    'dropout': True},
+                  length=depth)
+  return stack(num_heads, mlp_ratio, dropout, train, dtype=dtype, name=name)
+
+
 class ConvTranspose4x4(nn.Module):
   """torch ConvTranspose2d(kernel 4, stride 2, padding 1) with bias and no activation:
   [B, H, W, Cin] -> [B, 2H, 2W, features]. Kernel stored [kh, kw, Cin, Cout] for the forward
@@ -230,11 +260,12 @@ class ConvTranspose4x4(nn.Module):
 class HDPrior(nn.Module):
   """ViT refinement of a semantic map: P-MapNet's `MapVisionTransformer` (`mae_head`).
 
-  Reads config.model.hd (patch_size, width, depth, num_heads, mlp_ratio, dropout),
+  Reads config.model.hd (patch_size, width, depth, num_heads, mlp_ratio, dropout, remat),
   config.model.decoder (its BEV decoder `bev_head`), config.data (canvas, classes, bins).
 
   semantic [B, Hb, Wb, K] -> patch conv (`map_patch_embed.proj`, kernel = stride = p)
-  -> tokens [B, (Hb/p) (Wb/p), D] + pos_embed[:-1] -> `depth` ViT blocks -> LayerNorm (`norm`)
+  -> tokens [B, (Hb/p) (Wb/p), D] + pos_embed[:-1] -> `depth` ViT blocks (one nn.scan,
+  `vit_blocks`) -> LayerNorm (`norm`)
   -> [B, Hb/p, Wb/p, D] -> two ConvTranspose2d k4 s2 p1 with bias and no activation in between
   (`conv_up.0`, `conv_up.1`) -> bilinear resize to the canvas with align_corners=False
   (`conv_up.2`) -> 1x1 conv (no bias) + BatchNorm, no ReLU (`conv_up.3`) -> a BEVDecoder
@@ -272,9 +303,9 @@ class HDPrior(nn.Module):
     pos = self.param('pos_embed', nn.initializers.normal(0.02),
                      (grid_h * grid_w + 1, cfg.width))
     x = nn.Dropout(cfg.dropout, deterministic=not train)(x + pos[:-1].astype(dtype))
-    for i in range(cfg.depth):
-      x = ViTBlock(cfg.num_heads, cfg.mlp_ratio, cfg.dropout, dtype=dtype, name=f'block_{i}')(
-          x, train=train)
+    x, _ = vit_blocks(cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                      dropout=cfg.dropout, train=train, remat=cfg.remat, dtype=dtype,
+                      name='blocks')(x, None)
     x = nn.LayerNorm(epsilon=TIMM_LN_EPS, dtype=dtype, name='norm')(x)
     x = x.reshape(batch, grid_h, grid_w, cfg.width)
     x = ConvTranspose4x4(cfg.width, dtype=dtype, name='up_0')(x)
