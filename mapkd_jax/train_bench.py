@@ -217,7 +217,17 @@ def warm_compile(argv, stage, cache_dir):
   done = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if done.returncode:
     raise RuntimeError(f'warm-compile process failed ({" ".join(cmd)}):\n{done.stderr[-3000:]}')
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  record = json.loads(done.stdout.strip().splitlines()[-1])
+  if not record['cache_hit']:   # keep what the child logged about the cache, to see why
+    record['cache_log'] = [line[-300:] for line in done.stderr.splitlines()
+                           if 'cache' in line.lower()][-10:]
+  return record
+
+
+def directory_bytes(path):
+  """Total size of the files under `path` (the persistent cache's entries)."""
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
 
 
 def bench_stage(config, *, batch_per_device, iters, warmup, compile_only=False,
@@ -287,15 +297,20 @@ def run_stage(config, *, argv, cache_dir, **kwargs):
     kwargs: bench_stage's keyword arguments.
   Returns:
     bench_stage's record, plus compile_cold_s (null when this process already hit the cache),
-    compile_warm_s, lower_warm_s and warm_cache_hit when `argv` is given.
+    compile_warm_s, lower_warm_s, warm_cache_hit and cache_dir_bytes (the cache's size after
+    this process's compiles) when `argv` is given; on a miss, warm_cache_log holds the child's
+    log lines about the cache.
   """
   record = bench_stage(config, **kwargs)
   if argv is not None:
     stage = record['stage']
     record['compile_cold_s'] = None if record['cache_hit'] else record['compile_s']
+    record['cache_dir_bytes'] = directory_bytes(cache_dir)
     warm = warm_compile(argv, stage, cache_dir)
     record.update(compile_warm_s=warm['compile_s'], lower_warm_s=warm['lower_s'],
                   warm_cache_hit=warm['cache_hit'])
+    if 'cache_log' in warm:
+      record['warm_cache_log'] = warm['cache_log']
   return record
 
 

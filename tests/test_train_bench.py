@@ -140,7 +140,7 @@ RECORD_KEYS = {
     'warmup', 'steps_per_s', 'samples_per_s', 'samples_per_s_per_device',
     'input_samples_per_s', 'input_note', 'peak_flops_per_s', 'peak_flops_source', 'mfu',
     'mfu_note', 'loss', 'peak_rss_gb', 'compile_cold_s', 'compile_warm_s', 'lower_warm_s',
-    'warm_cache_hit'}
+    'warm_cache_hit', 'cache_dir_bytes'}
 
 
 def test_train_bench_record_with_warm_compile_in_a_second_process(tmp_path, monkeypatch):
@@ -171,7 +171,8 @@ def test_train_bench_record_with_warm_compile_in_a_second_process(tmp_path, monk
   assert record['devices'] == devices and record['batch'] == devices
   assert record['stage'] == 'hd_pretrain' and record['compute_dtype'] == 'f32'
   # Cold in this process (empty cache), warm in the second one, which found the executable.
-  assert not record['cache_hit'] and record['warm_cache_hit']
+  assert not record['cache_hit'] and record['warm_cache_hit'] and record['cache_dir_bytes'] > 0
+  assert 'warm_cache_log' not in record
   assert 0 < record['compile_warm_s'] < record['compile_cold_s'] == record['compile_s']
   # The donated state (params + Adam's two moments, float32) is aliased to the output.
   assert record['mem_alias_bytes'] >= 3 * 4 * record['params']
