@@ -178,10 +178,10 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
   fwd = None
   forward_s = 0.0
   if forward:
-    fn, variables, batch_arrays = make_forward(config, batch_size=batch, seed=seed)
-    forward_s = bench.time_jitted(fn, (variables, batch_arrays), iters=forward_iters,
+    forward_fn, variables, batch_arrays = make_forward(config, batch_size=batch, seed=seed)
+    forward_s = bench.time_jitted(forward_fn, (variables, batch_arrays), iters=forward_iters,
                                   warmup=1).median_s / batch
-    fwd = lambda: fn(variables, batch_arrays)  # noqa: E731
+    fwd = functools.partial(forward_fn, variables, batch_arrays)
 
   figures = {}
   for name, fwd_step in [('host', None)] + ([('end_to_end', fwd)] if fwd else []):
@@ -189,8 +189,8 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
     if workers > 1:   # started and its workers' imports done before the clock starts
       pool = concurrent.futures.ProcessPoolExecutor(
           workers, mp_context=multiprocessing.get_context('spawn'))
-      fn = functools.partial(vectorize.vectorize_sample, **before_kwargs)
-      for f in [pool.submit(fn, *inputs[0][:2]) for _ in range(workers)]:
+      warm = functools.partial(vectorize.vectorize_sample, **before_kwargs)
+      for f in [pool.submit(warm, *inputs[0][:2]) for _ in range(workers)]:
         f.result()
     try:
       step = None if fwd_step is None else (lambda f=fwd_step: jax.block_until_ready(f()), batch)

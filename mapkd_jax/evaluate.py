@@ -359,30 +359,30 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
   counts = {name: np.zeros((2, len(classes) + 1), np.int64) for name in column_masks}
   indices, tokens, preds, gts, figures, gt_json = [], [], [], [], [], {}
   share = math.ceil((num_samples - process_index) / process_count)
-  for rows_at, host, out in tqdm(
-      _forward_ahead(forward, variables,
-                     _my_batches(batches, process_index, process_count),
-                     batch_size=batch_size, mesh=mesh),
-      total=math.ceil(share / batch_size), desc=f'eval {split}'):
-    rows = len(rows_at)
-    out = jax.device_get(out)
-    pred = np.argmax(out['semantic'][:rows], axis=-1).astype(np.uint8)
-    gt = host['semantic'].astype(np.uint8)
-    for name, mask in column_masks.items():
-      inter, union = iou_counts_np(pred, gt, num_classes=len(classes) + 1, column_mask=mask)
-      counts[name] += np.stack([inter, union])
-    for i in range(rows):
-      token = str(host['sample_token'][i])
-      gt_json[token] = _gt_json(truth, [token], classes)[token]
-      scorer.submit(token, out['semantic'][i], out['embedding'][i], gt_json[token])
-      if len(figures) < num_images:
-        figures.append((token, host['images'][i], pred[i], gt[i]))
-      tokens.append(token)
-    indices.append(rows_at)
-    preds.append(pred)
-    gts.append(gt)
-  scored = scorer.results()
-  scorer.close()
+  with scorer:   # the pool is shut down however the loop ends
+    for rows_at, host, out in tqdm(
+        _forward_ahead(forward, variables,
+                       _my_batches(batches, process_index, process_count),
+                       batch_size=batch_size, mesh=mesh),
+        total=math.ceil(share / batch_size), desc=f'eval {split}'):
+      rows = len(rows_at)
+      out = jax.device_get(out)
+      pred = np.argmax(out['semantic'][:rows], axis=-1).astype(np.uint8)
+      gt = host['semantic'].astype(np.uint8)
+      for name, mask in column_masks.items():
+        inter, union = iou_counts_np(pred, gt, num_classes=len(classes) + 1, column_mask=mask)
+        counts[name] += np.stack([inter, union])
+      for i in range(rows):
+        token = str(host['sample_token'][i])
+        gt_json[token] = _gt_json(truth, [token], classes)[token]
+        scorer.submit(token, out['semantic'][i], out['embedding'][i], gt_json[token])
+        if len(figures) < num_images:
+          figures.append((token, host['images'][i], pred[i], gt[i]))
+        tokens.append(token)
+      indices.append(rows_at)
+      preds.append(pred)
+      gts.append(gt)
+    scored = scorer.results()
   vectors = {t: v for t, (v, _) in scored.items()}
   part = {'indices': [int(i) for k in indices for i in k], 'tokens': tokens,
           'records': {t: r for t, (_, r) in scored.items()},

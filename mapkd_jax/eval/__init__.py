@@ -6,8 +6,10 @@
   matching.py   per-sample TP/FP matching and the all-point average precision
   pmapnet.py    P-MapNet's released evaluation (rasterized instances), defects included
   ap.py         AP per class and threshold and mAP under a protocol: per-sample accumulators
-                (`sample_records`) and their combination (`combine_records`), so that shards
+                (`sample_record`) and their combination (`combine_records`), so that shards
                 of a split scored apart (processes, hosts) give the one-process result
   files.py      predictions.json / gt.json payloads, reading and checking them
+  scoring.py    the host side of an evaluation: each sample's vectors and AP record, inline
+                or in a bounded 'spawn' process pool (imports no jax / TensorFlow)
   cli.py        python -m mapkd_jax.eval --pred predictions.json --gt gt.json [--protocol ...]
 """

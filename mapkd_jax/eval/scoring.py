@@ -1,7 +1,8 @@
 """Host side of an evaluation: each sample's vectors and AP record, inline or in a process pool.
 
-Imports no jax and no TensorFlow: the 'spawn' pool workers import this module (and what it
-imports) only, so they start and exit quickly and hold no accelerator or tf.data state.
+Imports no jax and no TensorFlow, so the 'spawn' pool workers, which unpickle their task
+from this module, hold no accelerator or tf.data state through it (spawn still re-imports
+the parent's main module, e.g. mapkd_jax.evaluate, in each worker).
 """
 import collections
 import concurrent.futures
