@@ -17,6 +17,8 @@ from mapkd_jax.models.coach import Coach  # noqa: E402
 from test_parity_teacher import compare_outputs, small_teacher_config  # noqa: E402
 from test_parity_teacher import whole_model_run  # noqa: E402
 
+pytestmark = pytest.mark.slow   # a whole model: torch forward, conversion, compile
+
 
 def small_coach_config():
   config = small_teacher_config('coach')

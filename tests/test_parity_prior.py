@@ -111,3 +111,23 @@ def test_hd_pretrain_conversion_bare_and_from_teacher(converted):
     assert extra <= set(report['ignored'])
     assert report['ignored'].get('bevencode.conv1.weight', pmapnet.HD_FROM_TEACHER) == (
         pmapnet.HD_FROM_TEACHER)
+
+
+def test_hd_prior_conversion_refuses_another_depth_or_width(converted):
+  """A reference with more blocks than config.model.hd.depth, or another width, is refused
+  naming the tensor."""
+  config, _, _, _, x, source = converted[:6]
+
+  def convert(**hd):
+    other = ml_collections.ConfigDict(config.to_dict())
+    other.model.hd.update(**hd)
+    model = prior.HDPrior(ml_collections.FrozenConfigDict(other))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1], train=False))
+    conv = common.Conversion(source, {c: {'hd_prior': t} for c, t in abstract.items()})
+    vit.convert_hd_prior(conv, config.model.decoder.blocks_per_layer)
+
+  with pytest.raises(ValueError, match=r'mae_head\.blocks\.1\.\* present but '
+                                       r'config\.model\.hd\.depth is 1'):
+    convert(depth=1)
+  with pytest.raises(ValueError, match=r'shape mismatch: source mae_head\.map_patch_embed'):
+    convert(width=32, num_heads=4)

@@ -35,6 +35,8 @@ from test_parity_camera import nuscenes_rig  # noqa: E402
 from test_parity_lidar import _points  # noqa: E402
 
 REL_TOL = 1e-4
+
+pytestmark = pytest.mark.slow   # a whole model: torch forward, conversion, compile
 HEADS = ('semantic', 'embedding', 'direction')
 
 
