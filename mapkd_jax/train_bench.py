@@ -21,7 +21,10 @@ does. Per stage:
   alias / code bytes; `mem_peak_bytes` = argument + output + temp - alias, the buffers live at
   once) and, where the device has them, `memory_stats()`'s peak_bytes_in_use and bytes_limit.
 - FLOPs: `cost_analysis()` of the compiled step, i.e. of one device's partition of it (forward,
-  backward, optimizer and frozen forwards: everything the step executes), and MFU against
+  backward, optimizer and frozen forwards: everything the step executes; measured: 8 devices
+  at batch 8 give the FLOPs of 1 device at batch 1). XLA counts a while-loop body once, so
+  with nn.scan layers (the HD prior's ViT) the figure is a lower bound: `while_trip_counts`
+  and `flops_note` say so. MFU against
   the chip's published peak at the step's compute dtype (mapkd_jax/peak_flops.py); null on
   devices without one (CPU), with the reason.
 - --hlo_blocks: instruction counts of the step's HLO before and after XLA's optimization per
@@ -255,6 +258,14 @@ def bench_stage(config, *, batch_per_device, iters, warmup, compile_only=False,
             'lower_s': round(lower_s, 3), 'compile_s': round(compile_s, 3),
             'cache_hit': hits.count > 0, **memory_record(compiled, device),
             'flops_per_step_per_device': step_flops(compiled)}
+  loops = summary_lib.while_trip_counts(compiled.as_text())
+  record['while_trip_counts'] = loops
+  if any(trip is None or trip > 1 for trip in loops):
+    record['flops_note'] = (
+        'lower bound: XLA cost analysis counts each while-loop body once, and this step has '
+        f'loops with trip counts {loops} (nn.scan layers); mfu is a lower bound too')
+  else:
+    record['flops_note'] = 'XLA cost analysis of the compiled step (no multi-trip loops)'
   if hlo_blocks:
     record['hlo_blocks'] = summary_lib.hlo_block_counts(lowered, compiled)
   if compile_only:

@@ -129,6 +129,27 @@ def test_hlo_block_counts_follow_the_size_of_each_block():
   assert counts['optimized_total'] > 0
 
 
+def test_while_trip_counts_flag_the_loops_cost_analysis_counts_once():
+  from mapkd_jax.models import summary
+  w, x = jnp.ones((12, 16, 16)), jnp.ones((4, 16))
+
+  def scanned(w, x):
+    return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0].sum()
+
+  def unrolled(w, x):
+    h = x
+    for i in range(12):
+      h = jnp.tanh(h @ w[i])
+    return h.sum()
+
+  scan_step = jax.jit(jax.grad(scanned)).lower(w, x).compile()
+  loop_free = jax.jit(jax.grad(unrolled)).lower(w, x).compile()
+  assert summary.while_trip_counts(scan_step.as_text()) == [12, 12]   # forward and backward
+  assert summary.while_trip_counts(loop_free.as_text()) == []
+  # Why the flag matters: the same computation, a fraction of the FLOPs when scanned.
+  assert scan_step.cost_analysis()['flops'] < loop_free.cost_analysis()['flops'] / 5
+
+
 # --- train_bench end to end ----------------------------------------------------------------
 
 RECORD_KEYS = {
@@ -140,7 +161,7 @@ RECORD_KEYS = {
     'warmup', 'steps_per_s', 'samples_per_s', 'samples_per_s_per_device',
     'input_samples_per_s', 'input_note', 'peak_flops_per_s', 'peak_flops_source', 'mfu',
     'mfu_note', 'loss', 'peak_rss_gb', 'compile_cold_s', 'compile_warm_s', 'lower_warm_s',
-    'warm_cache_hit', 'cache_dir_bytes'}
+    'warm_cache_hit', 'cache_dir_bytes', 'while_trip_counts', 'flops_note'}
 
 
 def test_train_bench_record_with_warm_compile_in_a_second_process(tmp_path, monkeypatch):
