@@ -31,6 +31,7 @@ Size per sample and frozen model (`output_shapes`, `bytes_per_sample`), bfloat16
   demo / tiny: semantic 50 x 100 x 4 + bev_small 25 x 50 x 32 = 120 KB; teacher + coach
     240 KB a sample, 58 MB for the demo's 240 train samples.
 """
+import functools
 import hashlib
 import json
 import os
@@ -241,6 +242,13 @@ def output_shapes(config, name):
   return {k: tuple(outputs[k].shape[1:]) for k in KEYS}
 
 
+def frozen_outputs(variables, batch, *, name, model):
+  """The cached outputs of one frozen model: train_step.frozen_forward's, keys KEYS, float32."""
+  from mapkd_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+  outputs = step_lib.frozen_forward({name: variables}, batch, models={name: model})[name]
+  return {k: outputs[k].astype(jnp.float32) for k in KEYS}
+
+
 def _to_storage(array, dtype_name):
   if dtype_name == 'bfloat16':
     return np.asarray(array.astype(ml_dtypes.bfloat16)).view(np.uint16)
@@ -296,11 +304,7 @@ def build(config, workdir, name, shards_dir, *, after_batch=None):
       dtype=np.uint16 if wanted['dtype'] == 'bfloat16' else np.float32, shape=(num,) + shapes[k])
       for k in KEYS}
 
-  def forward(variables, batch):
-    outputs = model.apply(variables, batch, train=False)
-    return {k: outputs[k].astype(jnp.float32) for k in KEYS}
-
-  forward_fn = jax.jit(forward, in_shardings=(repl, sharding.batch_sharding(mesh)),
+  forward_fn = jax.jit(functools.partial(frozen_outputs, name=name, model=model), in_shardings=(repl, sharding.batch_sharding(mesh)),
                        out_shardings=repl)
   if done % batch_size and done != num:
     raise ValueError(f'{progress_path}: {done} finished rows is not a multiple of the batch '

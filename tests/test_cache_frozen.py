@@ -5,6 +5,7 @@ cache agree with the live ones, the trainer reads it, and stale or missing cache
 The frozen teacher and coach are freshly initialised tiny models saved as checkpoints (what is
 tested is the cache, not their training).
 """
+import functools
 import os
 import shutil
 
@@ -72,19 +73,24 @@ def world(tiny_shards, tmp_path_factory):
     cache_frozen.check(config, root, 'teacher', tiny_shards)
   dirs = cache_frozen.ensure(config, root)   # resumes the teacher's, builds the coach's
 
-  # The live forward of every train sample, as the trainer runs it (step_lib.frozen_forward).
+  # The live forward of every train sample, as the trainer runs it (train_step.frozen_forward),
+  # in shuffled batches: rows are found by token, not by position.
   frozen = stages.restore_frozen(config, root, models, dummy, mesh)
-  forward = jax.jit(lambda f, b: step_lib.frozen_forward(f, b, models=models))
   live = {}
   batch_size = config.train.batch_size
-  for host in pipeline.iterate(tiny_shards, 'train', config.data, batch_size=batch_size, seed=0,
-                               shuffle=False, num_epochs=1, drop_remainder=False,
-                               with_tokens=True):
-    tokens = list(host.pop('sample_token'))
-    out = jax.device_get(forward(frozen, sharding.host_batch_to_global(
-        trainer.pad_batch(host, batch_size), mesh)))
-    for row, token in enumerate(tokens):
-      live[token] = {name: {k: out[name][k][row] for k in cache_frozen.KEYS} for name in FROZEN}
+  for name in FROZEN:
+    forward = jax.jit(functools.partial(cache_frozen.frozen_outputs, name=name,
+                                        model=models[name]),
+                      in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                      out_shardings=sharding.replicated(mesh))
+    for host in pipeline.iterate(tiny_shards, 'train', config.data, batch_size=batch_size,
+                                 seed=1, shuffle=True, num_epochs=1, drop_remainder=False,
+                                 with_tokens=True):
+      tokens = list(host.pop('sample_token'))
+      out = jax.device_get(forward(frozen[name], sharding.host_batch_to_global(
+          trainer.pad_batch(host, batch_size), mesh)))
+      for row, token in enumerate(tokens):
+        live.setdefault(token, {})[name] = {k: out[k][row] for k in cache_frozen.KEYS}
   return dict(root=root, config=config, dirs=dirs, live=live, models=models, frozen=frozen,
               mesh=mesh, shards=tiny_shards)
 
