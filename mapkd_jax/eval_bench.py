@@ -25,6 +25,7 @@ whole split at the end), host_before_s (pool vectorization + serial AP, wall) an
 host_after_s (Scorer pool, wall), host_speedup = host_before_s / host_after_s;
 end_to_end_before_s / end_to_end_after_s (both loops with the forward, wall, pool start
 excluded) and end_to_end_speedup; samples_per_s_before / samples_per_s_after = their inverses.
+The loops alternate --repeats times (medians), so load drift on a shared machine hits both.
 """
 import concurrent.futures
 import functools
@@ -150,10 +151,12 @@ def _after_loop(inputs, scorer, config, protocol, dispatch):
 
 
 def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, forward=True,
-        batch=1, seed=0):
+        batch=1, repeats=1, seed=0):
   """The bench record (module docstring)."""
   if samples < 1:
     raise ValueError(f'--samples must be >= 1, got {samples}')
+  if repeats < 1:
+    raise ValueError(f'--repeats must be >= 1, got {repeats}')
   if batch < 1:
     raise ValueError(f'--batch must be >= 1, got {batch}')
   workers = eval_lib.resolve_workers(workers)
@@ -185,37 +188,45 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
 
   figures = {}
   for name, fwd_step in [('host', None)] + ([('end_to_end', fwd)] if fwd else []):
-    pool = None
-    if workers > 1:   # started and its workers' imports done before the clock starts
-      pool = concurrent.futures.ProcessPoolExecutor(
-          workers, mp_context=multiprocessing.get_context('spawn'))
-      warm = functools.partial(vectorize.vectorize_sample, **before_kwargs)
-      for f in [pool.submit(warm, *inputs[0][:2]) for _ in range(workers)]:
-        f.result()
-    try:
-      step = None if fwd_step is None else (lambda f=fwd_step: jax.block_until_ready(f()), batch)
-      start = time.perf_counter()
-      before, got_before = _before_loop(inputs, pool, before_kwargs, ap_kwargs, config,
-                                        protocol, step)
-      figures[f'{name}_before_s'] = (time.perf_counter() - start) / samples
-    finally:
-      if pool is not None:
-        pool.shutdown()
-    with scoring.Scorer(workers, after_kwargs, ap_kwargs) as scorer:
-      scorer.start(inputs[0])
-      start = time.perf_counter()
-      after, got_after = _after_loop(inputs, scorer, config, protocol,
-                                     None if fwd_step is None else (fwd_step, batch))
-      figures[f'{name}_after_s'] = (time.perf_counter() - start) / samples
-    # Each path gives its inline vectors and AP: the pool and the overlap change speed only.
-    np.testing.assert_equal(got_after, vectors)
-    np.testing.assert_equal(got_before, before_vectors)
-    np.testing.assert_equal(after, result)
+    # Before and after alternate `repeats` times and the medians are kept: on a shared
+    # machine the load drifts within a run, and alternating spreads the drift over both.
+    times = {'before': [], 'after': []}
+    for _ in range(repeats):
+      pool = None
+      if workers > 1:   # started and its workers' imports done before the clock starts
+        pool = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context('spawn'))
+        warm = functools.partial(vectorize.vectorize_sample, **before_kwargs)
+        for f in [pool.submit(warm, *inputs[0][:2]) for _ in range(workers)]:
+          f.result()
+      try:
+        step = None if fwd_step is None else (
+            lambda f=fwd_step: jax.block_until_ready(f()), batch)
+        start = time.perf_counter()
+        before, got_before = _before_loop(inputs, pool, before_kwargs, ap_kwargs, config,
+                                          protocol, step)
+        times['before'].append((time.perf_counter() - start) / samples)
+      finally:
+        if pool is not None:
+          pool.shutdown()
+      with scoring.Scorer(workers, after_kwargs, ap_kwargs) as scorer:
+        scorer.start(inputs[0])
+        start = time.perf_counter()
+        after, got_after = _after_loop(inputs, scorer, config, protocol,
+                                       None if fwd_step is None else (fwd_step, batch))
+        times['after'].append((time.perf_counter() - start) / samples)
+      # Each path gives its inline vectors and AP: the pool and the overlap change speed only.
+      np.testing.assert_equal(got_after, vectors)
+      np.testing.assert_equal(got_before, before_vectors)
+      np.testing.assert_equal(after, result)
+    figures[f'{name}_before_s'] = float(np.median(times['before']))
+    figures[f'{name}_after_s'] = float(np.median(times['after']))
     figures[f'{name}_map_before'] = before['map']
   height, width = schema.bev_shape(config.data.bev_x, config.data.bev_y)
   record = {
       'stage': config.stage, 'canvas': [height, width], 'samples': samples, 'workers': workers,
-      'batch': batch, 'noise': noise, 'protocol': protocol, 'backend': jax.default_backend(),
+      'batch': batch, 'repeats': repeats, 'noise': noise, 'protocol': protocol,
+      'backend': jax.default_backend(),
       'cpu_count': os.cpu_count(),
       'foreground_px_per_sample': float(np.mean([(s.argmax(-1) > 0).sum() for s, _, _ in inputs])),
       'vectors_per_sample': float(np.mean([len(v) for v in vectors])),
@@ -259,6 +270,7 @@ def define_flags():
   flags.DEFINE_enum('protocol', 'maptr', list(protocols.PROTOCOLS), 'vector AP protocol')
   flags.DEFINE_bool('forward', True, 'time the forward pass too (and the loops with it)')
   flags.DEFINE_integer('batch', 1, 'rows of the forward batch')
+  flags.DEFINE_integer('repeats', 1, 'alternations of the before and after loops (medians)')
 
 
 def main(argv):
@@ -266,7 +278,8 @@ def main(argv):
   f = flags.FLAGS
   workers = f.config.eval.workers if f.workers is None else f.workers
   print(json.dumps(run(f.config, samples=f.samples, workers=workers, noise=f.noise,
-                       protocol=f.protocol, forward=f.forward, batch=f.batch)), flush=True)
+                       protocol=f.protocol, forward=f.forward, batch=f.batch,
+                       repeats=f.repeats)), flush=True)
 
 
 if __name__ == '__main__':
