@@ -24,7 +24,9 @@ does. Per stage:
   backward, optimizer and frozen forwards: everything the step executes; measured: 8 devices
   at batch 8 give the FLOPs of 1 device at batch 1). XLA counts a while-loop body once, so
   with nn.scan layers (the HD prior's ViT) the figure is a lower bound: `while_trip_counts`
-  and `flops_note` say so. MFU against
+  and `flops_note` say so. `model_flops_per_step` counts the matmuls and convolutions of the
+  step's jaxpr (summary.jaxpr_matmul_flops: scan bodies times their length; elementwise work
+  not counted), for the whole batch and per device; MFU uses it, against
   the chip's published peak at the step's compute dtype (mapkd_jax/peak_flops.py); null on
   devices without one (CPU), with the reason.
 - --hlo_blocks: instruction counts of the step's HLO before and after XLA's optimization per
@@ -152,13 +154,19 @@ def build_step(config, *, batch_per_device, seed=0):
 
 
 def compile_step(step, abstract):
-  """Lowers and compiles `step` at `abstract`; returns (lowered, compiled, lower_s, compile_s)."""
+  """Traces, lowers and compiles `step` at `abstract`.
+
+  Returns:
+    (lowered, compiled, lower_s, compile_s, jaxpr): lower_s covers tracing and lowering; the
+    jaxpr is the traced step's (for summary.jaxpr_matmul_flops).
+  """
   start = time.perf_counter()
-  lowered = step.lower(*abstract)
+  traced = step.trace(*abstract)
+  lowered = traced.lower()
   lower_s = time.perf_counter() - start
   start = time.perf_counter()
   compiled = lowered.compile()
-  return lowered, compiled, lower_s, time.perf_counter() - start
+  return lowered, compiled, lower_s, time.perf_counter() - start, traced.jaxpr
 
 
 def memory_record(compiled, device):
@@ -244,7 +252,8 @@ def bench_stage(config, *, batch_per_device, iters, warmup, compile_only=False,
   hits = _CacheHits()
   jax.monitoring.register_event_listener(hits)
   try:
-    lowered, compiled, lower_s, compile_s = compile_step(setup['step'], setup['abstract'])
+    lowered, compiled, lower_s, compile_s, jaxpr = compile_step(setup['step'],
+                                                                setup['abstract'])
   finally:
     jax.monitoring.unregister_event_listener(hits)
   dtype = 'bf16' if config.mixed_precision else 'f32'
@@ -258,12 +267,17 @@ def bench_stage(config, *, batch_per_device, iters, warmup, compile_only=False,
             'lower_s': round(lower_s, 3), 'compile_s': round(compile_s, 3),
             'cache_hit': hits.count > 0, **memory_record(compiled, device),
             'flops_per_step_per_device': step_flops(compiled)}
+  # Matmul and convolution FLOPs of the whole (global-batch) step from its jaxpr, scan bodies
+  # times their length: the MFU numerator, exact where XLA's count is a lower bound.
+  record['model_flops_per_step'] = summary_lib.jaxpr_matmul_flops(jaxpr)
+  record['model_flops_per_step_per_device'] = record['model_flops_per_step'] / setup['mesh'].size
   loops = summary_lib.while_trip_counts(compiled.as_text())
   record['while_trip_counts'] = loops
   if any(trip is None or trip > 1 for trip in loops):
     record['flops_note'] = (
         'lower bound: XLA cost analysis counts each while-loop body once, and this step has '
-        f'loops with trip counts {loops} (nn.scan layers); mfu is a lower bound too')
+        f'loops with trip counts {loops} (nn.scan layers); model_flops_per_step (from the '
+        'jaxpr, scans times their length) does not have this problem')
   else:
     record['flops_note'] = 'XLA cost analysis of the compiled step (no multi-trip loops)'
   if hlo_blocks:
@@ -275,7 +289,7 @@ def bench_stage(config, *, batch_per_device, iters, warmup, compile_only=False,
                              next_args=lambda args, out: (out[0],) + tuple(args[1:]))
   step_s = timing.median_s
   peak, source = peak_lib.peak_flops(device.device_kind, dtype)
-  utilization = peak_lib.mfu(record['flops_per_step_per_device'], step_s, peak)
+  utilization = peak_lib.mfu(record['model_flops_per_step_per_device'], step_s, peak)
   input_sps, input_note = input_throughput(
       config, shards, batch_size=setup['batch_size'] // jax.process_count(), iters=iters,
       warmup=max(warmup, 1), seed=seed)
@@ -289,7 +303,8 @@ def bench_stage(config, *, batch_per_device, iters, warmup, compile_only=False,
       'input_note': input_note,
       'peak_flops_per_s': peak, 'peak_flops_source': source,
       'mfu': None if utilization is None else round(utilization, 5),
-      'mfu_note': source if utilization is None else 'flops_per_step_per_device / step_s / peak',
+      'mfu_note': source if utilization is None else
+                  'model_flops_per_step_per_device / step_s_median / peak_flops_per_s',
       'loss': float(timing.output[1]['loss/total']),
       **{k: v for k, v in memory_record(compiled, device).items()
          if k.startswith('device_')},   # memory_stats again: now after real steps

@@ -118,6 +118,54 @@ def while_trip_counts(hlo_text):
   return counts
 
 
+def _sub_jaxprs(value):
+  """The jaxprs held by one equation parameter (a jaxpr, a closed jaxpr or a tuple of them)."""
+  if isinstance(value, jax.extend.core.ClosedJaxpr):
+    return [value.jaxpr]
+  if isinstance(value, jax.extend.core.Jaxpr):
+    return [value]
+  if isinstance(value, (tuple, list)):
+    return [j for v in value for j in _sub_jaxprs(v)]
+  return []
+
+
+def jaxpr_matmul_flops(jaxpr):
+  """FLOPs of the dot_general and conv_general_dilated equations of a jaxpr, loops included.
+
+  Model FLOPs in the MFU sense (2 per multiply-add of matmuls and convolutions; elementwise
+  work is not counted). Unlike XLA's cost analysis, a scan's body counts `length` times;
+  a cond counts its costliest branch; a while loop (unknown trip count) counts its body once.
+  Trace the function that runs, e.g. `jax.jit(step).trace(*args).jaxpr`: a training step's
+  jaxpr already holds its backward pass.
+  """
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)   # a ClosedJaxpr's inner jaxpr
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    out = eqn.outvars[0].aval.shape if eqn.outvars else ()
+    if name == 'dot_general':
+      (lhs_contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(out)) * int(np.prod([lhs[d] for d in lhs_contract]))
+    elif name == 'conv_general_dilated':
+      # Each output element sums over the kernel's input-feature and spatial extent. The
+      # kernel's input features are already divided by feature_group_count, and the weight
+      # gradient (a conv whose "kernel" is the output cotangent, its in-feature dim the batch;
+      # batch_group_count for depthwise kernels) follows the same rule.
+      rhs = eqn.invars[1].aval.shape
+      rhs_spec = eqn.params['dimension_numbers'].rhs_spec   # (out feature, in feature, *spatial)
+      total += 2 * int(np.prod(out)) * int(np.prod([rhs[d] for d in rhs_spec[1:]]))
+    else:
+      inner = [jaxpr_matmul_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+      if name == 'cond':
+        total += max(inner, default=0)
+      elif name == 'scan':
+        total += eqn.params['length'] * sum(inner)
+      else:
+        total += sum(inner)
+  return total
+
+
 def hlo_block_counts(lowered, compiled, depth=2):
   """HLO instruction counts per model block before and after XLA's optimizations.
 
