@@ -108,7 +108,9 @@ def test_reader_gives_pipeline_batches_and_resumes(tiny, process_index, process_
   shards, data_dir, data = tiny
   kwargs = dict(batch_size=3, seed=5, with_tokens=True, process_index=process_index,
                 process_count=process_count)
-  ours = tfds_source.iterate(data_dir, 'train', data, **kwargs)
+  # pipeline.iterate dispatches on the folder: a TFDS dataset dir in config.data.shards trains.
+  ours = pipeline.iterate(data_dir, 'train', data, **kwargs)
+  assert isinstance(ours, pipeline.BatchIterator)
   theirs = pipeline.iterate(shards, 'train', data, **kwargs)
   per_epoch = 16 // process_count // 3
   _assert_same_batches(ours, theirs, per_epoch + 1)   # into the second epoch
@@ -120,7 +122,7 @@ def test_reader_gives_pipeline_batches_and_resumes(tiny, process_index, process_
 
 def test_read_vectors_equal_pipeline(tiny):
   shards, data_dir, _ = tiny
-  ours, theirs = tfds_source.read_vectors(data_dir, 'val'), pipeline.read_vectors(shards, 'val')
+  ours, theirs = pipeline.read_vectors(data_dir, 'val'), pipeline.read_vectors(shards, 'val')
   assert sorted(ours) == sorted(theirs) and len(ours) == 8
   for token, lines in theirs.items():
     assert [c for c, _ in ours[token]] == [c for c, _ in lines]

@@ -341,6 +341,13 @@ def iterate(shards_dir, split, data_config, *, batch_size, seed, shuffle=True, n
     dataset_kwargs: passed to `make_dataset` (num_parallel_calls, cycle_length, threads).
     Other arguments: as in `make_dataset`.
   """
+  from mapkd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (imports us)
+  if tfds_source.is_tfds_dir(shards_dir):   # data_prep/tfds_builder.py's output: same batches
+    return tfds_source.iterate(
+        shards_dir, split, data_config, batch_size=batch_size, seed=seed, shuffle=shuffle,
+        num_epochs=num_epochs, position=position, process_index=process_index,
+        process_count=process_count, with_tokens=with_tokens, drop_remainder=drop_remainder,
+        **dataset_kwargs)
   files = host_files(shards_dir, split, data_config, process_index=process_index,
                      process_count=process_count)
 
@@ -364,6 +371,9 @@ def read_vectors(shards_dir, split):
   Raises:
     ValueError: naming the shard file of a corrupt record or of inconsistent vector lengths.
   """
+  from mapkd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (imports us)
+  if tfds_source.is_tfds_dir(shards_dir):
+    return tfds_source.read_vectors(shards_dir, split)
   info = dataset_info.load_dataset_info(shards_dir)
   spec = {
       schema.SAMPLE_TOKEN: tf.io.FixedLenFeature([], tf.string),
