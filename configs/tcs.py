@@ -106,7 +106,7 @@ def get_config(arg=None):
           ffn_dim=192, dropout=0.1, pos_temperature=10000.0),
       hd=dict(           # HD-prior ViT refinement / MAE (teacher, coach, hd_pretrain); ViT-B/8
           patch_size=8, width=768, depth=12, num_heads=12, mlp_ratio=4, dropout=0.0,
-          decoder_channels=64, mask_ratio=0.5,
+          mask_ratio=0.5,
           coach_refine=True,    # coach variant with (True) or without the HD refinement
           remat=False),         # recompute each ViT block in the backward (less memory)
   )
@@ -203,7 +203,7 @@ def get_config(arg=None):
     # tiny model do not overfit the way 35k reference steps can.
     config.model.sd.update(encoder_channels=(8, 16, 16), d_model=16, num_heads=2, ffn_dim=32,
                            dropout=0.0)
-    config.model.hd.update(patch_size=10, width=32, depth=2, num_heads=2, decoder_channels=16)
+    config.model.hd.update(patch_size=10, width=32, depth=2, num_heads=2)
   if arg.stage in ('demo', 'study'):
     # The main job (mapkd_jax/demo.py): the whole chain at a size that fits 30 minutes on
     # 2 CPU cores; every stage of the chain is this config with its stage and steps. `study` is
@@ -226,7 +226,10 @@ def get_config(arg=None):
         grid_scale=3,
         bench_iters=10, bench_warmup=3,
         # Two-sided level of the t interval on the paired per-seed gains (report.py).
-        confidence=0.95)
+        confidence=0.95,
+        # Distilling runs (coach, students) read the frozen models' outputs from the cache
+        # (python -m mapkd_jax.cache_frozen), built once before the first of them.
+        cached_frozen=True)
     # 12 scenes, the last 4 val (120 samples): each val route passes a junction with zebra
     # crossings and three of them turn 90-106 degrees (world seed 0); 8 train scenes = 240
     # samples as before. The old 2-scene val split (60 samples) had junctions too, but the

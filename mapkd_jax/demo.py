@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from mapkd_jax import bench
+from mapkd_jax import cache_frozen
 from mapkd_jax import checkpoint as ckpt_lib
 from mapkd_jax import evaluate as eval_lib
 from mapkd_jax import report
@@ -51,6 +52,9 @@ def _run_config(config, workdir, *, stage, seed, nokd=False, kd=None):
   run.frozen.coach = os.path.join(workdir, 'coach', 'checkpoints')
   run.init.hd_prior = os.path.join(workdir, 'hd_pretrain', 'checkpoints')
   run.kd.update(kd or {})
+  # The frozen teacher's and coach's outputs depend only on the sample: computed once per
+  # sample (cache_frozen.ensure, before the run) instead of at every distilling step.
+  run.kd.cached_frozen = bool(config.demo.cached_frozen)
   return run
 
 
@@ -118,6 +122,8 @@ def run(config, workdir):
     logging.info('[demo %d/%d] %s (elapsed %.1f min, ETA %.1f min)', index + 1, len(runs), label,
                  elapsed / 60, eta / 60)
     if not _finished(run_root, run_config):
+      if run_config.kd.cached_frozen:
+        cache_frozen.ensure(run_config, run_root)   # a no-op once built and up to date
       trainer.train_and_evaluate(run_config, run_root)
       trained_steps += steps[index]
     if evaluate:
