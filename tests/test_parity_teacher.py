@@ -33,8 +33,8 @@ from mapkd_jax.convert import pmapnet  # noqa: E402
 from mapkd_jax.models.teacher import Teacher  # noqa: E402
 from test_parity_camera import nuscenes_rig  # noqa: E402
 from test_parity_lidar import _points  # noqa: E402
+from test_parity_student import REL_TOL, _report  # noqa: E402  (one bound, one report)
 
-REL_TOL = 1e-4
 
 pytestmark = pytest.mark.slow   # a whole model: torch forward, conversion, compile
 HEADS = ('semantic', 'embedding', 'direction')
@@ -59,14 +59,6 @@ def small_teacher_config(stage='teacher'):
   config.model.hd.update(patch_size=8, width=32, depth=2, num_heads=2, mlp_ratio=4,
                          dropout=0.0)
   return config
-
-
-def _report(name, ours, theirs):
-  ours, theirs = np.asarray(ours), np.asarray(theirs)
-  assert ours.shape == theirs.shape, (name, ours.shape, theirs.shape)
-  diff, scale = float(np.max(np.abs(ours - theirs))), float(np.max(np.abs(theirs)))
-  print(f'{name}: max|diff| {diff:.3g}, max|ref| {scale:.3g}, relative {diff / scale:.3g}')
-  assert scale > 0 and diff <= REL_TOL * scale, (name, diff, scale)
 
 
 def whole_model_run(config, torch_model, model, root):
