@@ -105,6 +105,11 @@ def build_step(config, *, batch_per_device, seed=0):
     ShapeDtypeStructs with their shardings, 'init' = callable making the concrete arguments,
     'mesh', 'batch_size'.
   """
+  if step_lib.cached_frozen(config):
+    # The cached step takes the frozen outputs as inputs; this bench builds the live one.
+    raise ValueError('train_bench times the step with live frozen models: drop '
+                     '--config.kd.cached_frozen=True (a cached step costs about the baseline '
+                     "step, README 'Frozen-output cache')")
   mesh = sharding.make_mesh(jax.local_devices())
   batch_size = batch_per_device * mesh.size
   models = step_lib.make_models(config)

@@ -254,3 +254,12 @@ def test_torch_student_refuses_a_student_without_a_torch_twin():
   with pytest.raises(ValueError, match='--torch_student.*resnet_small'):
     bench.bench_torch_student(tcs.get_config('student,tiny'), batch_size=1, iters=1, warmup=0,
                               seed=0)
+
+
+def test_cached_frozen_config_is_refused_naming_the_flag():
+  from configs import tcs
+  from mapkd_jax import train_bench
+  config = tcs.get_config('student,tiny')
+  config.kd.cached_frozen = True
+  with pytest.raises(ValueError, match=r'--config.kd.cached_frozen=True'):
+    train_bench.build_step(config, batch_per_device=1)
