@@ -116,7 +116,7 @@ def test_reader_gives_pipeline_batches_and_resumes(tiny, process_index, process_
   _assert_same_batches(ours, theirs, per_epoch + 1)   # into the second epoch
   position = ours.position
   assert position == theirs.position == {'epoch': 1, 'batch': 1}
-  resumed = tfds_source.iterate(data_dir, 'train', data, position=position, **kwargs)
+  resumed = pipeline.iterate(data_dir, 'train', data, position=position, **kwargs)
   _assert_same_batches(resumed, theirs, 1)
 
 
@@ -134,11 +134,11 @@ def test_reader_refuses_another_config_and_missing_dir(tiny, tmp_path):
   _, data_dir, data = tiny
   other = tcs.get_config('student').data   # reference canvas: not what was built
   with pytest.raises(ValueError, match=r'bev_x .* in config\.data'):
-    tfds_source.iterate(data_dir, 'train', other, batch_size=2, seed=0, process_count=1,
-                        process_index=0)
+    pipeline.iterate(data_dir, 'train', other, batch_size=2, seed=0, process_count=1,
+                     process_index=0)
   with pytest.raises(ValueError, match=r"no split 'test'"):
-    tfds_source.iterate(data_dir, 'test', data, batch_size=2, seed=0, process_count=1,
-                        process_index=0)
+    pipeline.iterate(data_dir, 'test', data, batch_size=2, seed=0, process_count=1,
+                     process_index=0)
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     tfds_source.load_builder(tmp_path)
   assert tfds_source.is_tfds_dir(data_dir) and not tfds_source.is_tfds_dir(tiny[0])

@@ -343,19 +343,20 @@ def iterate(shards_dir, split, data_config, *, batch_size, seed, shuffle=True, n
   """
   from mapkd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (imports us)
   if tfds_source.is_tfds_dir(shards_dir):   # data_prep/tfds_builder.py's output: same batches
-    return tfds_source.iterate(
-        shards_dir, split, data_config, batch_size=batch_size, seed=seed, shuffle=shuffle,
-        num_epochs=num_epochs, position=position, process_index=process_index,
-        process_count=process_count, with_tokens=with_tokens, drop_remainder=drop_remainder,
-        **dataset_kwargs)
-  files = host_files(shards_dir, split, data_config, process_index=process_index,
-                     process_count=process_count)
+    _, files = tfds_source.host_shards(shards_dir, split, data_config,
+                                       process_index=process_index, process_count=process_count)
+    records_to_batches = tfds_source.make_dataset
+  else:
+    files = host_files(shards_dir, split, data_config, process_index=process_index,
+                       process_count=process_count)
+    records_to_batches = make_dataset
 
   def dataset_fn(epoch, skip_batches):
-    return make_dataset(shards_dir, split, data_config, batch_size=batch_size, seed=seed,
-                        epoch=epoch, shuffle=shuffle, skip_batches=skip_batches,
-                        process_index=process_index, process_count=process_count,
-                        with_tokens=with_tokens, drop_remainder=drop_remainder, **dataset_kwargs)
+    return records_to_batches(
+        shards_dir, split, data_config, batch_size=batch_size, seed=seed, epoch=epoch,
+        shuffle=shuffle, skip_batches=skip_batches, process_index=process_index,
+        process_count=process_count, with_tokens=with_tokens, drop_remainder=drop_remainder,
+        **dataset_kwargs)
 
   return BatchIterator(dataset_fn, files, position=position or {'epoch': 0, 'batch': 0},
                        num_epochs=num_epochs, decode_fn=_decode_fn(data_config, False))

@@ -1,8 +1,8 @@
 """Training / evaluation batches from the `mapkd_nuscenes` TFDS dataset (data_prep/tfds_builder.py).
 
-Same interface and same batches as `pipeline.iterate` on build_shards' shard directory of the
-same samples: `iterate(data_dir, split, data_config, batch_size=..., seed=...)` where data_dir
-is the builder's versioned folder (e.g. ~/tensorflow_datasets/mapkd_nuscenes/tiny/2.0.0); the
+`pipeline.iterate(data_dir, ...)` reads through this module (host_shards + make_dataset) when
+data_dir is the builder's versioned folder (e.g. ~/tensorflow_datasets/mapkd_nuscenes/tiny/
+2.0.0), with the same batches as on build_shards' shard directory of the same samples; the
 order, the `{'epoch', 'batch'}` resume position and the per-host split are pipeline.py's.
 
 How. TFDS writes a split's records in build_shards' order but groups them into its own files.
@@ -173,24 +173,6 @@ def make_dataset(data_dir, split, data_config, *, batch_size, seed, epoch=0, shu
   if threads is not None:
     options.threading.private_threadpool_size = threads
   return ds.with_options(options)
-
-
-def iterate(data_dir, split, data_config, *, batch_size, seed, shuffle=True, num_epochs=None,
-            position=None, process_index=None, process_count=None, with_tokens=False,
-            drop_remainder=True, **dataset_kwargs):
-  """A `pipeline.BatchIterator` over the TFDS dataset; arguments as `pipeline.iterate`."""
-  _, files = host_shards(data_dir, split, data_config, process_index=process_index,
-                         process_count=process_count)
-
-  def dataset_fn(epoch, skip_batches):
-    return make_dataset(data_dir, split, data_config, batch_size=batch_size, seed=seed,
-                        epoch=epoch, shuffle=shuffle, skip_batches=skip_batches,
-                        process_index=process_index, process_count=process_count,
-                        with_tokens=with_tokens, drop_remainder=drop_remainder, **dataset_kwargs)
-
-  return pipeline.BatchIterator(
-      dataset_fn, files, position=position or {'epoch': 0, 'batch': 0}, num_epochs=num_epochs,
-      decode_fn=pipeline._decode_fn(data_config, False))  # pylint: disable=protected-access
 
 
 def read_vectors(data_dir, split):
