@@ -170,7 +170,9 @@ def get_config(arg=None):
       pmapnet_thickness=5,         # P-MapNet's eval rasterizes polylines with this cv2 thickness
       pmapnet_iou_gate=0.1,        # P-MapNet's instance-IoU gate of a match
       workers=0,                   # vectorization processes beside the forward; 0 = CPU count
-      pool_min_samples=64)         # smaller splits vectorize inline (starting a pool costs s)
+      pool_min_samples=64,         # smaller splits vectorize inline (starting a pool costs s)
+      gather_timeout_s=1800.0)     # multi-process eval: process 0 waits this long for the others'
+                                   # parts, then fails naming the missing processes
 
   if arg.tiny or arg.stage in ('demo', 'study'):   # the demo trains tiny-size models on a larger world
     config.data.image_size = (64, 176)

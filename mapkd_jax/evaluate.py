@@ -20,10 +20,12 @@ Chamfer distances and matching) runs in `--workers` processes (default config.ev
 script that calls `evaluate` must keep its work under `if __name__ == '__main__':` (launch.py
 and this module do).
 
-Several processes (jax.distributed, e.g. one per host): process p evaluates samples i with
-i % process_count == p on its own devices, writes its share (vectors, AP records, IoU counts,
-class maps) under eval/parts/, and process 0 merges them after a barrier and writes the
-outputs; metrics.json is the one-process file.
+Several processes (jax.distributed, e.g. one per host): process p reads and decodes only
+samples i with i % process_count == p of the one-process order (pipeline.eval_iterate) and
+evaluates them on its own devices, writes its share (vectors, AP records, IoU counts, class
+maps) under eval/parts/<run>/, and process 0 waits for every share (at most
+config.eval.gather_timeout_s, then fails naming the missing processes: eval/gather.py),
+merges them and writes the outputs; metrics.json is the one-process file.
 """
 import functools
 import json
@@ -53,6 +55,7 @@ from mapkd_jax.data import pipeline
 from mapkd_jax.data import schema
 from mapkd_jax.eval import ap as ap_lib
 from mapkd_jax.eval import files as vector_files
+from mapkd_jax.eval import gather as gather_lib
 from mapkd_jax.eval import protocols
 from mapkd_jax.eval import scoring
 
@@ -181,28 +184,27 @@ def config_ap_kwargs(config, protocol):
               pmapnet_iou_gate=config.eval.pmapnet_iou_gate)
 
 
-def process_rows(start, rows, process_index, process_count):
-  """[rows] bool: which rows of a global batch starting at sample `start` are this process's.
+def share_size(num_samples, process_index, process_count):
+  """Samples of this process's share: those i < num_samples with i % process_count == index.
 
-  Sample i of the split (in the pipeline's unshuffled order) belongs to process
-  i % process_count: every sample exactly once, shares differing by at most one.
+  Every sample exactly once over the processes, shares differing by at most one (a process
+  beyond the sample count gets 0).
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in [0, process_count='
                      f'{process_count})')
-  return (start + np.arange(rows)) % process_count == process_index
+  return len(range(process_index, num_samples, process_count))
 
 
 def _my_batches(batches, process_index, process_count):
-  """Yields (global sample indices [R], host batch of R rows) of this process's share."""
-  start = 0
+  """Yields (indices [R] in the one-process order, host batch of R rows) of this process's
+  share, read as `pipeline.eval_iterate` hands it out (row j of the share = sample
+  process_index + process_count * j)."""
+  row = 0
   for host in batches:
     rows = len(host['semantic'])
-    keep = process_rows(start, rows, process_index, process_count)
-    indices = start + np.flatnonzero(keep)
-    start += rows
-    if len(indices):
-      yield indices, {k: v[keep] for k, v in host.items()}
+    yield process_index + process_count * (row + np.arange(rows)), host
+    row += rows
 
 
 def _forward_ahead(forward, variables, batches, *, batch_size, mesh):
@@ -236,50 +238,16 @@ def _write_json(path, payload):
   os.replace(tmp, path)
 
 
-def _gather_parts(out_dir, part, maps, *, process_index, process_count):
-  """Each process's share -> process 0 (None elsewhere), through files under `out_dir`.
-
-  Files, not a collective: the shares are nested, variable-size (vectors, per-sample AP
-  records), which jax's multihost_utils.process_allgather would need padded into fixed-size
-  arrays; the workdir is shared by all hosts anyway (they restore the same checkpoint and
-  process 0 writes the outputs there). A barrier (multihost_utils.sync_global_devices)
-  orders the writes before the reads.
-
-  Returns:
-    On process 0: (list of parts, list of map dicts) in process order; else None.
-  """
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  parts_dir = os.path.join(out_dir, 'parts')
-  os.makedirs(parts_dir, exist_ok=True)
-  name = os.path.join(parts_dir, f'process_{process_index:05d}')
-  np.savez(f'{name}.tmp.npz', **maps)
-  os.replace(f'{name}.tmp.npz', f'{name}.npz')
-  _write_json(f'{name}.json', part)
-  multihost_utils.sync_global_devices('mapkd_jax.evaluate: parts written')
-  if process_index != 0:
-    return None
-  parts, all_maps = [], []
-  for k in range(process_count):
-    name = os.path.join(parts_dir, f'process_{k:05d}')
-    with open(f'{name}.json') as f:
-      parts.append(json.load(f))
-    with np.load(f'{name}.npz') as z:
-      all_maps.append({key: z[key] for key in z.files})
-    os.remove(f'{name}.json')
-    os.remove(f'{name}.npz')
-  if not os.listdir(parts_dir):
-    os.rmdir(parts_dir)
-  return parts, all_maps
-
-
 def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, protocol=None,
              workers=None, process_index=None, process_count=None):
   """Evaluates ROOT/<stage> on `split` and writes ROOT/<stage>/eval/.
 
-  On several processes (jax.distributed), each evaluates its share of the samples
-  (`process_rows`) on its own devices, then process 0 merges the exact IoU counts, the
-  vectors and the per-sample AP records and writes the outputs: the same metrics.json as
-  one process (AP records are combined in sorted token order, IoU counts are integers).
+  On several processes (jax.distributed), each reads, decodes and evaluates only its share
+  of the samples (`share_size`, pipeline.eval_iterate) on its own devices, then process 0
+  merges the exact IoU counts, the vectors and the per-sample AP records and writes the
+  outputs: the same metrics.json as one process (AP records are combined in sorted token
+  order, IoU counts are integers). Process 0 waits at most config.eval.gather_timeout_s for
+  the other shares (eval/gather.py) and then raises a TimeoutError naming the missing ones.
 
   Args:
     protocol: vector AP protocol; default config.eval.ap_protocol ('maptr').
@@ -314,6 +282,16 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
   sharding.check_batch_size(batch_size, mesh, flag='config.train.batch_size / process count')
   stage_dir = os.path.join(workdir, stages.stage_dir_name(config))
   out_dir = os.path.join(stage_dir, 'eval')
+  gather_timeout_s = float(config.eval.gather_timeout_s)
+  if gather_timeout_s <= 0:
+    raise ValueError(f'config.eval.gather_timeout_s must be > 0, got {gather_timeout_s}')
+  run_dir = None
+  if process_count > 1:
+    # Drawn by process 0 while every process is alive; names this run's parts folder.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    run_id = multihost_utils.broadcast_one_to_all(
+        np.frombuffer(os.urandom(8), np.uint32).copy())
+    run_dir = os.path.join(out_dir, 'parts', ''.join(f'{int(w):08x}' for w in run_id))
 
   model = models_lib.build(config.stage, config)
   dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
@@ -341,11 +319,11 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
   repl = sharding.replicated(mesh)
   forward = jax.jit(functools.partial(_forward, model=model),
                     in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=repl)
-  # Every process reads the whole split in one order and keeps its rows (process_rows).
-  batches = pipeline.iterate(shards_dir, split, data, batch_size=config.train.batch_size,
-                             seed=config.seed, shuffle=False, num_epochs=1,
-                             drop_remainder=False, with_tokens=True, process_index=0,
-                             process_count=1)
+  # Each process decodes only its share of the records (sample i of the one-process order
+  # if i % process_count == process_index), in batches of its per-process batch size.
+  batches = pipeline.eval_iterate(shards_dir, split, data, batch_size=batch_size,
+                                  process_index=process_index, process_count=process_count,
+                                  with_tokens=True)
   truth = pipeline.read_vectors(shards_dir, split)
   vec_kwargs = vectorize.config_kwargs(config)
   ap_kwargs = config_ap_kwargs(config, protocol)
@@ -358,7 +336,7 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
                   f'{split_m:g}-{x_max:g}m': np.abs(x_centres) >= split_m}
   counts = {name: np.zeros((2, len(classes) + 1), np.int64) for name in column_masks}
   indices, tokens, preds, gts, figures, gt_json = [], [], [], [], [], {}
-  share = math.ceil((num_samples - process_index) / process_count)
+  share = share_size(num_samples, process_index, process_count)
   with scorer:   # the pool is shut down however the loop ends
     for rows_at, host, out in tqdm(
         _forward_ahead(forward, variables,
@@ -391,13 +369,13 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
   maps = {'pred': np.concatenate(preds) if preds else np.zeros((0, height, width), np.uint8),
           'gt': np.concatenate(gts) if gts else np.zeros((0, height, width), np.uint8)}
   if process_count > 1:
-    gathered = _gather_parts(out_dir, part, maps, process_index=process_index,
-                             process_count=process_count)
+    gathered = gather_lib.gather(run_dir, part, maps, process_index=process_index,
+                                 process_count=process_count, timeout_s=gather_timeout_s)
     if gathered is None:   # not process 0: wait for its metrics.json
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('mapkd_jax.evaluate: metrics written')
       return read_metrics(os.path.join(out_dir, 'metrics.json'))
-    part, maps = _merge_parts(*gathered)
+    part, maps = gather_lib.merge_parts(*gathered)
   if not part['tokens']:
     raise ValueError(f'{shards_dir}: split {split!r} gave no sample')
 
@@ -452,25 +430,6 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('mapkd_jax.evaluate: metrics written')
   return metrics
-
-
-def _merge_parts(parts, all_maps):
-  """One part (as one process's, in sample order) from every process's part and maps."""
-  indices = np.concatenate([np.asarray(p['indices'], np.int64) for p in parts])
-  order = np.argsort(indices, kind='stable')
-  tokens = [t for p in parts for t in p['tokens']]
-  merged = {'indices': indices[order].tolist(), 'tokens': [tokens[i] for i in order],
-            'records': {}, 'predictions': {}, 'gt': {}, 'counts': {}}
-  for p in parts:
-    for key in ('records', 'predictions', 'gt'):
-      merged[key].update(p[key])
-  for name in parts[0]['counts']:
-    merged['counts'][name] = np.sum([np.asarray(p['counts'][name], np.int64) for p in parts],
-                                    axis=0).tolist()
-  merged['predictions'] = {t: merged['predictions'][t] for t in merged['tokens']}
-  merged['gt'] = {t: merged['gt'][t] for t in merged['tokens']}
-  maps = {k: np.concatenate([m[k] for m in all_maps])[order] for k in ('pred', 'gt')}
-  return merged, maps
 
 
 def _protocol_numbers(config, protocol):

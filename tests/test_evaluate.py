@@ -251,20 +251,19 @@ def test_worker_pool_gives_the_inline_vectors():
     assert record['divider']['num_gt'] == 1 and record['boundary']['num_pred'] == 1
 
 
-def test_process_rows_take_every_sample_once():
-  for count, total, batch in ((1, 5, 2), (2, 7, 4), (3, 10, 6), (4, 3, 8)):
+def test_shares_take_every_sample_once():
+  for count, total, batch in ((1, 5, 2), (2, 7, 4), (3, 10, 6), (4, 3, 8), (3, 10, 1)):
     owners = np.full(total, -1)
-    for start in range(0, total, batch):
-      rows = min(batch, total - start)
-      for p in range(count):
-        keep = eval_lib.process_rows(start, rows, p, count)
-        assert np.all(owners[start:start + rows][keep] == -1)
-        owners[start:start + rows][keep] = p
+    for p in range(count):
+      size = eval_lib.share_size(total, p, count)
+      # The share in batches of `batch` rows, as pipeline.eval_iterate hands it out.
+      batches = [{'semantic': np.zeros(min(batch, size - r))} for r in range(0, size, batch)]
+      for indices, _ in eval_lib._my_batches(batches, p, count):  # pylint: disable=protected-access
+        assert np.all(owners[indices] == -1)
+        owners[indices] = p
     np.testing.assert_array_equal(owners, np.arange(total) % count)   # loop reference
   with pytest.raises(ValueError, match='process_index=2'):
-    eval_lib.process_rows(0, 4, 2, 2)
-
-
+    eval_lib.share_size(4, 2, 2)
 
 
 def test_label_width_warning_names_trained_width():

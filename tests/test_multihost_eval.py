@@ -23,6 +23,7 @@ from mapkd_jax import checkpoint as ckpt_lib
 from mapkd_jax import evaluate as eval_lib
 from mapkd_jax import models as models_lib
 from mapkd_jax import stages
+from mapkd_jax.eval import gather as gather_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARG = 'student,nokd,tiny'
@@ -121,4 +122,56 @@ def test_two_processes_write_the_one_process_metrics(tiny_shards, tmp_path):
 
 def test_bad_process_flags_are_refused():
   with pytest.raises(ValueError, match='process_index=3'):
-    eval_lib.process_rows(0, 8, 3, 2)
+    eval_lib.share_size(8, 3, 2)
+
+
+def _part(index):
+  token = f't{index}'
+  return ({'indices': [index], 'tokens': [token], 'records': {token: {}},
+           'predictions': {token: []}, 'gt': {token: []}, 'counts': {'all': [[index, 1], [2, 3]]}},
+          {'pred': np.full((1, 2, 3), index, np.uint8), 'gt': np.zeros((1, 2, 3), np.uint8)})
+
+
+def test_gather_times_out_naming_the_missing_processes(tmp_path):
+  """Process 0 of 4 with parts of processes 0 and 2 only: fails after the timeout, naming 1 and 3."""
+  run_dir = str(tmp_path / 'parts' / 'run')
+  gather_lib.write_part(run_dir, 2, *_part(2))
+  now = [0.0]
+  sleeps = []
+
+  def sleep(seconds):   # a fake clock: the test takes no wall time
+    sleeps.append(seconds)
+    now[0] += seconds
+
+  with pytest.raises(TimeoutError) as error:
+    gather_lib.write_part(run_dir, 0, *_part(0))
+    gather_lib.wait_for_parts(run_dir, 4, timeout_s=30.0, poll_s=5.0, clock=lambda: now[0],
+                              sleep=sleep)
+  message = str(error.value)
+  assert 'process(es) [1, 3] of 4' in message and 'gather_timeout_s' in message
+  for k in (1, 3):
+    assert os.path.join(run_dir, f'process_{k:05d}.json') in message
+    assert os.path.join(run_dir, f'process_{k:05d}.npz') in message
+  assert 'process_00002' not in message and 'process_00000' not in message
+  assert now[0] == 30.0 and sleeps == [5.0] * 6      # waited the whole timeout, then failed
+  with pytest.raises(ValueError, match='gather_timeout_s must be > 0'):
+    gather_lib.wait_for_parts(run_dir, 4, timeout_s=0)
+
+
+def test_gather_returns_late_parts_in_process_order(tmp_path):
+  """A part written while process 0 waits is picked up; the merge follows the indices."""
+  run_dir = str(tmp_path / 'parts' / 'run')
+  gather_lib.write_part(run_dir, 1, *_part(1))
+
+  def sleep(seconds):   # process 2's part arrives during the first wait
+    del seconds
+    gather_lib.write_part(run_dir, 2, *_part(2))
+
+  gather_lib.write_part(run_dir, 0, *_part(0))
+  gather_lib.wait_for_parts(run_dir, 3, timeout_s=10.0, sleep=sleep)
+  parts, maps = gather_lib.read_parts(run_dir, 3)
+  assert not os.path.exists(os.path.dirname(run_dir))   # parts/ removed once read
+  merged, merged_maps = gather_lib.merge_parts(parts, maps)
+  assert merged['tokens'] == ['t0', 't1', 't2']
+  assert merged['counts']['all'] == [[3, 3], [6, 9]]
+  np.testing.assert_array_equal(merged_maps['pred'][:, 0, 0], [0, 1, 2])

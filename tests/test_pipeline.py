@@ -290,3 +290,59 @@ def test_host_batch_becomes_global_array_on_8_devices(shards, data_config):
     assert len(array.addressable_shards) == 8
     assert array.addressable_shards[0].data.shape[0] == 1
     np.testing.assert_array_equal(np.asarray(array), batch[key], err_msg=key)
+
+
+def _counting_decode(monkeypatch):
+  """Patches pipeline._decode_fn to also record the token of every record it decodes."""
+  decoded = []
+  real = pipeline._decode_fn   # pylint: disable=protected-access
+  token_spec = {schema.SAMPLE_TOKEN: tf.io.FixedLenFeature([], tf.string)}
+
+  def record(token):
+    decoded.append(token.numpy().decode())
+    return np.int64(len(decoded))
+
+  def counting(data_config, with_tokens):
+    decode = real(data_config, with_tokens)
+
+    def wrapped(serialized):
+      token = tf.io.parse_single_example(serialized, token_spec)[schema.SAMPLE_TOKEN]
+      seen = tf.py_function(record, [token], tf.int64)
+      out = decode(serialized)
+      with tf.control_dependencies([seen]):   # keep the counter in the traced map function
+        out['ego_pose'] = tf.identity(out['ego_pose'])
+      return out
+    return wrapped
+
+  monkeypatch.setattr(pipeline, '_decode_fn', counting)
+  return decoded
+
+
+@pytest.mark.parametrize('process_count', [3, 12])
+def test_eval_share_decodes_only_its_records(shards, data_config, monkeypatch, process_count):
+  """10 train records: 3 processes get 4, 3, 3; 12 processes leave two with none."""
+  directory, _ = shards
+  whole = _all_batches(pipeline.iterate(directory, 'train', data_config, batch_size=3, seed=0,
+                                        shuffle=False, num_epochs=1, drop_remainder=False,
+                                        with_tokens=True, process_index=0, process_count=1))
+  rows = {k: np.concatenate([b[k] for b in whole]) for k in whole[0]}
+  assert len(rows['sample_token']) == NUM_TRAIN
+  decoded = _counting_decode(monkeypatch)
+  seen = []
+  for index in range(process_count):
+    decoded.clear()
+    share = _all_batches(pipeline.eval_iterate(directory, 'train', data_config, batch_size=2,
+                                               process_index=index,
+                                               process_count=process_count))
+    want = {k: v[index::process_count] for k, v in rows.items()}
+    # Decoded exactly the records of its share, each once.
+    assert sorted(decoded) == sorted(want['sample_token'].tolist())
+    if not len(want['sample_token']):
+      assert share == []
+      continue
+    assert all(len(b['semantic']) <= 2 for b in share)
+    for key, value in want.items():   # the one-process rows, bit for bit, in order
+      np.testing.assert_array_equal(np.concatenate([b[key] for b in share]), value,
+                                    err_msg=key)
+    seen.extend(want['sample_token'].tolist())
+  assert sorted(seen) == sorted(rows['sample_token'].tolist())

@@ -278,10 +278,14 @@ class BatchIterator:
   the checkpoint; `iterate(..., position=saved)` continues with the same batches.
   """
 
-  def __init__(self, dataset_fn, files, *, position, num_epochs, decode_fn=None):
+  def __init__(self, dataset_fn, files, *, position, num_epochs, decode_fn=None,
+               allow_empty_epochs=False):
     self._dataset_fn = dataset_fn    # (epoch, skip_batches) -> tf.data.Dataset
     self._files = files
     self._decode_fn = decode_fn      # per-record decode, re-run per file to locate a bad record
+    # An evaluation process may get no record of a small split (`eval_iterate`); training
+    # must see at least one batch per epoch.
+    self._allow_empty_epochs = allow_empty_epochs
     self._epoch, self._batch = int(position['epoch']), int(position['batch'])
     self._num_epochs = num_epochs
     self._tf_iterator = None
@@ -310,7 +314,7 @@ class BatchIterator:
       try:
         batch = self._next_tf()
       except StopIteration:
-        if batches_this_epoch == 0:
+        if batches_this_epoch == 0 and not self._allow_empty_epochs:
           raise ValueError(f'epoch {self._epoch} gave no batch from {self._files}: fewer '
                            f'examples than the batch size') from None
         self._tf_iterator = None
@@ -360,6 +364,75 @@ def iterate(shards_dir, split, data_config, *, batch_size, seed, shuffle=True, n
 
   return BatchIterator(dataset_fn, files, position=position or {'epoch': 0, 'batch': 0},
                        num_epochs=num_epochs, decode_fn=_decode_fn(data_config, False))
+
+
+def _one_process_records(shards_dir, split, data_config, *, cycle_length):
+  """(serialized records of the whole split in the one-process unshuffled order, paths).
+
+  The order of `make_dataset(..., shuffle=False, process_index=0, process_count=1)` (and of
+  tfds_source's, which reads build_shards' files back as the same order), before decoding.
+  """
+  from mapkd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (imports us)
+  if tfds_source.is_tfds_dir(shards_dir):
+    shards, files = tfds_source.host_shards(shards_dir, split, data_config, process_index=0,
+                                            process_count=1)
+    return tfds_source._records(shards, cycle_length), files  # pylint: disable=protected-access
+  files = host_files(shards_dir, split, data_config, process_index=0, process_count=1)
+  compression = _compression(files[0])
+  ds = tf.data.Dataset.from_tensor_slices(files)
+  ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type=compression),
+                     cycle_length=min(cycle_length, len(files)), block_length=1,
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds, files
+
+
+def eval_iterate(shards_dir, split, data_config, *, batch_size, process_index=0,
+                 process_count=1, with_tokens=True, num_parallel_calls=tf.data.AUTOTUNE,
+                 cycle_length=4, threads=None):
+  """This evaluation process's share of one unshuffled epoch, as numpy batches.
+
+  Record r of the one-process order (`iterate(..., shuffle=False, process_index=0,
+  process_count=1)`, all files of the split) belongs to process r % process_count. The
+  others are dropped (`Dataset.shard`) BEFORE they are parsed and decoded: every process
+  still reads the record bytes of the whole split (a record's share is only known from its
+  place in the interleaved stream), but decodes (JPEG, PNG, LiDAR: the cost) only its own.
+  Every sample is evaluated exactly once for any process count, also when the split does
+  not divide evenly or has fewer records than processes (a process without records yields
+  no batch). Unlike `iterate`, whose hosts read disjoint FILES, the share does not depend on
+  how the split was cut into files, so it needs no file count divisible by the processes.
+
+  Training never reads through this (its reader is `iterate`).
+
+  Returns:
+    A `BatchIterator` (one epoch) of batches of up to `batch_size` rows, the last one
+    shorter; batch j of process p holds the records r = p + process_count * (batch_size * j
+    + row) of the one-process order.
+  """
+  _hide_gpus_from_tf()
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count})')
+  records, files = _one_process_records(shards_dir, split, data_config,
+                                        cycle_length=cycle_length)
+
+  def dataset_fn(epoch, skip_batches):
+    del epoch  # one unshuffled epoch: the order does not depend on it
+    ds = records.shard(process_count, process_index)
+    ds = ds.skip(skip_batches * batch_size)
+    ds = ds.map(_decode_fn(data_config, with_tokens), num_parallel_calls=num_parallel_calls,
+                deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.map(_convert_batch, num_parallel_calls=num_parallel_calls, deterministic=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    if threads is not None:
+      options.threading.private_threadpool_size = threads
+    return ds.with_options(options)
+
+  return BatchIterator(dataset_fn, files, position={'epoch': 0, 'batch': 0}, num_epochs=1,
+                       decode_fn=_decode_fn(data_config, False), allow_empty_epochs=True)
 
 
 def read_vectors(shards_dir, split):

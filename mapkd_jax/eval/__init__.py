@@ -11,5 +11,7 @@
   files.py      predictions.json / gt.json payloads, reading and checking them
   scoring.py    the host side of an evaluation: each sample's vectors and AP record, inline
                 or in a bounded 'spawn' process pool (imports no jax / TensorFlow)
+  gather.py     a multi-process evaluation's shares -> process 0 through files under
+                eval/parts/<run>/, waiting at most config.eval.gather_timeout_s
   cli.py        python -m mapkd_jax.eval --pred predictions.json --gt gt.json [--protocol ...]
 """
