@@ -13,15 +13,17 @@ gives samples/s; README shows figures).
 
 Both evaluation paths are measured in the same run, on the same samples:
   before: what `evaluate` did before the eval/ package: DBSCAN with sklearn's default
-    neighbour search ('auto', brute force here), vectorization in the --workers pool, the
+    neighbour search ('auto', brute force here), the centreline's disks by sklearn's k-d
+    tree (vectorize disk_search='kdtree'), vectorization in the --workers pool, the
     forward waited for before the next one is dispatched, vector AP computed at the end in
     the main process;
-  after: `eval.scoring.Scorer` (vectorization with config.eval.dbscan_algorithm AND each
-    sample's AP record in the pool, bounded queue), the next forward dispatched before the
-    current batch is handed to the pool, AP combined from the records.
+  after: `eval.scoring.Scorer` (vectorization with config.eval.dbscan_algorithm and
+    vectorize.DiskLookup, AND each sample's AP record in the pool, bounded queue), the next
+    forward dispatched before the current batch is handed to the pool, AP combined from the
+    records.
 Fields (seconds per sample unless named otherwise): forward_s (one --batch forward / batch),
-vectorize_s / vectorize_before_s (inline, after / before neighbour search), ap_s (inline,
-whole split at the end), host_before_s (pool vectorization + serial AP, wall) and
+vectorize_s / vectorize_before_s (inline, after / before neighbour and disk search), ap_s
+(inline, whole split at the end), host_before_s (pool vectorization + serial AP, wall) and
 host_after_s (Scorer pool, wall), host_speedup = host_before_s / host_after_s;
 end_to_end_before_s / end_to_end_after_s (both loops with the forward, wall, pool start
 excluded) and end_to_end_speedup; samples_per_s_before / samples_per_s_after = their inverses.
@@ -163,7 +165,7 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
   rng = np.random.default_rng(seed)
   inputs = [noisy_outputs(rng, config, noise=noise) for _ in range(samples)]
   after_kwargs = vectorize.config_kwargs(config)
-  before_kwargs = {**after_kwargs, 'dbscan_algorithm': 'auto'}
+  before_kwargs = {**after_kwargs, 'dbscan_algorithm': 'auto', 'disk_search': 'kdtree'}
   ap_kwargs = eval_lib.config_ap_kwargs(config, protocol)
 
   start = time.perf_counter()

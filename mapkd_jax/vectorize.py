@@ -7,8 +7,8 @@ Per class (1..K-1 of the semantic channels):
      (config.eval.dbscan_algorithm): the same exact neighbour sets as sklearn's default brute
      force, 4-8x faster on reference-size maps (eval_bench.py; the brute-force search was
      about half of vectorization). Only pairs at a distance within float rounding of eps can
-     differ (brute force uses |a|^2 + |b|^2 - 2ab, the tree the direct difference). Above `max_cluster_pixels` pixels, DBSCAN runs on an
-     evenly strided subset (min_samples scaled by the subset fraction, so the density
+     differ (brute force uses |a|^2 + |b|^2 - 2ab, the tree the direct difference). Above
+     `max_cluster_pixels` pixels, DBSCAN runs on an evenly strided subset (min_samples scaled by the subset fraction, so the density
      criterion is unchanged) and every other pixel takes the label of its nearest subset
      pixel in embedding space if that one is within eps, else it is noise.
   3. Order: a cluster's pixels are linked when closer than `link_radius_px` (a pixel graph);
@@ -18,7 +18,9 @@ Per class (1..K-1 of the semantic channels):
      line), and half a line width is trimmed off each end (the labels' disk overshoot). Pixels
      the backbone covers are removed and the rest is traced again, so branches, the second
      half of closed rings and separate pieces become polylines of their own; pieces of fewer
-     than `dbscan_min_samples` pixels are noise.
+     than `dbscan_min_samples` pixels are noise. The pixels within a line width of a point
+     are found by row intervals of a lookup image (`DiskLookup`: exact, the k-d tree search
+     it replaced was about a fifth of vectorization at the reference size).
      The direction head is NOT used: it is trained on a two-direction (sign-free) target
      (losses/task.py direction_loss), so it gives an axis, not an orientation, and the
      geodesic backbone already follows the line; polylines therefore run from the end found
@@ -35,7 +37,6 @@ from scipy import sparse
 from scipy import spatial
 from scipy.sparse import csgraph
 from sklearn import cluster as sk_cluster
-from sklearn import neighbors
 
 from mapkd_jax.data import dataset_info
 
@@ -83,7 +84,129 @@ def _backbone(coords, graph):
   return np.asarray(path[::-1])
 
 
-def _centreline(piece, path_points, *, half_width):
+class DiskLookup:
+  """Pixels of a piece within a radius of arbitrary points: exact, by row intervals.
+
+  The piece's pixels are integer (column, row) coordinates. In each image row the pixels
+  within `reach` of a point form one interval of columns (the distance grows monotonically
+  away from the point, also in floating point), so a point's disk is at most
+  2 ceil(reach) + 2 row intervals, and per-row prefix sums of the occupancy and of the
+  column coordinate give each interval's pixel count and coordinate sum in O(1): no
+  neighbour lists, vectorized over the points. It replaces a k-d tree's query_radius (and
+  sklearn's input checks per call, which cost more than the search on these small pieces;
+  eval_bench profile). Same test as sklearn's tree, written out at each interval end:
+  (point - pixel)^2 summed x then y, <= reach * reach. The sets can differ from the tree's
+  only for a pixel whose squared distance is within float rounding of reach^2 and which
+  the tree took through a node bound (sqrt(bound) <= reach): not seen on any sample.
+  """
+
+  def __init__(self, piece, reach):
+    """piece: [N, 2] float64 integer-valued (column, row) pixels, distinct; reach: radius."""
+    self.piece = np.asarray(piece, np.float64)
+    self.reach = float(reach)
+    self._r2 = self.reach * self.reach
+    pixels = self.piece.astype(np.int64)
+    self._origin = pixels.min(axis=0)
+    local = pixels - self._origin
+    width, height = local.max(axis=0) + 1
+    self._lookup = np.full((height, width), -1, np.int64)    # [row, column] -> pixel index
+    self._lookup[local[:, 1], local[:, 0]] = np.arange(len(pixels))
+    occupied = self._lookup >= 0
+    # [H, W + 1] prefix sums along each row: pixels and their (global) column coordinates.
+    zero = np.zeros((height, 1), np.int64)
+    self._count = np.concatenate([zero, np.cumsum(occupied, axis=1)], axis=1)
+    columns = (np.arange(width, dtype=np.int64) + self._origin[0]) * occupied
+    self._col_sum = np.concatenate([zero, np.cumsum(columns, axis=1)], axis=1)
+    span = int(np.ceil(self.reach))
+    self._row_offsets = np.arange(-span, span + 2)
+
+  def _inside(self, px, py, col, row):
+    dx, dy = px - col, py - row
+    return dx * dx + dy * dy <= self._r2
+
+  def intervals(self, points):
+    """Per point and window row: (row [M, R], first column, last column, valid [M, R]).
+
+    Local (lookup) coordinates; an empty interval has first > last or valid False.
+    """
+    px, py = points[:, :1], points[:, 1:]
+    rows = np.floor(py).astype(np.int64) + self._row_offsets     # [M, R] global rows
+    dy = py - rows
+    half = np.sqrt(np.maximum(self._r2 - dy * dy, 0.0))
+    first = np.ceil(px - half).astype(np.int64)
+    last = np.floor(px + half).astype(np.int64)
+    # sqrt and the rounding of px -/+ half may land one column off the exact test: fix
+    # each end by one step, outwards if the next column passes, inwards if this one fails.
+    first = np.where(self._inside(px, py, first - 1, rows), first - 1, first)
+    first = np.where(self._inside(px, py, first, rows), first, first + 1)
+    last = np.where(self._inside(px, py, last + 1, rows), last + 1, last)
+    last = np.where(self._inside(px, py, last, rows), last, last - 1)
+    height, width = self._lookup.shape
+    rows = rows - self._origin[1]
+    first = np.clip(first - self._origin[0], 0, width)
+    last = np.minimum(last - self._origin[0], width - 1)
+    valid = (rows >= 0) & (rows < height) & (dy * dy <= self._r2) & (first <= last)
+    return np.clip(rows, 0, height - 1), first, last, valid
+
+  def means(self, points):
+    """[M, 2] mean of the pixels within `reach` of each point (NaN where there is none).
+
+    Pixel coordinates are integers, so the sums are exact (int64): the same bits as a
+    per-point mean of the same set in float64.
+    """
+    rows, first, last, valid = self.intervals(points)
+    last1 = np.where(valid, last + 1, first)
+    count = np.where(valid, self._count[rows, last1] - self._count[rows, first], 0)
+    col_sum = np.where(valid, self._col_sum[rows, last1] - self._col_sum[rows, first], 0)
+    sizes = count.sum(axis=1)
+    sums = np.stack([col_sum.sum(axis=1),
+                     (count * (rows + self._origin[1])).sum(axis=1)], axis=1)
+    with np.errstate(invalid='ignore', divide='ignore'):
+      return sums.astype(np.float64) / sizes[:, None]   # 0 / 0 = NaN: mean of an empty set
+
+  def members(self, points):
+    """Sorted indices of the pixels within `reach` of any of the points."""
+    rows, first, last, valid = self.intervals(points)
+    height, width = self._lookup.shape
+    edges = np.zeros((height, width + 1), np.int64)   # +1 at an interval's start, -1 past it
+    np.add.at(edges, (rows[valid], first[valid]), 1)
+    np.add.at(edges, (rows[valid], last[valid] + 1), -1)
+    covered = np.cumsum(edges[:, :width], axis=1) > 0
+    return np.sort(self._lookup[covered & (self._lookup >= 0)])
+
+
+class KDTreeDisks:
+  """`DiskLookup`'s interface over sklearn's KDTree.query_radius: the search it replaced.
+
+  Kept as the reference path (`disk_search='kdtree'`) that eval_bench times as 'before' and
+  tests compare against.
+  """
+
+  def __init__(self, piece, reach):
+    from sklearn import neighbors  # pylint: disable=g-import-not-at-top
+    self.piece = np.asarray(piece, np.float64)
+    self.reach = float(reach)
+    self._tree = neighbors.KDTree(self.piece)
+
+  def means(self, points):
+    groups = self._tree.query_radius(points, r=self.reach)
+    sizes = np.fromiter((len(g) for g in groups), np.int64, len(groups))
+    flat = self.piece[np.concatenate(groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    with np.errstate(invalid='ignore', divide='ignore'):
+      means = np.add.reduceat(flat, np.minimum(starts, max(len(flat) - 1, 0)), axis=0) \
+          / sizes[:, None]
+    means[sizes == 0] = np.nan
+    return means
+
+  def members(self, points):
+    return np.unique(np.concatenate(self._tree.query_radius(points, r=self.reach)))
+
+
+DISK_SEARCHES = {'lookup': DiskLookup, 'kdtree': KDTreeDisks}
+
+
+def _centreline(piece, path_points, *, half_width, disk_search='lookup'):
   """Moves backbone points onto the centre of the thick line, across the line only.
 
   A geodesic diameter runs corner to corner and hugs the edges of a thick line. Each backbone
@@ -94,26 +217,11 @@ def _centreline(piece, path_points, *, half_width):
   Returns:
     (centre points [M, 2], indices of the piece pixels within a line width of the backbone).
   """
-  reach = 2 * half_width
-  tree = neighbors.KDTree(piece)
-
-  def disk_means(points):
-    # Vectorized over points: one concatenated index list summed by segments. Pixel
-    # coordinates are integers, so these sums are exact and equal a per-point mean's bits.
-    groups = tree.query_radius(points, r=reach)
-    sizes = np.fromiter((len(g) for g in groups), np.int64, len(groups))
-    flat = piece[np.concatenate(groups)]
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    with np.errstate(invalid='ignore', divide='ignore'):
-      means = np.add.reduceat(flat, np.minimum(starts, max(len(flat) - 1, 0)), axis=0) \
-          / sizes[:, None]
-    means[sizes == 0] = np.nan   # as the mean of an empty set (never seen: see above)
-    return means
-
+  disks = DISK_SEARCHES[disk_search](piece, 2 * half_width)
   # Tangents from isotropic disk means (centred across the line even where the backbone
   # hugs an edge), over two line widths: long enough that the corner hook at each end of the
   # diameter does not tilt them, short enough to follow curves.
-  rough = disk_means(disk_means(path_points))
+  rough = disks.means(disks.means(path_points))
   span = max(1, int(np.ceil(4 * half_width)))
   index = np.arange(len(rough))
   tangent = rough[np.minimum(index + span, len(rough) - 1)] - rough[np.maximum(index - span, 0)]
@@ -121,10 +229,9 @@ def _centreline(piece, path_points, *, half_width):
   normal = np.stack([-tangent[:, 1], tangent[:, 0]], axis=1)
   centre = path_points.copy()
   for _ in range(3):
-    offset = np.sum((disk_means(centre) - centre) * normal, axis=1, keepdims=True)
+    offset = np.sum((disks.means(centre) - centre) * normal, axis=1, keepdims=True)
     centre = centre + normal * offset
-  members = np.unique(np.concatenate(tree.query_radius(centre, r=reach)))
-  return centre, members
+  return centre, disks.members(centre)
 
 
 def pixel_graph(pixels, radius):
@@ -171,7 +278,7 @@ def trim_ends(points, length):
                    np.interp(stations, arc, points[:, 1])], axis=1)
 
 
-def trace_polylines(coords, *, link_radius, half_width, min_pixels):
+def trace_polylines(coords, *, link_radius, half_width, min_pixels, disk_search='lookup'):
   """Orders a cluster's pixels into centreline polylines (module docstring, step 3).
 
   Args:
@@ -179,6 +286,7 @@ def trace_polylines(coords, *, link_radius, half_width, min_pixels):
     link_radius: pixels closer than this are neighbours.
     half_width: pixels within this of a backbone pixel are its cross-section.
     min_pixels: smaller pieces are dropped.
+    disk_search: 'lookup' (`DiskLookup`) or 'kdtree' (the k-d tree it replaced, same sets).
 
   Returns:
     List of (points [M, 2] (column, row) float64 ordered along the line, member indices
@@ -198,7 +306,8 @@ def trace_polylines(coords, *, link_radius, half_width, min_pixels):
       break
     piece = sub[largest]
     path = _backbone(piece, graph[largest][:, largest])
-    centre, members = _centreline(piece, piece[path], half_width=half_width)
+    centre, members = _centreline(piece, piece[path], half_width=half_width,
+                                  disk_search=disk_search)
     if len(path) >= 2:
       # Labels are dilated by a disk, so the thick line overshoots each end of the true
       # polyline by half a line width: take that back.
@@ -253,7 +362,7 @@ def config_kwargs(config):
 
 def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, eps, min_samples,
                      max_cluster_pixels, link_radius_px, line_width_px, simplify_tolerance,
-                     dbscan_algorithm='ball_tree'):
+                     dbscan_algorithm='ball_tree', disk_search='lookup'):
   """Polylines of one sample from its head outputs.
 
   Args:
@@ -268,6 +377,8 @@ def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, e
       the covered width of the cv2-drawn labels); half of it is the centreline search radius
       and the trim at each end.
     simplify_tolerance: metres (config.eval.simplify_tolerance).
+    disk_search: centreline disk search, 'lookup' (default) or 'kdtree' (the one it replaced,
+      for eval_bench's 'before' path; same vectors).
 
   Returns:
     [{'cls': name, 'pts': [M, 2] float64 (x, y) metres, 'score': float}, ...]; the semantic
@@ -293,7 +404,8 @@ def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, e
       idx = np.flatnonzero(labels == label)
       for centre, members in trace_polylines(coords[idx], link_radius=link_radius_px,
                                              half_width=line_width_px / 2,
-                                             min_pixels=min_samples):
+                                             min_pixels=min_samples,
+                                             disk_search=disk_search):
         line = shapely.LineString(pixels_to_metres(centre, bev_x, bev_y))
         simple = np.asarray(line.simplify(simplify_tolerance).coords, np.float64)
         vectors.append({'cls': name, 'pts': simple,

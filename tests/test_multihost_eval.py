@@ -133,7 +133,7 @@ def _part(index):
 
 
 def test_gather_times_out_naming_the_missing_processes(tmp_path):
-  """Process 0 of 4 with parts of processes 0 and 2 only: fails after the timeout, naming 1 and 3."""
+  """Process 0 of 4 with the parts of 0 and 2 only: fails after the timeout naming 1 and 3."""
   run_dir = str(tmp_path / 'parts' / 'run')
   gather_lib.write_part(run_dir, 2, *_part(2))
   now = [0.0]

@@ -217,3 +217,63 @@ def test_ball_tree_dbscan_gives_the_brute_force_labels(seed):
   with pytest.raises(ValueError, match='algorithm'):   # the choice reaches sklearn
     vectorize.cluster_embeddings(emb, eps=1.5, min_samples=20, max_pixels=10000,
                                  algorithm='no_such_search')
+
+
+def _disk_ref(piece, points, reach):
+  """Per point: the pixels with (point - pixel)^2 summed x then y <= reach^2, by loops."""
+  sets = []
+  for p in points:
+    inside = []
+    for k, q in enumerate(piece):
+      dx, dy = float(p[0]) - float(q[0]), float(p[1]) - float(q[1])
+      if dx * dx + dy * dy <= reach * reach:
+        inside.append(k)
+    sets.append(inside)
+  return sets
+
+
+@pytest.mark.parametrize('reach,seed', [(7.0, 0), (3.5, 1), (2.3, 2), (5.0, 3), (1.0, 4)])
+def test_disk_lookup_matches_point_pixel_loop(reach, seed):
+  rng = np.random.default_rng(seed)
+  mask = np.zeros((30, 40), np.uint8)   # a thick curved line and scattered pixels
+  cv2.polylines(mask, [np.asarray([[2, 25], [15, 10], [38, 14]], np.int32).reshape(-1, 1, 2)],
+                False, 1, thickness=5)
+  mask[rng.integers(0, 30, 40), rng.integers(0, 40, 40)] = 1
+  rows, cols = np.nonzero(mask)
+  piece = np.stack([cols, rows], axis=1).astype(np.float64) - [7, 3]   # negative coords too
+  points = np.concatenate([
+      piece[rng.choice(len(piece), 30)],                        # on pixels: exact-distance ties
+      piece[rng.choice(len(piece), 30)] + rng.uniform(-3, 3, (30, 2)),
+      rng.uniform(-20, 45, (30, 2)),                            # anywhere, also far outside
+      [[-100.0, -100.0], [10.5, 2.5], [0.25, -0.75]]])
+  disks = vectorize.DiskLookup(piece, reach)
+  want_sets = _disk_ref(piece, points, reach)
+  with np.errstate(invalid='ignore'):
+    want_means = np.stack([piece[s].mean(axis=0) if s else [np.nan, np.nan]
+                           for s in want_sets])
+  assert any(not s for s in want_sets) and sum(map(len, want_sets)) > 100
+  np.testing.assert_array_equal(disks.means(points), want_means)   # bit for bit, NaN if empty
+  np.testing.assert_array_equal(disks.members(points), sorted(set().union(*want_sets)))
+  for k in range(0, len(points), 7):   # single points too
+    np.testing.assert_array_equal(disks.members(points[k:k + 1]), want_sets[k])
+  # The k-d tree the lookup replaced found the same sets on these points.
+  from sklearn import neighbors  # pylint: disable=g-import-not-at-top
+  tree_sets = neighbors.KDTree(piece).query_radius(points, r=reach)
+  assert [sorted(s.tolist()) for s in tree_sets] == want_sets
+
+
+def test_disk_lookup_gives_the_kdtree_vectors_on_noisy_maps():
+  """The default disk search changes speed only: the k-d tree path's vectors, bit for bit."""
+  from mapkd_jax import eval_bench  # pylint: disable=g-import-not-at-top
+  config = tcs.get_config('student,tiny')
+  kwargs = vectorize.config_kwargs(config)
+  rng = np.random.default_rng(5)
+  total = 0
+  for noise in (0.3, 0.6):
+    for _ in range(2):
+      semantic, embedding, _ = eval_bench.noisy_outputs(rng, config, num_lines=8, noise=noise)
+      got = vectorize.vectorize_sample(semantic, embedding, **kwargs)
+      want = vectorize.vectorize_sample(semantic, embedding, **kwargs, disk_search='kdtree')
+      np.testing.assert_equal(got, want)
+      total += len(got)
+  assert total >= 6
