@@ -231,13 +231,6 @@ def _to_local(variables, mesh):
                       variables)
 
 
-def _write_json(path, payload):
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(payload, f)
-  os.replace(tmp, path)
-
-
 def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, protocol=None,
              workers=None, process_index=None, process_count=None):
   """Evaluates ROOT/<stage> on `split` and writes ROOT/<stage>/eval/.

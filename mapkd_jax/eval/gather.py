@@ -13,6 +13,11 @@ process ids and files. <run> is an id process 0 draws and broadcasts when all pr
 alive (evaluate does), so parts left behind by an earlier run that failed are never read as
 this run's.
 
+The other processes, once their part is written, wait for process 0's metrics.json in
+evaluate's final barrier (jax), as before; this timeout bounds process 0's wait only. If
+process 0 fails, they learn it only through jax's distributed runtime (process 0 runs its
+coordination service).
+
 Imports no jax (evaluate does the broadcast and the final barrier).
 """
 import json
