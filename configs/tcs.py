@@ -82,7 +82,8 @@ def get_config(arg=None):
           view_mlp_layers=2,
           patch_margin=2.0,                  # 'metric': metres added to the patch's reach
           ipm_stride=2,                      # 'metric': IPM on the canvas / stride, upsampled
-          ground_height=0.0),                # 'metric': ego z of the ground plane, metres
+          ground_height=0.0,                 # 'metric': ego z of the ground plane, metres
+          remat=False),                      # recompute encoder blocks + IPM in the backward
       lss=dict(          # lift-splat simulated LiDAR (coach; models/lss.py)
           image_encoder='efficientnet_b0', fusion_channels=512,   # LSS CamEncode: Up to 512, 1x1
           drop_connect_rate=0.2,
@@ -90,17 +91,21 @@ def get_config(arg=None):
           depth_bins=(4.0, 45.0, 1.0),       # (min, max, step) metres -> 41 bins
           context_channels=64,
           z_range=(-10.0, 10.0),             # the reference's one z bin, metres (lss.splat)
-          out_channels=128),                 # = lidar.out_channels: takes the LiDAR's slot
-      neck=dict(channels=192, num_layers=3),   # stride-2 convs to `bev_small` and back
+          out_channels=128,                  # = lidar.out_channels: takes the LiDAR's slot
+          remat=False),                      # recompute its encoder's blocks in the backward
+      neck=dict(channels=192, num_layers=3,    # stride-2 convs to `bev_small` and back
+                remat=False),                  # recompute each neck layer in the backward
       decoder=dict(      # ResNet-18-style BEV decoder + semantic/embedding/direction heads
           stem_channels=64, layer_channels=(64, 128, 256), blocks_per_layer=2,
-          up_channels=256, head_channels=128, embedding_dim=16),
+          up_channels=256, head_channels=128, embedding_dim=16,
+          remat=False),  # recompute stem, ResBlocks, Ups and heads in the backward (less memory)
       student=dict(expand_channels=(96, 192)),   # feature expansion after the camera branch
       lidar=dict(        # PointPillars (teacher); HDMapNet model/pointpillar.py sizes
           z_range=(-10.0, 10.0), pointnet_channels=64, block_channels=(64, 128, 256),
           block_layers=(2, 3, 3), block_strides=(1, 2, 2), head_channels=(256, 128),
           out_channels=128,
-          padding='reference'),   # invalid points as HDMapNet treats them, or 'masked' (lidar.py)
+          padding='reference',    # invalid points as HDMapNet treats them, or 'masked' (lidar.py)
+          remat=False),           # recompute each pillar conv in the backward
       sd=dict(           # SD-prior encoder + BEV->SD cross-attention (teacher, coach)
           encoder_channels=(32, 64, 64), d_model=64, num_heads=8, num_layers=2,
           ffn_dim=192, dropout=0.1, pos_temperature=10000.0),

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from mapkd_jax.models import precision
 from mapkd_jax.models.image_encoder import TORCH_BN
+from mapkd_jax.models.image_encoder import remat_block
 from mapkd_jax.models.image_encoder import resize_bilinear_align_corners as resize_align_corners
 
 # torch.nn.BatchNorm2d defaults (the reference never changes them): eps 1e-5, torch momentum
@@ -95,7 +96,7 @@ class ConvBN(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     """x: [B, H, W, Cin] -> [B, H', W', features], H' = (H + 2 padding - kernel) // stride + 1."""
     pads = []
     for size in x.shape[1:3]:
@@ -125,7 +126,7 @@ class ConvTransposeBN(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     """x: [B, H, W, Cin] -> [B, 2H, 2W, features]."""
     # torch's transposed conv = a conv over the input dilated by the stride, padded by
     # kernel - 1 - padding = 2 on each side: (2H - 1) + 4 - 4 + 1 = 2H outputs.
@@ -143,7 +144,8 @@ class BEVNeck(nn.Module):
   compact method (the teacher puts SD fusion between them; the student uses only `down`);
   `__call__` runs both and returns (bev_small, bev). Parameters: down_0 .. down_{L-1}
   (reference conv_bev.0/2/4 with bn conv_bev.5), up_0 .. up_{L-1} (conv_up.0/2/4, bn
-  conv_up.5).
+  conv_up.5). With config.model.neck.remat each layer is recomputed in the backward
+  (image_encoder.remat_block; same names and function).
 
   Attributes:
     config: the full (frozen) config.
@@ -153,26 +155,28 @@ class BEVNeck(nn.Module):
   def setup(self):
     cfg = self.config.model.neck
     dtype = precision.compute_dtype(self.config)
+    remat = bool(cfg.get('remat', False))   # absent in configs saved before the key existed
     last = cfg.num_layers - 1
     self.down_layers = [
-        ConvBN(cfg.channels, kernel=4, stride=2, padding=1, use_bias=i != last, norm=i == last,
-               ceil_pad=True, dtype=dtype, name=f'down_{i}')
+        remat_block(ConvBN, remat)(
+            cfg.channels, kernel=4, stride=2, padding=1, use_bias=i != last, norm=i == last,
+            ceil_pad=True, dtype=dtype, name=f'down_{i}')
         for i in range(cfg.num_layers)]
     self.up_layers = [
-        ConvTransposeBN(cfg.channels, use_bias=i != last, norm=i == last, dtype=dtype,
-                        name=f'up_{i}')
+        remat_block(ConvTransposeBN, remat)(cfg.channels, use_bias=i != last, norm=i == last,
+                                            dtype=dtype, name=f'up_{i}')
         for i in range(cfg.num_layers)]
 
   def down(self, x, *, train: bool):
     """x: [B, Hb, Wb, Cin] -> bev_small [B, ceil(Hb/2^L), ceil(Wb/2^L), neck.channels]."""
     for layer in self.down_layers:
-      x = layer(x, train=train)
+      x = layer(x, train)
     return x
 
   def up(self, x, canvas_hw, *, train: bool):
     """x: [B, h, w, C] -> [B, canvas_hw[0], canvas_hw[1], neck.channels]."""
     for layer in self.up_layers:
-      x = layer(x, train=train)
+      x = layer(x, train)
     if x.shape[1:3] != tuple(canvas_hw):
       # Only for canvases that are not a multiple of 2**num_layers (never the reference's).
       x = jax.image.resize(x, (x.shape[0], *canvas_hw, x.shape[-1]), 'bilinear')
@@ -195,7 +199,7 @@ class ResBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     """x: [B, H, W, Cin] -> [B, ceil(H/stride), ceil(W/stride), features]."""
     y = ConvBN(self.features, 3, self.stride, 1, dtype=self.dtype, name='conv1')(x, train=train)
     y = ConvBN(self.features, 3, 1, 1, relu=False, dtype=self.dtype, name='conv2')(y, train=train)
@@ -212,7 +216,7 @@ class UpFuse(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, deep, skip, *, train: bool):
+  def __call__(self, deep, skip, train: bool):
     """deep: [B, h, w, Cd], skip: [B, H, W, Cs] -> [B, H, W, features]."""
     # The reference upsamples by scale_factor=4, which is skip's size at a 200 x 400 canvas;
     # resizing to skip's size keeps other canvases working and is the same map there.
@@ -229,7 +233,7 @@ class Head(nn.Module):
   dtype: Any = jnp.float32   # compute dtype (precision.compute_dtype)
 
   @nn.compact
-  def __call__(self, x, out_hw, *, train: bool):
+  def __call__(self, x, out_hw, train: bool):
     """x: [B, h, w, C] -> [B, out_hw[0], out_hw[1], features] (logits)."""
     x = resize_align_corners(x, out_hw)
     x = ConvBN(self.hidden, 3, 1, 1, dtype=self.dtype, name='conv1')(x, train=train)
@@ -240,9 +244,12 @@ class BEVDecoder(nn.Module):
   """ResNet-18-style BEV decoder with semantic / embedding / direction heads (HDMapNet BevEncode).
 
   Reads config.model.decoder (stem_channels, layer_channels, blocks_per_layer, up_channels,
-  head_channels, embedding_dim) and config.data (classes, direction_bins). Parameters: stem
-  (reference conv1 + bn1), layer{1,2,3}_{j} (ResBlock), up_{head} (reference up1,
-  up1_embedded, up1_direction) and head_{head} (up2, up2_embedded, up2_direction).
+  head_channels, embedding_dim, remat) and config.data (classes, direction_bins). Parameters:
+  stem (reference conv1 + bn1), layer{1,2,3}_{j} (ResBlock), up_{head} (reference up1,
+  up1_embedded, up1_direction) and head_{head} (up2, up2_embedded, up2_direction). With
+  decoder.remat the stem, each ResBlock, Up and head is recomputed in the backward
+  (image_encoder.remat_block; same names and function): the heads' 200 x 400 activations are
+  most of the decoder's memory at the reference size.
 
   Attributes:
     config: the full (frozen) config.
@@ -260,14 +267,16 @@ class BEVDecoder(nn.Module):
     cfg, data = self.config.model.decoder, self.config.data
     dtype = precision.compute_dtype(self.config)
     canvas = bev.shape[1:3]
+    remat = bool(cfg.get('remat', False))   # absent in configs saved before the key existed
     # Stem: 7x7 stride-2 conv as in ResNet-18, no max-pool (HDMapNet's BevEncode).
-    x = ConvBN(cfg.stem_channels, 7, 2, 3, dtype=dtype, name='stem')(bev, train=train)
+    x = remat_block(ConvBN, remat)(cfg.stem_channels, 7, 2, 3, dtype=dtype, name='stem')(
+        bev, train)
     skip = None
     for i, width in enumerate(cfg.layer_channels):
       for block in range(cfg.blocks_per_layer):
         stride = 2 if (i > 0 and block == 0) else 1
-        x = ResBlock(width, stride=stride, dtype=dtype, name=f'layer{i + 1}_{block}')(
-            x, train=train)
+        x = remat_block(ResBlock, remat)(width, stride=stride, dtype=dtype,
+                                         name=f'layer{i + 1}_{block}')(x, train)
       if i == 0:
         skip = x   # layer-1 output at 1/2 resolution
     out_sizes = {'semantic': len(data.classes) + 1, 'embedding': cfg.embedding_dim,
@@ -276,7 +285,10 @@ class BEVDecoder(nn.Module):
     for name in HEADS:
       # Each head has its own Up block (P-MapNet / MapKD; HDMapNet's original direction head
       # reused the embedding's, leaving its own unused).
-      y = UpFuse(cfg.up_channels, dtype=dtype, name=f'up_{name}')(x, skip, train=train)
-      outputs[name] = Head(cfg.head_channels, out_sizes[name], dtype=dtype,
-                           name=f'head_{name}')(y, canvas, train=train)
+      y = remat_block(UpFuse, remat, static_argnums=(3,))(
+          cfg.up_channels, dtype=dtype, name=f'up_{name}')(x, skip, train)
+      # out_hw (a tuple) is static like train.
+      outputs[name] = remat_block(Head, remat, static_argnums=(2, 3))(
+          cfg.head_channels, out_sizes[name], dtype=dtype, name=f'head_{name}')(
+              y, canvas, train)
     return outputs

@@ -290,11 +290,12 @@ class ViewTransform(nn.Module):
   config: object
 
   @nn.compact
-  def __call__(self, features, batch, *, image_hw):
+  def __call__(self, features, batch, image_hw):
     """features: [B, N, h, w, C]; batch: cam_rotation, cam_translation ('metric': intrinsics).
 
     Args:
-      image_hw: (H, W) of the network input ('metric' masks cells outside the image).
+      image_hw: (H, W) of the network input ('metric' masks cells outside the image); a
+        tuple, static under remat (CameraBEV).
 
     Returns:
       [B, Hb, Wb, C] in features.dtype, (Hb, Wb) = schema.bev_shape(bev_x, bev_y).
@@ -329,9 +330,12 @@ class ViewTransform(nn.Module):
 class CameraBEV(nn.Module):
   """Camera branch: six images -> ego BEV features on the canvas.
 
-  Reads config.model.camera (image_encoder, channels, fusion_channels, resnet_widths and the
-  ViewTransform keys) and config.data (bev_x, bev_y). Submodules: the image encoder
+  Reads config.model.camera (image_encoder, channels, fusion_channels, resnet_widths, remat and
+  the ViewTransform keys) and config.data (bev_x, bev_y). Submodules: the image encoder
   (reference `camencode`) and 'view_fusion' (reference `view_fusion` + `ipm` + `up_sampler`).
+  With camera.remat the encoder's blocks and the view transform are recomputed in the backward
+  (image_encoder.remat_block; same parameter names and function): the IPM's per-camera
+  [B, N, Hb/2, Wb/2, C] bilinear samples are then not kept for the backward.
 
   Attributes:
     config: the full (frozen) config.
@@ -352,5 +356,9 @@ class CameraBEV(nn.Module):
     features = image_encoder.encoder_from_section(cfg, cfg.channels, dtype)(
         images.reshape(b * n, height, width, 3), train=train)
     features = features.reshape(b, n, *features.shape[1:])
-    return ViewTransform(self.config, name='view_fusion')(features, batch,
-                                                          image_hw=(height, width))
+    # Only the geometry enters the (possibly rematted) view transform, not the whole batch.
+    geometry = {k: batch[k] for k in ('cam_rotation', 'cam_translation', 'intrinsics')
+                if k in batch}
+    view_cls = image_encoder.remat_block(ViewTransform, bool(cfg.get('remat', False)),
+                                         static_argnums=(3,))
+    return view_cls(self.config, name='view_fusion')(features, geometry, (height, width))

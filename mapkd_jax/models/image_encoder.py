@@ -59,6 +59,20 @@ def _batch_norm(train, dtype, eps=1e-5, momentum=0.99):
   return nn.BatchNorm(use_running_average=not train, epsilon=eps, momentum=momentum, dtype=dtype)
 
 
+def remat_block(module_cls, enabled: bool, static_argnums=(2,)):
+  """`module_cls`, or its `nn.remat` (activations recomputed in the backward) when `enabled`.
+
+  Memory at the reference size is dominated by the activations the backward keeps (README
+  "Training at reference size"); a rematted block keeps only its inputs and recomputes the
+  rest, at the cost of one more forward of the block. `static_argnums` counts `self` as 0 and
+  must cover `train` (Python control flow) and any other non-array argument, which is why the
+  blocks take `train` positionally. Flax names a lifted class 'Checkpoint<Name>', so callers
+  give rematted blocks their explicit names (the same names as without remat, which the
+  converters and parity tests read).
+  """
+  return nn.remat(module_cls, static_argnums=static_argnums) if enabled else module_cls
+
+
 def conv_padding(padding: str, kernel: int):
   """Flax padding for a square kernel: 'SAME' (TF-SAME) or 'TORCH' (symmetric kernel // 2).
 
@@ -123,8 +137,10 @@ class MBConv(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
-    """x: [B, H, W, Cin] -> [B, ceil(H/stride), ceil(W/stride), features]."""
+  def __call__(self, x, train: bool):
+    """x: [B, H, W, Cin] -> [B, ceil(H/stride), ceil(W/stride), features].
+
+    `train` may be positional (static under remat_block)."""
     in_features = x.shape[-1]
     hidden = in_features * self.expand_ratio
     y = x
@@ -197,7 +213,7 @@ class FuseUp(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, deep, skip, *, train: bool):
+  def __call__(self, deep, skip, train: bool):
     """deep: [B, h, w, Cd], skip: [B, H, W, Cs] -> [B, H, W, features]."""
     deep = resize_bilinear_align_corners(deep, skip.shape[1:3])
     x = jnp.concatenate([skip, deep], axis=-1)
@@ -216,11 +232,14 @@ class EfficientNetB0(nn.Module):
     drop_connect_rate: efficientnet_pytorch's global drop_connect_rate (0.2 for B0); block i
       of 16 uses rate * i / 16, in training only.
     dtype: compute dtype (precision.compute_dtype).
+    remat: recompute each MBConv block and the fusion `Up` in the backward (remat_block);
+      same parameters, names and function.
   """
   out_channels: int
   fusion_channels: int
   drop_connect_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool, return_endpoints: bool = False):
@@ -237,20 +256,26 @@ class EfficientNetB0(nn.Module):
     x = ConvBNAct(EFFICIENTNET_B0_STEM, stride=2, act='swish', **EFFICIENTNET_BN,
                   dtype=self.dtype)(images, train=train)
     num_blocks = sum(stage[2] for stage in EFFICIENTNET_B0_STAGES)
+    block_cls = remat_block(MBConv, self.remat)
+    fuse_cls = remat_block(FuseUp, self.remat, static_argnums=(3,))
     endpoints, index = [], 0
     for expand, features, repeats, stride, kernel in EFFICIENTNET_B0_STAGES:
       for i in range(repeats):
-        x = MBConv(features, expand, kernel, stride if i == 0 else 1,
-                   drop_connect_rate=self.drop_connect_rate * index / num_blocks,
-                   dtype=self.dtype)(x, train=train)
+        # Explicit names = Flax's automatic ones (MBConv_<index>), which convert/efficientnet.py
+        # reads; a rematted class would otherwise be auto-named CheckpointMBConv_<index>.
+        x = block_cls(features, expand, kernel, stride if i == 0 else 1,
+                      drop_connect_rate=self.drop_connect_rate * index / num_blocks,
+                      dtype=self.dtype, name=f'MBConv_{index}')(x, train)
         index += 1
       endpoints.append(x)
     reduction_4, reduction_5 = endpoints[4], endpoints[-1]
     if self.fusion_channels:
-      x = FuseUp(self.fusion_channels, dtype=self.dtype)(reduction_5, reduction_4, train=train)
+      x = fuse_cls(self.fusion_channels, dtype=self.dtype, name='FuseUp_0')(
+          reduction_5, reduction_4, train)
       x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype)(x)
     else:
-      x = FuseUp(self.out_channels, dtype=self.dtype)(reduction_5, reduction_4, train=train)
+      x = fuse_cls(self.out_channels, dtype=self.dtype, name='FuseUp_0')(
+          reduction_5, reduction_4, train)
     if return_endpoints:
       return x, {'reduction_4': reduction_4, 'reduction_5': reduction_5}
     return x
@@ -271,7 +296,7 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     """x: [B, H, W, Cin] -> [B, H/stride, W/stride, features]."""
     common = dict(padding=self.padding, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
                   dtype=self.dtype)
@@ -290,10 +315,12 @@ class ResNetSmall(nn.Module):
     out_channels: channels of the returned map.
     widths: four widths: the stem and the three stages.
     dtype: compute dtype (precision.compute_dtype).
+    remat: recompute each basic block in the backward (remat_block).
   """
   out_channels: int
   widths: Sequence[int]
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -301,8 +328,9 @@ class ResNetSmall(nn.Module):
     if len(self.widths) != 4:
       raise ValueError(f'resnet_widths must have 4 entries (stem + 3 stages), got {self.widths}')
     x = ConvBNAct(self.widths[0], stride=2, dtype=self.dtype)(images, train=train)
-    for width in self.widths[1:]:
-      x = BasicBlock(width, stride=2, dtype=self.dtype)(x, train=train)
+    block_cls = remat_block(BasicBlock, self.remat)
+    for index, width in enumerate(self.widths[1:]):
+      x = block_cls(width, stride=2, dtype=self.dtype, name=f'BasicBlock_{index}')(x, train)
     return nn.Conv(self.out_channels, (1, 1), dtype=self.dtype)(x)
 
 
@@ -323,24 +351,26 @@ class ImageEncoder(nn.Module):
   resnet_widths: Sequence[int]
   drop_connect_rate: float = 0.0   # EfficientNet stochastic depth (config `drop_connect_rate`)
   dtype: Any = jnp.float32
+  remat: bool = False   # recompute each block in the backward (config `remat`)
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     """images: [B', H, W, 3] -> [B', ceil(H/16), ceil(W/16), out_channels]."""
     if self.kind == 'efficientnet_b0':
       return EfficientNetB0(self.out_channels, self.fusion_channels,
-                            drop_connect_rate=self.drop_connect_rate, dtype=self.dtype)(
-                                images, train=train)
+                            drop_connect_rate=self.drop_connect_rate, dtype=self.dtype,
+                            remat=self.remat)(images, train=train)
     if self.kind == 'resnet_small':
-      return ResNetSmall(self.out_channels, tuple(self.resnet_widths), dtype=self.dtype)(
-          images, train=train)
+      return ResNetSmall(self.out_channels, tuple(self.resnet_widths), dtype=self.dtype,
+                         remat=self.remat)(images, train=train)
     raise ValueError(f'config image_encoder: unknown {self.kind!r}; known: {list(ENCODER_KINDS)}')
 
 
 def encoder_from_section(section, out_channels, dtype=jnp.float32):
   """ImageEncoder for a config section with image_encoder / fusion_channels / resnet_widths /
-  drop_connect_rate."""
+  drop_connect_rate / remat (absent in configs saved before it existed: False)."""
   return ImageEncoder(kind=section.image_encoder, out_channels=out_channels,
                       fusion_channels=section.fusion_channels,
                       resnet_widths=tuple(section.resnet_widths),
-                      drop_connect_rate=section.drop_connect_rate, dtype=dtype)
+                      drop_connect_rate=section.drop_connect_rate, dtype=dtype,
+                      remat=bool(section.get('remat', False)))

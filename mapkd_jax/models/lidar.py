@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from mapkd_jax.data import schema
 from mapkd_jax.models import precision
 from mapkd_jax.models.image_encoder import TORCH_BN
+from mapkd_jax.models.image_encoder import remat_block
 from mapkd_jax.models.image_encoder import resize_bilinear_align_corners
 
 PADDINGS = ('reference', 'masked')
@@ -183,7 +184,7 @@ class PillarConv(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
+  def __call__(self, x, train: bool):
     x = nn.Conv(self.features, (3, 3), strides=self.stride, padding=TORCH_PAD, use_bias=False,
                 dtype=self.dtype, name='conv')(x)
     return nn.relu(batch_norm(train, self.dtype, name='bn')(x))
@@ -207,6 +208,8 @@ class PointPillars(nn.Module):
     padding: 'reference' or 'masked' (module docstring).
     dtype: compute dtype of the feature layers; point geometry, pillar indices and the
       scatter sums stay float32 / int32.
+    remat: recompute each PillarConv in the backward (image_encoder.remat_block; same names
+      and function). The per-point PointNet is not rematted.
   """
   bev_x: Sequence[float]
   bev_y: Sequence[float]
@@ -219,6 +222,7 @@ class PointPillars(nn.Module):
   out_channels: int
   padding: str = 'reference'
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, points, mask, *, train: bool):
@@ -242,18 +246,19 @@ class PointPillars(nn.Module):
     counted = jnp.ones_like(valid) if self.padding == 'reference' else valid
     x = scatter_mean(x, index, counted, height * width)
     x = x.reshape(points.shape[0], height, width, self.pointnet_channels)
+    pillar_conv = remat_block(PillarConv, self.remat)
     branches = []
     for k, (channels, layers, stride) in enumerate(
         zip(self.block_channels, self.block_layers, self.block_strides), start=1):
       for layer in range(layers):
-        x = PillarConv(channels, stride=stride if layer == 0 else 1, dtype=self.dtype,
-                       name=f'block{k}_{layer}')(x, train=train)
+        x = pillar_conv(channels, stride=stride if layer == 0 else 1, dtype=self.dtype,
+                        name=f'block{k}_{layer}')(x, train)
       up = x if x.shape[1:3] == (height, width) else resize_bilinear_align_corners(
           x, (height, width))
-      branches.append(PillarConv(channels, dtype=self.dtype, name=f'up{k}')(up, train=train))
+      branches.append(pillar_conv(channels, dtype=self.dtype, name=f'up{k}')(up, train))
     x = jnp.concatenate(branches, axis=-1)
     for j, channels in enumerate(self.head_channels):
-      x = PillarConv(channels, dtype=self.dtype, name=f'out_{j}')(x, train=train)
+      x = pillar_conv(channels, dtype=self.dtype, name=f'out_{j}')(x, train)
     return nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name='out')(x)
 
 
@@ -267,4 +272,4 @@ def from_config(config, name=None):
       block_channels=tuple(cfg.block_channels), block_layers=tuple(cfg.block_layers),
       block_strides=tuple(cfg.block_strides), head_channels=tuple(cfg.head_channels),
       out_channels=cfg.out_channels, padding=cfg.get('padding', 'reference'),
-      dtype=precision.compute_dtype(config), name=name)
+      dtype=precision.compute_dtype(config), remat=bool(cfg.get('remat', False)), name=name)
