@@ -30,11 +30,14 @@ does. Per stage:
   the chip's published peak at the step's compute dtype (mapkd_jax/peak_flops.py); null on
   devices without one (CPU), with the reason.
 - --hlo_blocks: instruction counts of the step's HLO before and after XLA's optimization per
-  top-level model block (models.summary.hlo_block_counts), to show what dominates compile time.
+  top-level model block (models.summary.hlo_block_counts), to show what dominates compile time,
+  and `hlo_phases`: the optimized HLO's instructions per phase of the step (train_step's named
+  scopes: frozen forward, loss forward, gradient backward, optimizer update, ...).
 """
 import functools
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -58,6 +61,38 @@ from mapkd_jax.models import summary as summary_lib
 
 STAGES = ('hd_pretrain', 'teacher', 'coach', 'student', 'student_nokd')
 _CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
+_HLO_INSTRUCTION = re.compile(r'^\s+(?:ROOT\s+)?%\S+\s*=\s')
+_HLO_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def phase_of(op_name):
+  """The train-step phase of an HLO op_name, from train_step's named scopes.
+
+  'jit(train_step)/gradient/jvp(loss)/...' is the loss forward, '.../gradient/transpose(jvp(
+  loss))/...' its backward (the gradient); 'frozen_forward', 'optimizer_update', 'ema_update'
+  and 'metrics' are their own scopes; anything else (e.g. rng folding) is 'other'. The bodies
+  of reductions and scatters carry their primitive's name only: 'called'.
+  """
+  if '/' not in op_name:
+    return 'called'
+  parts = op_name.split(';')[0].split('/')
+  for scope in ('frozen_forward', 'optimizer_update', 'ema_update', 'metrics'):
+    if scope in parts:
+      return scope
+  if 'gradient' in parts:
+    return 'gradient_backward' if 'transpose(' in op_name else 'loss_forward'
+  return 'other'
+
+
+def hlo_phase_counts(hlo_text):
+  """{phase: instruction count} of an HLO module's text (fusion bodies included)."""
+  counts = {}
+  for line in hlo_text.splitlines():
+    if _HLO_INSTRUCTION.match(line):
+      name = _HLO_OP_NAME.search(line)
+      phase = phase_of(name.group(1)) if name else '(no op_name)'
+      counts[phase] = counts.get(phase, 0) + 1
+  return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def stage_config(config, stage):
@@ -287,6 +322,7 @@ def bench_stage(config, *, batch_per_device, iters, warmup, compile_only=False,
     record['flops_note'] = 'XLA cost analysis of the compiled step (no multi-trip loops)'
   if hlo_blocks:
     record['hlo_blocks'] = summary_lib.hlo_block_counts(lowered, compiled)
+    record['hlo_phases'] = hlo_phase_counts(compiled.as_text())
   if compile_only:
     return record
   arguments = setup['init']()

@@ -3,6 +3,12 @@
 Only the stage's own model (plus its TGPD projectors) is trained. Frozen teacher/coach
 variables are a separate argument: never in the state, the optimizer or the checkpoint of
 this stage, never donated; their forward passes run in eval mode under stop_gradient.
+
+The step's phases are `jax.named_scope`s (SCOPES), so profiles and the HLO's op_name
+metadata show them: 'frozen_forward', 'gradient' around value_and_grad with 'loss' inside
+the differentiated function (the forward's ops are named '.../gradient/jvp(loss)/...', the
+backward's '.../gradient/transpose(jvp(loss))/...'), 'optimizer_update', 'ema_update' and
+'metrics'.
 """
 import functools
 import math
@@ -16,6 +22,9 @@ import optax
 from mapkd_jax import config_lib
 from mapkd_jax import losses
 from mapkd_jax import metrics as metrics_lib
+
+# Named scopes of train_step's phases (module docstring); train_bench counts HLO per phase.
+SCOPES = ('frozen_forward', 'gradient', 'loss', 'optimizer_update', 'ema_update', 'metrics')
 
 
 @flax.struct.dataclass
@@ -195,6 +204,12 @@ def stage_loss(params, batch_stats, frozen_outputs, batch, rng, *, model, tgpd, 
   Returns:
     (loss, (metrics, new_batch_stats, outputs)).
   """
+  with jax.named_scope('loss'):
+    return _stage_loss(params, batch_stats, frozen_outputs, batch, rng, model=model, tgpd=tgpd,
+                       config=config, train=train)
+
+
+def _stage_loss(params, batch_stats, frozen_outputs, batch, rng, *, model, tgpd, config, train):
   variables = {'params': params['model'], 'batch_stats': batch_stats}
   rngs = {'dropout': jax.random.fold_in(rng, 0), 'mask': jax.random.fold_in(rng, 1)}
   if train:
@@ -233,9 +248,10 @@ def _tgpd_apply(tgpd_params, student_bev, teacher_bev, *, tgpd, config):
 
 def frozen_forward(frozen, batch, *, models):
   """Eval-mode outputs of the frozen models, as constants for the student's loss."""
-  return jax.lax.stop_gradient(
-      {name: models[name].apply(variables, batch, train=False)
-       for name, variables in frozen.items()})
+  with jax.named_scope('frozen_forward'):
+    return jax.lax.stop_gradient(
+        {name: models[name].apply(variables, batch, train=False)
+         for name, variables in frozen.items()})
 
 
 def train_step(state, frozen, batch, rng, *, models, tgpd, tx, config):
@@ -264,20 +280,24 @@ def train_step(state, frozen, batch, rng, *, models, tgpd, tx, config):
   loss_fn = functools.partial(stage_loss, model=models[model_name(config)], tgpd=tgpd,
                               config=config)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (_, (logs, batch_stats, _)), grads = grad_fn(state.params, state.batch_stats,
-                                               frozen_outputs, batch, rng)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1,
-                            params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state, batch_stats=batch_stats)
+  with jax.named_scope('gradient'):
+    (_, (logs, batch_stats, _)), grads = grad_fn(state.params, state.batch_stats,
+                                                 frozen_outputs, batch, rng)
+  with jax.named_scope('optimizer_update'):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state, batch_stats=batch_stats)
   if ema_decay(config):
     # Weights only: BatchNorm statistics are already a running average (of the live model's
     # activations); checkpoints pair the EMA weights with the live statistics.
-    new_state = new_state.replace(ema=ema_update(state.ema, new_state.params['model'],
-                                                 new_state.step, ema_decay(config)))
+    with jax.named_scope('ema_update'):
+      new_state = new_state.replace(ema=ema_update(state.ema, new_state.params['model'],
+                                                   new_state.step, ema_decay(config)))
   # Norm of the updated params: a non-finite update shows up in this step's metrics.
-  return new_state, {**logs, 'train/l2_grads': optax.tree.norm(grads),
-                     'train/l2_params': optax.tree.norm(new_state.params)}
+  with jax.named_scope('metrics'):
+    return new_state, {**logs, 'train/l2_grads': optax.tree.norm(grads),
+                       'train/l2_params': optax.tree.norm(new_state.params)}
 
 
 def eval_step(variables, batch, *, model, num_classes):

@@ -263,3 +263,47 @@ def test_cached_frozen_config_is_refused_naming_the_flag():
   config.kd.cached_frozen = True
   with pytest.raises(ValueError, match=r'--config.kd.cached_frozen=True'):
     train_bench.build_step(config, batch_per_device=1)
+
+
+def test_train_step_phases_are_named_scopes_in_the_hlo():
+  """frozen forward, loss forward, gradient, optimizer update, EMA and metrics each name HLO ops
+  (train_step's jax.named_scope), and train_bench's phase count finds every one."""
+  import functools
+  from configs import tcs
+  from mapkd_jax import losses
+  from mapkd_jax import models as models_lib
+  from mapkd_jax import train_bench
+  from mapkd_jax import train_step as step_lib
+  config = tcs.get_config('student,tiny')
+  config.kd.update(msrd_coach_weight=0.0, tgpd_coach_weight=0.0)   # one frozen model
+  config.train.ema_decay = 0.9
+  student = models_lib.build('student', config)
+  models = {'student': student, 'teacher': student}   # a student as the frozen model: cheap
+  tgpd = losses.TGPDProjector(patch_size=tuple(config.kd.tgpd_patch_size),
+                              embed_dim=config.kd.tgpd_embed_dim)
+  tx = step_lib.make_optimizer(config)
+  batch = {k: jnp.asarray(v) for k, v in bench.random_batch(config, 1, seed=0).items()}
+  state = jax.eval_shape(functools.partial(step_lib.init_state, batch=batch, models=models,
+                                           tgpd=tgpd, tx=tx, config=config), jax.random.key(0))
+  frozen = {'teacher': jax.eval_shape(functools.partial(student.init, train=False),
+                                      jax.random.key(1), batch)}
+  step = jax.jit(functools.partial(step_lib.train_step, models=models, tgpd=tgpd, tx=tx,
+                                   config=config))
+  hlo = step.lower(state, frozen, batch, jax.random.key(2)).compiler_ir('hlo')
+  phases = train_bench.hlo_phase_counts(hlo.as_hlo_module().to_string())
+  for phase in ('frozen_forward', 'loss_forward', 'gradient_backward', 'optimizer_update',
+                'ema_update', 'metrics'):
+    assert phases.get(phase, 0) > 0, (phase, phases)
+  # The model's own ops fall in its phases, not outside them.
+  assert phases.get('other', 0) < min(phases['loss_forward'], phases['gradient_backward'])
+
+
+def test_phase_of_op_names():
+  from mapkd_jax import train_bench
+  assert train_bench.phase_of('jit(train_step)/gradient/jvp(loss)/Student/conv') == 'loss_forward'
+  assert train_bench.phase_of(
+      'jit(train_step)/gradient/transpose(jvp(loss))/Student/conv') == 'gradient_backward'
+  assert train_bench.phase_of('jit(train_step)/frozen_forward/Teacher/add') == 'frozen_forward'
+  assert train_bench.phase_of('jit(train_step)/optimizer_update/mul') == 'optimizer_update'
+  assert train_bench.phase_of('jit(train_step)/fold_in') == 'other'
+  assert train_bench.phase_of('reduce_sum') == 'called'
