@@ -15,6 +15,7 @@ from mapkd_jax import models as models_lib
 from mapkd_jax import train_step as step_lib
 from mapkd_jax.models import bev_decoder
 from mapkd_jax.models import image_encoder
+from mapkd_jax.models import lss as lss_lib
 
 REMAT_SECTIONS = ('camera', 'lss', 'neck', 'decoder', 'lidar', 'hd')
 
@@ -105,8 +106,18 @@ def test_remat_flags_keep_variable_tree_and_reach_every_block(stage):
   assert (flax.traverse_util.flatten_dict(jax.tree.map(lambda x: (x.shape, x.dtype), tree_on))
           == flax.traverse_util.flatten_dict(jax.tree.map(lambda x: (x.shape, x.dtype),
                                                           tree_off)))
-  if stage != 'student':   # its blocks are the teacher's; tracing it adds seconds, not checks
+  if stage == 'teacher':   # the others' blocks are the teacher's but LSS's (next test)
     assert _remats_in_gradient(tree_on, *setup) == _expected_remats(stage, setup[1])
+
+
+def test_lss_remat_flag_reaches_its_encoder_blocks():
+  config = _config('coach', True)
+  batch = _batch(config, batch_size=1)
+  lss = lss_lib.LiftSplat(config)
+  variables = jax.eval_shape(functools.partial(lss.init, train=False), jax.random.key(0), batch)
+  jaxpr = jax.make_jaxpr(lambda v, b: lss.apply(v, b, train=True, mutable=['batch_stats']))(
+      variables, batch)
+  assert _remat_count(jaxpr.jaxpr) == len(config.model.lss.resnet_widths) - 1
 
 
 class _Blocks(nn.Module):
