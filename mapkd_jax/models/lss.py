@@ -96,7 +96,8 @@ class LiftSplat(nn.Module):
   """Images -> simulated-LiDAR BEV features [B, Hb, Wb, lss.out_channels].
 
   Reads config.model.lss (image_encoder, fusion_channels, resnet_widths, depth_bins,
-  context_channels, z_range, out_channels) and config.data (bev_x, bev_y).
+  context_channels, z_range, out_channels; remat: the encoder's blocks recomputed in the
+  backward, image_encoder.remat_block) and config.data (bev_x, bev_y).
 
   Attributes:
     config: the full (frozen) config.
