@@ -15,7 +15,9 @@ torch = pytest.importorskip('torch')
 import torch_ref_coach as ref  # noqa: E402
 from mapkd_jax.models.coach import Coach  # noqa: E402
 from test_parity_teacher import compare_outputs, small_teacher_config  # noqa: E402
-from test_parity_teacher import whole_model_run  # noqa: E402
+from test_parity_teacher import compare_batch_stats, compare_train_outputs  # noqa: E402
+from test_parity_teacher import no_stochastic_config  # noqa: E402
+from test_parity_teacher import train_mode_run, whole_model_run  # noqa: E402
 
 pytestmark = pytest.mark.slow   # a whole model: torch forward, conversion, compile
 
@@ -31,7 +33,7 @@ def small_coach_config():
 @pytest.fixture(scope='module')
 def coach_run(tmp_path_factory):
   config = ml_collections.FrozenConfigDict(small_coach_config())
-  return whole_model_run(config, ref.Coach(config), Coach(config),
+  return whole_model_run(config, lambda: ref.Coach(config), Coach(config),
                          tmp_path_factory.mktemp('converted'))
 
 
@@ -48,3 +50,20 @@ def test_coach_conversion_lists_unused_lss_tensors(coach_run):
   assert not any(n.startswith(('pp.camencode.up1', 'pp.camencode.depthnet', 'expand_to_128',
                                'bevencode.', 'conv_bev.', 'sdmap_crossattn.'))
                  and not n.endswith('num_batches_tracked') for n in ignored)
+
+
+@pytest.fixture(scope='module')
+def coach_train_run(tmp_path_factory):
+  config = no_stochastic_config(small_coach_config())
+  return train_mode_run(config, lambda: ref.Coach(config), Coach(config),
+                        str(tmp_path_factory.mktemp('train')))
+
+
+def test_coach_train_mode_matches_reference(coach_train_run):
+  """Batch 2, train mode (batch statistics normalise, running statistics update), dropout and
+  drop-connect 0 in both: the outputs and every updated running mean / variance."""
+  theirs32, theirs64, ours, expected_stats, our_stats, unbiased_effect = coach_train_run
+  compare_train_outputs('coach train mode', ours, theirs32, theirs64)
+  compare_batch_stats('coach train mode', our_stats, expected_stats)
+  print(f'coach train mode: torch unbiased running_var vs Flax biased: largest relative '
+        f'difference {unbiased_effect:.3g} (taken out before the comparison)')

@@ -11,6 +11,7 @@ ROOT/teacher/checkpoints/0 and restored the ways `evaluate` (restore_params) and
 `frozen.teacher` (stages.restore_frozen) read it. Bound: max|diff| <= 1e-4 x max|reference|
 for the final and pre-refinement heads and bev_small.
 """
+import copy
 import os
 import time
 
@@ -61,51 +62,241 @@ def small_teacher_config(stage='teacher'):
   return config
 
 
-def whole_model_run(config, torch_model, model, root):
-  """Reference outputs, conversion through convert_file and our restored model's outputs.
+def make_inputs(config, canvas, batch=1):
+  """Random images, the nuScenes rig, LiDAR points (zero-padded) and an SD raster; numpy."""
+  image_hw = tuple(config.data.image_size)
+  rng = np.random.default_rng(5)
+  images = rng.normal(size=(batch, 6, *image_hw, 3)).astype(np.float32)
+  intr, rot, trans = nuscenes_rig(batch, image_hw)
+  points, mask = _points(2, batch, config.data.max_points, config.data.bev_x, config.data.bev_y)
+  points = points * mask[..., None]   # the schema's zero padding
+  sd = np.sign(rng.normal(size=(batch, *canvas, 1))).astype(np.float32)
+  return dict(images=images, intrinsics=intr, cam_rotation=rot, cam_translation=trans,
+              lidar_points=points, lidar_mask=mask, sd_prior=sd)
 
-  Args:
-    config: the stage's (frozen) config; torch_model: its torch reference (random weights);
-    model: our model of the stage; root: workdir for the conversion.
-  Returns:
-    (torch outputs NHWC, our outputs, convert summary, ckpt dir, variables, dummy, mesh).
-  """
+
+def torch_forward(torch_model, inputs):
+  """The torch model on `inputs` (in its current mode) -> {name: NHWC numpy}."""
+  t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+  with torch.no_grad():
+    out = torch_model(t['images'].permute(0, 1, 4, 2, 3).contiguous(), t['cam_rotation'],
+                      t['cam_translation'], t['intrinsics'], t['lidar_points'],
+                      t['lidar_mask'], t['sd_prior'].permute(0, 3, 1, 2))
+  return {k: np.transpose(v.numpy(), (0, 2, 3, 1)) for k, v in out.items()}
+
+
+def random_reference(make_torch_model):
+  """make_torch_model() with random weights, BatchNorm statistics and LayerNorm scales."""
+  torch_model = make_torch_model()
   torch_ref_bev.randomize_(torch_model, 11)
   torch_ref_vit.layer_norms_random_(torch_model, 12)
   if hasattr(torch_model, 'restore_constants_'):   # the coach's geometry Parameters
     torch_model.restore_constants_()
-  torch_model.eval()
-  image_hw = tuple(config.data.image_size)
-  rng = np.random.default_rng(5)
-  images = rng.normal(size=(1, 6, *image_hw, 3)).astype(np.float32)
-  intr, rot, trans = nuscenes_rig(1, image_hw)
-  points, mask = _points(2, 1, config.data.max_points, config.data.bev_x, config.data.bev_y)
-  points = points * mask[..., None]   # the schema's zero padding
-  canvas = torch_model.canvas
-  sd = np.sign(rng.normal(size=(1, *canvas, 1))).astype(np.float32)
-  with torch.no_grad():
-    out = torch_model(torch.from_numpy(images).permute(0, 1, 4, 2, 3).contiguous(),
-                      torch.from_numpy(rot), torch.from_numpy(trans), torch.from_numpy(intr),
-                      torch.from_numpy(points), torch.from_numpy(mask),
-                      torch.from_numpy(sd).permute(0, 3, 1, 2))
-  theirs = {k: np.transpose(v.numpy(), (0, 2, 3, 1)) for k, v in out.items()}
+  return torch_model
 
+
+def convert_state_dict(state_dict, config, root, name):
+  """torch.save(state_dict) -> pmapnet.convert_file into root -> (summary, ckpt dir)."""
+  os.makedirs(root, exist_ok=True)
   path = os.path.join(root, f'{config.stage}.pt')
-  torch.save(torch_model.state_dict(), path)
+  torch.save(state_dict, path)
   start = time.time()
-  summary = pmapnet.convert_file(path, config, str(root), config_name=f'small {config.stage}')
-  print(f'convert_file ({config.stage}): {time.time() - start:.2f} s')
+  summary = pmapnet.convert_file(path, config, str(root), config_name=name)
+  print(f'convert_file ({name}): {time.time() - start:.2f} s')
+  return summary, os.path.join(root, config.stage, 'checkpoints')
 
+
+def restore(config, model, ckpt_dir, batch=1):
+  """(variables as `evaluate` restores them, dummy batch, mesh)."""
   mesh = sharding.make_mesh()
-  dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
-  ckpt_dir = os.path.join(root, config.stage, 'checkpoints')
+  dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, batch).items()}
   _, variables = ckpt_lib.restore_params(ckpt_dir, stages.abstract_variables(model, dummy, mesh))
-  batch = dict(dummy, images=jnp.asarray(images), intrinsics=jnp.asarray(intr),
-               cam_rotation=jnp.asarray(rot), cam_translation=jnp.asarray(trans),
-               lidar_points=jnp.asarray(points), lidar_mask=jnp.asarray(mask),
-               sd_prior=jnp.asarray(sd))
-  ours = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
+  return variables, dummy, mesh
+
+
+def whole_model_run(config, make_torch_model, model, root, prepare_torch=None):
+  """Reference outputs, conversion through convert_file and our restored model's outputs, in
+  eval mode at batch 1.
+
+  Args:
+    config: the stage's (frozen) config; make_torch_model: () -> its torch reference (built
+    here and deleted once converted, so a reference-size model does not stay in memory);
+    model: our model of the stage; root: workdir for the conversion; prepare_torch:
+    optional (torch model, numpy inputs) -> None called before the torch forward.
+  Returns:
+    (torch outputs NHWC, our outputs, convert summary, ckpt dir, variables, dummy, mesh).
+  """
+  torch_model = random_reference(make_torch_model).eval()
+  inputs = make_inputs(config, torch_model.canvas)
+  if prepare_torch is not None:
+    prepare_torch(torch_model, inputs)
+  start = time.time()
+  theirs = torch_forward(torch_model, inputs)
+  print(f'torch forward ({config.stage}): {time.time() - start:.2f} s')
+  state_dict = torch_model.state_dict()
+  del torch_model
+  summary, ckpt_dir = convert_state_dict(state_dict, config, root, f'{config.stage}')
+  del state_dict
+  variables, dummy, mesh = restore(config, model, ckpt_dir)
+  batch = dict(dummy, **{k: jnp.asarray(v) for k, v in inputs.items()})
+  start = time.time()
+  forward = jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch).compile()
+  compiled = time.time()
+  ours = jax.tree.map(np.asarray, forward(variables, batch))
+  print(f'jax ({config.stage}): compile {compiled - start:.2f} s, forward '
+        f'{time.time() - compiled:.2f} s')
   return theirs, ours, summary, ckpt_dir, variables, dummy, mesh
+
+
+def no_stochastic_config(config):
+  """A (mutable) config with dropout and drop-connect 0, frozen (train-mode parity: both are
+  random, and they are the only random parts of either forward)."""
+  config.model.camera.drop_connect_rate = 0.0
+  config.model.lss.drop_connect_rate = 0.0
+  config.model.sd.dropout = 0.0
+  config.model.hd.dropout = 0.0
+  return ml_collections.FrozenConfigDict(config)
+
+
+def no_drop_connect_(torch_model):
+  """efficientnet_pytorch's drop-connect off in every EfficientNet of the torch model."""
+  count = 0
+  for m in torch_model.modules():
+    if hasattr(m, '_global_params') and hasattr(m, '_blocks'):
+      m._global_params = m._global_params._replace(drop_connect_rate=0.0)
+      m._dropout.p = 0.0   # the classifier's, never reached by the endpoints: for the check
+      count += 1
+  assert count, 'no EfficientNet found'
+  for m in torch_model.modules():   # and no dropout left anywhere (timm, SD attention)
+    assert not (isinstance(m, torch.nn.Dropout) and m.p), m
+    assert not (isinstance(m, torch.nn.MultiheadAttention) and m.dropout), m
+  return torch_model
+
+
+def flax_running_var_(torch_model, counts, old):
+  """torch_model's running variances after one train forward as Flax updates them.
+
+  torch mixes the unbiased batch variance (x n / (n - 1)) into running_var, Flax's BatchNorm
+  the biased one; with m = torch momentum: torch's new = (1 - m) old + m v_u, Flax's =
+  (1 - m) old + m v_u (n - 1) / n = new - (new - (1 - m) old) / n. Applied in place, per
+  BatchNorm, with n = the elements per channel its forward saw (counts[name]).
+  Returns the largest relative change made (the size of the framework difference).
+  """
+  largest = 0.0
+  with torch.no_grad():
+    for name, m in torch_model.named_modules():
+      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and name in counts:
+        n = counts[name]
+        new = m.running_var.clone()
+        m.running_var.copy_(new - (new - (1 - m.momentum) * old[name].to(new.dtype)) / n)
+        largest = max(largest, float(((new - m.running_var).abs() / new.abs()).max()))
+  return largest
+
+
+def torch_forward_float64(torch_model, inputs):
+  """torch_model in float64 (modified in place) on `inputs` -> {name: NHWC numpy float64}."""
+  previous = torch.get_default_dtype()
+  torch.set_default_dtype(torch.float64)   # tensors the forward creates (the coach's eye)
+  try:
+    return torch_forward(torch_model.double(), {
+        k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in inputs.items()})
+  finally:
+    torch.set_default_dtype(previous)
+
+
+def train_mode_run(config, make_torch_model, model, root, batch=2):
+  """One forward in train mode (BatchNorm batch statistics) of the torch reference and of our
+  model restored from its converted weights; dropout and drop-connect 0 in both.
+
+  The torch reference runs twice from the same weights: in float32 (its own rounding error)
+  and in float64 (the function): in train mode every BatchNorm renormalises by its batch
+  statistics, and at this size float32 rounding alone moves torch's final heads by ~1e-3 of
+  their range (measured: torch float32 vs float64), so the outputs are held to the float64
+  reference, within a multiple of torch's own float32 error (compare_train_outputs).
+
+  Returns:
+    (torch float32 outputs NHWC, torch float64 outputs NHWC, our outputs, the float64 torch's
+    running statistics after the forward as our batch_stats tree (converted; variance as Flax
+    updates it, flax_running_var_), our updated batch_stats, largest relative
+    unbiased-vs-biased change of a running variance).
+  """
+  torch_model = no_drop_connect_(random_reference(make_torch_model)).train()
+  inputs = make_inputs(config, torch_model.canvas, batch)
+  _, ckpt_before = convert_state_dict(torch_model.state_dict(), config,
+                                      os.path.join(root, 'before'), f'{config.stage} before')
+  initial = copy.deepcopy(torch_model.state_dict())
+  theirs32 = torch_forward(torch_model, inputs)
+  torch_model.load_state_dict(initial)   # the float32 forward updated the running statistics
+  del initial
+  bns = {name: m for name, m in torch_model.named_modules()
+         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+  old = {name: m.running_var.clone().double() for name, m in bns.items()}
+  counts = {}
+
+  def hook(name):
+    def count(m, args, out):
+      assert name not in counts, f'{name} called twice in one forward'
+      counts[name] = args[0].numel() // args[0].shape[1]
+    return count
+  handles = [m.register_forward_hook(hook(name)) for name, m in bns.items()]
+  theirs64 = torch_forward_float64(torch_model, inputs)
+  for h in handles:
+    h.remove()
+  # The reference builds some BatchNorms it never calls (EfficientNet's _bn1 after the unused
+  # conv head, the coach's pp.bevencode): their statistics stay, in torch and here.
+  assert counts and all(not n.startswith(('camencode.up1', 'bevencode.')) for n in
+                        set(bns) - set(counts)), sorted(set(bns) - set(counts))
+  unbiased_effect = flax_running_var_(torch_model, counts, old)
+  _, ckpt_after = convert_state_dict(
+      {k: v.float() if v.is_floating_point() else v for k, v in torch_model.state_dict().items()},
+      config, os.path.join(root, 'after'), f'{config.stage} after')
+  del torch_model
+  variables, dummy, _ = restore(config, model, ckpt_before, batch)
+  expected, _, _ = restore(config, model, ckpt_after, batch)
+  jbatch = dict(dummy, **{k: jnp.asarray(v) for k, v in inputs.items()})
+  start = time.time()
+  ours, state = jax.jit(lambda v, b: model.apply(v, b, train=True, mutable=['batch_stats']))(
+      variables, jbatch)
+  jax.block_until_ready(state)
+  print(f'jax jit + forward, train mode ({config.stage}): {time.time() - start:.2f} s')
+  return (theirs32, theirs64, jax.tree.map(np.asarray, ours), expected['batch_stats'],
+          state['batch_stats'], unbiased_effect)
+
+
+TRAIN_ERROR_FACTOR = 3.0
+
+
+def compare_train_outputs(what, ours, theirs32, theirs64):
+  """Every head, pre-refinement head and bev_small of a train-mode forward against the float64
+  reference: max|ours - ref64| <= max(REL_TOL x max|ref64|, TRAIN_ERROR_FACTOR x
+  max|torch float32 - ref64|): no further from the function than a few times torch's own
+  float32 rounding (a wrong batch statistic or epsilon moves the outputs by O(1); the
+  momentum is checked on the running statistics, compare_batch_stats)."""
+  for name in ('bev_small',) + tuple(f'{h}{s}' for h in HEADS for s in ('_pre', '')):
+    ref64 = theirs64[name]
+    ours_err = float(np.max(np.abs(ours[name] - ref64)))
+    torch_err = float(np.max(np.abs(theirs32[name] - ref64)))
+    scale = float(np.max(np.abs(ref64)))
+    print(f'{what} {name}: max|ours - torch64| {ours_err:.3g}, max|torch32 - torch64| '
+          f'{torch_err:.3g}, max|ref| {scale:.3g}, relative {ours_err / scale:.3g} (torch '
+          f'float32: {torch_err / scale:.3g})')
+    assert scale > 0 and ours_err <= max(REL_TOL * scale, TRAIN_ERROR_FACTOR * torch_err), (
+        name, ours_err, torch_err, scale)
+
+
+def compare_batch_stats(what, ours, expected):
+  """Every running mean / variance leaf within the bound; prints the worst leaf."""
+  flat_ours = dict(jax.tree_util.tree_leaves_with_path(ours))
+  flat_expected = dict(jax.tree_util.tree_leaves_with_path(expected))
+  assert flat_ours.keys() == flat_expected.keys()
+  worst = (0.0, None, 0.0, 0.0)
+  for path, ref_leaf in flat_expected.items():
+    got, ref_leaf = np.asarray(flat_ours[path]), np.asarray(ref_leaf)
+    diff, scale = float(np.max(np.abs(got - ref_leaf))), float(np.max(np.abs(ref_leaf)))
+    assert diff <= REL_TOL * scale, (jax.tree_util.keystr(path), diff, scale)
+    worst = max(worst, (diff / scale, jax.tree_util.keystr(path), diff, scale))
+  print(f'{what} batch_stats: {len(flat_expected)} leaves; worst {worst[1]}: max|diff| '
+        f'{worst[2]:.3g}, max|ref| {worst[3]:.3g}, relative {worst[0]:.3g}')
 
 
 def compare_outputs(what, ours, theirs):
@@ -121,7 +312,7 @@ def teacher_run(tmp_path_factory):
   mesh)."""
   config = ml_collections.FrozenConfigDict(small_teacher_config())
   theirs, ours, summary, ckpt_dir, variables, dummy, mesh = whole_model_run(
-      config, ref.Teacher(config), Teacher(config), tmp_path_factory.mktemp('converted'))
+      config, lambda: ref.Teacher(config), Teacher(config), tmp_path_factory.mktemp('converted'))
   return theirs, ours, summary, ckpt_dir, config, variables, dummy, mesh
 
 
@@ -149,3 +340,20 @@ def test_converted_teacher_is_frozen_teacher_and_lists_ignored(teacher_run):
                      'mae_head.patch_embed.proj.bias', 'mae_head.head.weight',
                      'mae_head.head.bias', 'camencode.trunk._fc.weight',
                      'camencode.trunk._fc.bias'}, ignored
+
+
+@pytest.fixture(scope='module')
+def teacher_train_run(tmp_path_factory):
+  config = no_stochastic_config(small_teacher_config())
+  return train_mode_run(config, lambda: ref.Teacher(config), Teacher(config),
+                        str(tmp_path_factory.mktemp('train')))
+
+
+def test_teacher_train_mode_matches_reference(teacher_train_run):
+  """Batch 2, train mode (batch statistics normalise, running statistics update), dropout and
+  drop-connect 0 in both: the outputs and every updated running mean / variance."""
+  theirs32, theirs64, ours, expected_stats, our_stats, unbiased_effect = teacher_train_run
+  compare_train_outputs('teacher train mode', ours, theirs32, theirs64)
+  compare_batch_stats('teacher train mode', our_stats, expected_stats)
+  print(f'teacher train mode: torch unbiased running_var vs Flax biased: largest relative '
+        f'difference {unbiased_effect:.3g} (taken out before the comparison)')
