@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import stage_checkpoints
 from configs import tcs
 from mapkd_jax import bench
 from mapkd_jax import checkpoint as ckpt_lib
@@ -45,10 +46,12 @@ for name, value in outputs.items():
 
 
 def _save_student(config, workdir, seed):
-  """Init + save a student's variables the way the trainer does; returns the variables."""
+  """Saves a student's variables the way the trainer does; returns (model, variables)."""
   model = models_lib.build('student', config)
   dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
-  variables = jax.jit(lambda: model.init(jax.random.key(seed), dummy, train=False))()
+  # Numpy-filled weights of the student's shapes: what is tested is the export of whatever the
+  # checkpoint holds, and a jitted init would be one more whole-model compile.
+  variables = stage_checkpoints.random_variables(model, dummy, seed)
   latest, best = ckpt_lib.managers(os.path.join(workdir, 'student'), max_to_keep=2)
   ckpt_lib.save(latest, STEP, variables=variables, opt_state={'aux': jnp.zeros(3)},
                 data_position={'epoch': 0, 'batch_in_epoch': STEP, 'seed': 0},
