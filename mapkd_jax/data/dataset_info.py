@@ -34,6 +34,9 @@ import numpy as np
 from mapkd_jax.data import schema
 
 INFO_FILENAME = 'dataset_info.json'
+# A prepared TFDS folder (data_prep/tfds_builder.py): TFDS's own files beside its dataset_info.json.
+TFDS_FEATURES_FILENAME = 'features.json'
+TFDS_METADATA_FILENAME = 'metadata.json'
 # Relative tolerance when comparing BEV ranges: JSON round trips floats exactly, but a config
 # may spell 0.15 as 3 / 20.
 _RANGE_RTOL = 1e-9
@@ -52,7 +55,12 @@ def info_path(shards_dir):
 
 
 def load_dataset_info(shards_dir):
-  """Reads `shards_dir/dataset_info.json`.
+  """Reads the build record of a shard directory or of a prepared TFDS dataset folder.
+
+  A shard directory's record is its `dataset_info.json`. A folder that data_prep/tfds_builder.py
+  prepared holds TFDS's own dataset_info.json (with features.json beside it) and the same build
+  record in TFDS's `metadata.json`; that one is returned, each split's `num_samples` filled from
+  its `num_examples`, so that the trainer, evaluation and the frozen cache read either source.
 
   Raises:
     FileNotFoundError: naming the missing directory or file.
@@ -63,11 +71,22 @@ def load_dataset_info(shards_dir):
   path = info_path(shards_dir)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: missing; the shard builder writes it next to the shards')
+  tfds_folder = os.path.isfile(os.path.join(shards_dir, TFDS_FEATURES_FILENAME))
+  if tfds_folder:
+    path = os.path.join(shards_dir, TFDS_METADATA_FILENAME)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path}: missing; data_prep/tfds_builder.py writes the build '
+                              f'record there')
   with open(path) as f:
     try:
-      return json.load(f)
+      info = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}: not valid JSON ({e})') from e
+  if tfds_folder:
+    for split in (info.get('splits') or {}).values():
+      if isinstance(split, dict) and 'num_examples' in split:
+        split.setdefault('num_samples', split['num_examples'])
+  return info
 
 
 def thickness_px(thickness_ref, ref_step, bev_x, bev_y):
