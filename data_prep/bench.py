@@ -119,7 +119,7 @@ def main(argv=None):
     import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     print('TFDS builder, Beam DirectRunner: not measured: apache-beam is not installed '
-          '(2.77.0 needs pillow<13, protobuf<7, pyarrow<26; see pyproject.toml)')
+          '(pip install -e ".[beam]")')
   else:
     written, wall = tfds_build(args.dataroot, args.version, data, args.osm_dir,
                                beam_workers=args.beam_workers)

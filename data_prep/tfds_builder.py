@@ -42,9 +42,9 @@ pipeline.py gives for the same seed. The rest of metadata.json is build_shards'
 dataset_info.json (label_width, bev, skipped, ...) plus `skip_bad`.
 
 Beam: with a DownloadConfig `beam_runner` / `beam_options` (`tfds build
---beam_pipeline_options`) the examples are a Beam PTransform (apache-beam 2.77.0 cannot be
-installed beside this project's pins today; see pyproject.toml). The workers cannot send back what they skipped, so with Beam the driver checks every sample's
-keyframe files first (missing ones are skipped and listed with build_shards' message, or raise
+--beam_pipeline_options`) the examples are a Beam PTransform (the `[beam]` extra; tested with
+the DirectRunner). The workers cannot send back what they skipped, so with Beam the driver
+checks every sample's keyframe files first (missing ones are skipped and listed with build_shards' message, or raise
 naming the file without skip_bad) and counts missing sweep files; a sample that fails later
 fails the pipeline. Without Beam, samples are read in this process exactly as build_shards'
 workers read them.
@@ -223,6 +223,15 @@ def _keyframe_problem(nusc, token, cameras, lidar_sweeps):
   return None, missing
 
 
+def _map_problem(source, token):
+  """None, or the FileNotFoundError read_sample raises for a location without a map."""
+  try:
+    source.map_layers(source.location(source.nusc.get('sample', token)))
+  except FileNotFoundError as e:
+    return e
+  return None
+
+
 class _Tally:
   """Per split: examples per build_shards file, skipped samples, missing sweep files."""
 
@@ -342,14 +351,17 @@ class MapkdNuscenes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ 
     for index, token in enumerate(tokens):
       error, missing_sweeps = _keyframe_problem(plan.source.nusc, token,
                                                 plan.options.cameras, plan.options.lidar_sweeps)
+      if error is None:
+        # read_sample's next failure after the files: no map for the sample's location. Loading
+        # it here also fills missing_map_layers as the workers will see it. Only the locations of
+        # readable samples are loaded: a skipped scene's missing map is no error (as without Beam).
+        error = _map_problem(plan.source, token)
       if error is not None and not self._skip_bad:
         raise error
       tally.add(token, missing_sweeps,
                 None if error is None else dict(sample_token=token, reason=str(error)))
       if error is None:
         keep.append((index, token))
-    for location in build_shards.scene_locations(plan.source.nusc, _scene_names(plan, split)):
-      plan.source.map_layers(location)   # Fills missing_map_layers as the workers will see it.
     self._finish_split(plan, split)
     read = dict(dataroot=plan.dataroot, version=plan.version, options=plan.options,
                 skip_bad=False)
@@ -374,12 +386,6 @@ class MapkdNuscenes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ 
         merged = set(metadata['missing_map_layers'].get(location, [])) | set(names)
         metadata['missing_map_layers'][location] = sorted(merged)
     metadata['missing_map_layers'] = dict(sorted(metadata['missing_map_layers'].items()))
-
-
-def _scene_names(plan, split):
-  nusc = plan.source.nusc
-  return sorted({nusc.get('scene', nusc.get('sample', t)['scene_token'])['name']
-                 for t in plan.split_tokens[split]})
 
 
 def main():

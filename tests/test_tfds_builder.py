@@ -3,6 +3,7 @@ against build_shards' shards and pipeline.py's batches of the same samples."""
 import glob
 import os
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,11 +15,13 @@ from data_prep import tfds_builder
 from mapkd_jax.data import dataset_info
 from mapkd_jax.data import pipeline
 from mapkd_jax.data import schema
+from mapkd_jax import trainer
 from mapkd_jax.data import tfds_source
 from realdata_paths import FIRST_SCENE0523_SAMPLE
 from realdata_paths import REAL_OSM
 from realdata_paths import REAL_ROOT
 from realdata_paths import REAL_VERSION
+import stage_checkpoints
 
 TFDS_SHARDS = 3   # TFDS files per split: boundaries unlike build_shards' 2 files (5/6/5 vs 8/8)
 
@@ -118,6 +121,25 @@ def test_reader_gives_pipeline_batches_and_resumes(tiny, process_index, process_
   assert position == theirs.position == {'epoch': 1, 'batch': 1}
   resumed = pipeline.iterate(data_dir, 'train', data, position=position, **kwargs)
   _assert_same_batches(resumed, theirs, 1)
+
+
+def test_trainer_and_evaluation_read_the_tfds_folder(tiny, tmp_path):
+  """The README's `--config.data.shards=<TFDS folder>`: the trainer and the evaluation at its
+  end read the build record from TFDS's metadata.json (the folder's dataset_info.json is TFDS's
+  own, which they refused before). The batches equal the shards' (tests above), so one step
+  here shows the stage runs end to end; it is not compared with a second run (two compiles)."""
+  _, data_dir, _ = tiny
+  info = dataset_info.load_dataset_info(data_dir)
+  assert info['schema_version'] >= 2
+  assert {s: info['splits'][s]['num_samples'] for s in ('train', 'val')} == {
+      'train': 16, 'val': info['splits']['val']['num_examples']}
+  config = tcs.get_config('student,nokd,tiny')
+  config.data.shards = data_dir
+  config.train.update(steps=1, checkpoint_every=1, eval_every=1)
+  metrics = trainer.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(metrics['miou']), metrics
+  step, params = stage_checkpoints.params_item(str(tmp_path / 'student_nokd'))
+  assert step == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
 def test_read_vectors_equal_pipeline(tiny):
@@ -221,9 +243,35 @@ def test_bad_input_as_build_shards_skip_bad_recorded(tmp_path):
   assert missing == info['lidar_missing_sweep_files'] == meta['lidar_missing_sweep_files']
 
 
+@pytest.mark.skipif(not os.path.isdir(REAL_ROOT), reason='real fragment absent')
+def test_beam_skips_the_samples_build_shards_skips(tmp_path):
+  """Bad input through Beam: scene-0523 of the fragment has tables only, and no map of its
+  location (boston-seaport) is there. Beam's driver skips its 40 samples for the reasons
+  build_shards gives, without loading the missing map (it raised FileNotFoundError on it
+  before), and the workers write build_shards' records of the readable ones."""
+  beam = pytest.importorskip('apache_beam', reason='apache-beam is not installed: '
+                             'pip install -e ".[beam]" (.ci/install does)')
+  builder, data = _real_builder(tmp_path / 'beam', skip_bad=True)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=REAL_ROOT, beam_options=beam.options.pipeline_options.PipelineOptions(
+          ['--runner=DirectRunner', '--direct_num_workers=1'])))
+  info = build_shards.build_shards(
+      REAL_ROOT, REAL_VERSION, str(tmp_path / 'shards'), workers=1, osm_dir=REAL_OSM,
+      splits=['val'], limit=42, skip_bad=True, progress=False,
+      **{k: data[k] for k in tfds_builder._DATA_KEYS})
+  meta = builder.info.metadata
+  assert meta['skipped'] == info['skipped'] and len(info['skipped']) == 40
+  assert meta['lidar_missing_sweep_files'] == info['lidar_missing_sweep_files']
+  assert meta['missing_map_layers'] == info['missing_map_layers']
+  assert meta['splits']['val'] == dict(num_examples=2, shard_sizes=[0, 2])
+  ours = _records(sorted(glob.glob(os.path.join(builder.data_dir, '*-val.tfrecord-*'))))
+  theirs = _records(os.path.join(tmp_path / 'shards', f) for f in info['splits']['val']['files'])
+  assert ours == theirs and len(ours) == 2
+
+
 def test_beam_direct_runner_gives_the_same_records(request, tmp_path):
-  pytest.importorskip('apache_beam', reason='apache-beam is not installed: 2.77.0 needs '
-                      'pillow<13, protobuf<7, pyarrow<26 (see pyproject.toml)')
+  pytest.importorskip('apache_beam', reason='apache-beam is not installed: pip install -e ".[beam]" '
+                      '(.ci/install does)')
   shards, _, data = request.getfixturevalue('tiny')   # after the skip: the world costs ~20 s
   world = os.path.join(os.path.dirname(shards), 'world')
   builder = tfds_builder.MapkdNuscenes(config='tiny', data_dir=str(tmp_path),
