@@ -36,3 +36,34 @@ def tiny_shards(tmp_path_factory):
   from mapkd_jax import stages
   root = str(tmp_path_factory.mktemp('tiny_world'))
   return stages.ensure_data(tcs.get_config('student,tiny'), root)
+
+
+# Modules whose fixtures or tests cost minutes on 2 cores (a trained chain, subprocess runs,
+# reference-size models), most expensive first. Under `-n 2 --dist loadscope` each module runs
+# whole on one worker, and pyproject's --no-loadscope-reorder keeps this order: the longest
+# modules start first and the many small ones fill in behind them on both workers. (xdist's
+# default reorder, most tests first, put these few-test modules last, where the longest of them
+# set the end of the run while the other worker sat idle.)
+_EXPENSIVE_MODULES_FIRST = (
+    'test_demo.py',                    # the demo,tiny chain: every stage, both seeds, the report
+    'test_parity_reference_size.py',   # reference-size torch and JAX models
+    'test_trainer.py',                 # kill -9 / damaged-checkpoint resume (a subprocess)
+    'test_multihost.py',               # two launch.py processes + the one-process reference
+    'test_parity_student.py',
+    'test_parity_teacher.py',
+    'test_parity_coach.py',
+    'test_ema.py',
+    'test_cache_frozen.py',
+    'test_multihost_eval.py',
+    'test_evaluate.py',
+    'test_export.py',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Runs the modules of _EXPENSIVE_MODULES_FIRST first, in that order; the rest keep theirs."""
+  del config
+  rank = {name: i for i, name in enumerate(_EXPENSIVE_MODULES_FIRST)}
+  order = {id(item): (rank.get(item.path.name, len(rank)), index)
+           for index, item in enumerate(items)}
+  items.sort(key=lambda item: order[id(item)])
