@@ -98,7 +98,7 @@ def get_config(arg=None):
       decoder=dict(      # ResNet-18-style BEV decoder + semantic/embedding/direction heads
           stem_channels=64, layer_channels=(64, 128, 256), blocks_per_layer=2,
           up_channels=256, head_channels=128, embedding_dim=16,
-          remat=False),  # recompute stem, ResBlocks, Ups and heads in the backward (less memory)
+          remat=False),  # recompute stem, ResBlocks, Ups and heads in the backward
       student=dict(expand_channels=(96, 192)),   # feature expansion after the camera branch
       lidar=dict(        # PointPillars (teacher); HDMapNet model/pointpillar.py sizes
           z_range=(-10.0, 10.0), pointnet_channels=64, block_channels=(64, 128, 256),
