@@ -2,8 +2,8 @@
 (after an interrupted and resumed build), the student's distillation losses and gradients from the
 cache agree with the live ones, the trainer reads it, and stale or missing caches are refused.
 
-The frozen teacher and coach are freshly initialised tiny models saved as checkpoints (what is
-tested is the cache, not their training).
+The frozen teacher and coach are tiny models with numpy-filled random weights, saved as checkpoints
+(what is tested is the cache, not their training or initialisation).
 """
 import functools
 import os
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import stage_checkpoints
 from configs import tcs
 from mapkd_jax import cache_frozen
 from mapkd_jax import checkpoint as ckpt_lib
@@ -59,9 +60,8 @@ def world(tiny_shards, tmp_path_factory):
   dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
   models = step_lib.make_models(config)
   for index, name in enumerate(FROZEN):
-    rngs = {'params': jax.random.key(index + 1), 'dropout': jax.random.key(0),
-            'mask': jax.random.key(0)}
-    variables = jax.jit(lambda r, m=models[name]: m.init(r, dummy, train=False))(rngs)
+    # Numpy-filled weights of the model's shapes (no init compile: what is tested is the cache).
+    variables = stage_checkpoints.random_variables(models[name], dummy, seed=index + 1)
     _save_frozen(config, root, name, 1, variables)
 
   def interrupt(done):
