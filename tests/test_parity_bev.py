@@ -157,15 +157,16 @@ def test_decoder_train_parity(decoder_pair):
       variables, jnp.asarray(x))
   for name in HEAD_NAMES:
     _assert_close(ours[name], _nhwc(theirs[name]), f'decoder train {name}')
-  # Running mean after one step (torch: 0.9 old + 0.1 batch mean); checked on the stem and the
-  # last BN of the direction head. Running var differs by design: flax uses the biased batch
-  # variance where torch uses the unbiased one (a factor n / (n - 1), n = B*H*W).
+  # Running statistics after one step (torch: 0.9 old + 0.1 batch mean / UNBIASED batch
+  # variance, models/batch_norm.py); checked on the stem and the last BN of the direction head.
   stats = updated['batch_stats']
   state = torch_model.state_dict()
-  np.testing.assert_allclose(stats['stem']['bn']['mean'], state['bn1.running_mean'].numpy(),
-                             rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(stats['head_direction']['conv1']['bn']['mean'],
-                             state['up2_direction.2.running_mean'].numpy(), rtol=1e-4, atol=1e-5)
+  for ours_bn, theirs in ((stats['stem']['bn'], 'bn1'),
+                          (stats['head_direction']['conv1']['bn'], 'up2_direction.2')):
+    np.testing.assert_allclose(ours_bn['mean'], state[f'{theirs}.running_mean'].numpy(),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours_bn['var'], state[f'{theirs}.running_var'].numpy(),
+                               rtol=1e-4, atol=1e-5)
   torch_model.eval()
 
 

@@ -65,5 +65,5 @@ def test_coach_train_mode_matches_reference(coach_train_run):
   theirs32, theirs64, ours, expected_stats, our_stats, unbiased_effect = coach_train_run
   compare_train_outputs('coach train mode', ours, theirs32, theirs64)
   compare_batch_stats('coach train mode', our_stats, expected_stats)
-  print(f'coach train mode: torch unbiased running_var vs Flax biased: largest relative '
-        f'difference {unbiased_effect:.3g} (taken out before the comparison)')
+  print(f"coach train mode: nn.BatchNorm's biased running_var would differ from torch's by "
+        f"up to {unbiased_effect:.3g} relative (models/batch_norm.py has torch's update)")

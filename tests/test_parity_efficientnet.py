@@ -102,10 +102,9 @@ def test_lift_splat_camencode_train_mode(camencode):
   """The lift-splat CamEncode (Up to 512 + 1x1 depthnet 512 -> D + C = 41 + 64, MapKD
   `pp.camencode`) at 128 x 352 in TRAIN mode, on the camera fixture's trunk weights (its own
   Up / depthnet random): BatchNorm normalizes with batch statistics and updates the running
-  means like torch (efficientnet momentum 0.01, Up's torch-default 0.1). The torch blocks run
-  with drop_connect_rate 0 (drop-connect is stochastic; HDMapNet passes 0.2 * idx / 16).
-  Not compared: running variances (torch stores the unbiased batch variance, Flax the biased
-  one: a factor n/(n-1) on the momentum-weighted term)."""
+  means and variances like torch (efficientnet momentum 0.01, Up's torch-default 0.1; the
+  unbiased batch variance, models/batch_norm.py). The torch blocks run with drop_connect_rate 0
+  (drop-connect is stochastic; HDMapNet passes 0.2 * idx / 16)."""
   camera_model, _, image = camencode
   model = ref.make(up_channels=512, depthnet_channels=41 + 64, seed=1)
   model.trunk.load_state_dict(camera_model.trunk.state_dict())
@@ -130,6 +129,7 @@ def test_lift_splat_camencode_train_mode(camencode):
     for key in path:
       got = got[key]
     _assert_close('/'.join(path) + ' mean', got['mean'], bn.running_mean.numpy())
+    _assert_close('/'.join(path) + ' var', got['var'], bn.running_var.numpy())
 
 
 def _resize_loop(x, out_h, out_w):

@@ -173,23 +173,22 @@ def no_drop_connect_(torch_model):
   return torch_model
 
 
-def flax_running_var_(torch_model, counts, old):
-  """torch_model's running variances after one train forward as Flax updates them.
+def biased_update_effect(torch_model, counts, old):
+  """How far nn.BatchNorm's running variances would be from torch's after this forward.
 
-  torch mixes the unbiased batch variance (x n / (n - 1)) into running_var, Flax's BatchNorm
-  the biased one; with m = torch momentum: torch's new = (1 - m) old + m v_u, Flax's =
-  (1 - m) old + m v_u (n - 1) / n = new - (new - (1 - m) old) / n. Applied in place, per
-  BatchNorm, with n = the elements per channel its forward saw (counts[name]).
-  Returns the largest relative change made (the size of the framework difference).
+  torch (and models/batch_norm.py) mixes the unbiased batch variance (x n / (n - 1)) into
+  running_var; nn.BatchNorm mixed the biased one: with m = torch momentum, torch's new =
+  (1 - m) old + m v_u and nn.BatchNorm's = new - (new - (1 - m) old) / n, n = the elements per
+  channel the BatchNorm saw (counts[name]). Returns the largest relative difference: what the
+  comparison of running variances would catch if the models went back to nn.BatchNorm.
   """
   largest = 0.0
   with torch.no_grad():
     for name, m in torch_model.named_modules():
       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and name in counts:
-        n = counts[name]
         new = m.running_var.clone()
-        m.running_var.copy_(new - (new - (1 - m.momentum) * old[name].to(new.dtype)) / n)
-        largest = max(largest, float(((new - m.running_var).abs() / new.abs()).max()))
+        biased = new - (new - (1 - m.momentum) * old[name].to(new.dtype)) / counts[name]
+        largest = max(largest, float(((new - biased).abs() / new.abs()).max()))
   return largest
 
 
@@ -216,9 +215,9 @@ def train_mode_run(config, make_torch_model, model, root, batch=2):
 
   Returns:
     (torch float32 outputs NHWC, torch float64 outputs NHWC, our outputs, the float64 torch's
-    running statistics after the forward as our batch_stats tree (converted; variance as Flax
-    updates it, flax_running_var_), our updated batch_stats, largest relative
-    unbiased-vs-biased change of a running variance).
+    running statistics after the forward as our batch_stats tree (converted), our updated
+    batch_stats, largest relative difference nn.BatchNorm's biased update would make,
+    biased_update_effect).
   """
   torch_model = no_drop_connect_(random_reference(make_torch_model)).train()
   inputs = make_inputs(config, torch_model.canvas, batch)
@@ -246,7 +245,7 @@ def train_mode_run(config, make_torch_model, model, root, batch=2):
   # conv head, the coach's pp.bevencode): their statistics stay, in torch and here.
   assert counts and all(not n.startswith(('camencode.up1', 'bevencode.')) for n in
                         set(bns) - set(counts)), sorted(set(bns) - set(counts))
-  unbiased_effect = flax_running_var_(torch_model, counts, old)
+  unbiased_effect = biased_update_effect(torch_model, counts, old)
   _, ckpt_after = convert_state_dict(
       {k: v.float() if v.is_floating_point() else v for k, v in torch_model.state_dict().items()},
       config, os.path.join(root, 'after'), f'{config.stage} after')
@@ -355,5 +354,5 @@ def test_teacher_train_mode_matches_reference(teacher_train_run):
   theirs32, theirs64, ours, expected_stats, our_stats, unbiased_effect = teacher_train_run
   compare_train_outputs('teacher train mode', ours, theirs32, theirs64)
   compare_batch_stats('teacher train mode', our_stats, expected_stats)
-  print(f'teacher train mode: torch unbiased running_var vs Flax biased: largest relative '
-        f'difference {unbiased_effect:.3g} (taken out before the comparison)')
+  print(f"teacher train mode: nn.BatchNorm's biased running_var would differ from torch's by "
+        f"up to {unbiased_effect:.3g} relative (models/batch_norm.py has torch's update)")

@@ -21,9 +21,8 @@ endpoints are fused by HDMapNet's `Up`: bilinear x2 with align_corners=True, con
     1x1 conv with bias (`depthnet`) to out_channels.
 Known differences, none at the reference size in eval mode: efficientnet_pytorch pads with
 TF-SAME amounts precomputed for a 224 x 224 image, equal to TF-SAME (ours) only when H and W are
-multiples of 32 (128 x 352 is); in training Flax's BatchNorm updates the running variance with
-the biased batch variance, torch with the unbiased one (a factor n / (n - 1) on the
-momentum-weighted term; n = batch x H x W).
+multiples of 32 (128 x 352 is). BatchNorm is models/batch_norm.py's: torch's running update
+(unbiased batch variance), which nn.BatchNorm does not have.
 """
 from typing import Any, Sequence
 
@@ -31,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mapkd_jax.models import batch_norm as torch_bn
 
 # EfficientNet-B0 stage table (Tan & Le 2019): the definition of the architecture, not a knob.
 # (expand_ratio, out_channels, repeats, first_stride, kernel_size)
@@ -57,7 +58,8 @@ PADDINGS = ('SAME', 'TORCH')
 
 
 def _batch_norm(train, dtype, eps=1e-5, momentum=0.99):
-  return nn.BatchNorm(use_running_average=not train, epsilon=eps, momentum=momentum, dtype=dtype)
+  return torch_bn.BatchNorm(use_running_average=not train, epsilon=eps, momentum=momentum,
+                           dtype=dtype)
 
 
 def remat_block(module_cls, enabled: bool, static_argnums=(2,)):

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from mapkd_jax.data import schema
+from mapkd_jax.models import batch_norm as torch_bn
 from mapkd_jax.models import precision
 from mapkd_jax.models.image_encoder import TORCH_BN
 from mapkd_jax.models.image_encoder import remat_block
@@ -153,27 +154,8 @@ def point_features(points, mask, *, bev_x, bev_y, z_range, padding='reference'):
 
 def batch_norm(train, dtype, name=None):
   """BatchNorm with torch's defaults (eps 1e-5, torch momentum 0.1 = Flax 0.9)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=TORCH_BN['bn_momentum'],
-                      epsilon=TORCH_BN['bn_eps'], dtype=dtype, name=name)
-
-
-class ConvBNReLU(nn.Module):
-  """3x3 (or `kernel`) conv without bias, BatchNorm, ReLU. x: [B, H, W, C].
-
-  Flax 'SAME' padding and Flax BatchNorm defaults: kept for models/prior.py, which imports it.
-  The PointPillars blocks use `PillarConv` (torch padding and BatchNorm).
-  """
-  features: int
-  stride: int = 1
-  kernel: int = 3
-  dtype: Any = jnp.float32   # compute dtype (precision.compute_dtype); params stay float32
-
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
-                padding='SAME', use_bias=False, dtype=self.dtype)(x)
-    x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
-    return nn.relu(x)
+  return torch_bn.BatchNorm(use_running_average=not train, momentum=TORCH_BN['bn_momentum'],
+                           epsilon=TORCH_BN['bn_eps'], dtype=dtype, name=name)
 
 
 class PillarConv(nn.Module):
