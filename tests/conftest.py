@@ -10,9 +10,11 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One persistent compilation cache for the whole run, shared by the xdist workers (same test run
-# id) and the launch.py subprocesses they start: the suite compiles the same tiny train and eval
-# steps in many tests, and a cache hit replaces a multi-second XLA compile by a file read. A new
-# directory per run, so nothing is carried between runs; only compiles over a second are kept.
+# id): the suite compiles the same tiny train and eval steps in many tests, and a cache hit
+# replaces a multi-second XLA compile by a file read. A new directory per run, so nothing is
+# carried between runs; only compiles over a second are kept. launch.py subprocesses do not use
+# it: launch.py's --compilation_cache=auto sets their own WORKDIR/jax_cache (and a child pointed
+# here was measured no faster: cross-process hits are issue 14's open warm-compile question).
 _RUN_ID = os.environ.get('PYTEST_XDIST_TESTRUNUID') or f'{os.getpid()}'
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), f'mapkd_jax_test_cache_{_RUN_ID}'))
