@@ -63,3 +63,18 @@ def test_same_variables_and_outputs_as_flax_batchnorm(dtype, train):
            / (state_flax['batch_stats']['var'] - 0.9 * variables['batch_stats']['var']))
   n = 2 * 4 * 6
   np.testing.assert_allclose(ratio, n / (n - 1) if train else 1.0, rtol=1e-5)
+
+
+def test_mask_gives_the_masked_statistics_and_flax_outputs():
+  """lidar.py's 'masked' padding: statistics and the unbiased count over the True positions."""
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, 9, 5)) * 2.0 + 0.3
+  mask = jax.random.bernoulli(jax.random.PRNGKey(5), 0.6, (2, 9, 1))
+  ours = BatchNorm(use_running_average=False, momentum=0.9)
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9)
+  variables = _variables(flax_bn, x)
+  y_ours, state = ours.apply(variables, x, mask=mask, mutable=['batch_stats'])
+  y_flax, _ = flax_bn.apply(variables, x, mask=mask, mutable=['batch_stats'])
+  np.testing.assert_array_equal(y_ours, y_flax)
+  kept = np.asarray(x, np.float64)[np.broadcast_to(np.asarray(mask), x.shape)].reshape(-1, 5)
+  want = 0.9 * np.asarray(variables['batch_stats']['var']) + 0.1 * kept.var(0, ddof=1)
+  np.testing.assert_allclose(state['batch_stats']['var'], want, rtol=1e-5)

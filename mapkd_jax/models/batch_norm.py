@@ -34,7 +34,9 @@ class BatchNorm(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
+    """mask: None, or bool broadcastable to x: the statistics and the unbiased count use only
+    the True positions (nn.BatchNorm's `mask`; lidar.py's 'masked' padding)."""
     features = x.shape[-1]
     reduce_axes = tuple(range(x.ndim - 1))
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
@@ -45,13 +47,17 @@ class BatchNorm(nn.Module):
       # nn.BatchNorm's statistics, op for op: float32 (or wider), "fast variance"
       # E[x^2] - E[x]^2 clipped at 0 (rounding can take it below).
       stats = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
-      mean = stats.mean(reduce_axes)
-      var = jnp.maximum(0.0, lax.square(stats).mean(reduce_axes) - lax.square(mean))
+      where = None if mask is None else jnp.asarray(mask, bool)
+      mean = stats.mean(reduce_axes, where=where)
+      var = jnp.maximum(0.0, lax.square(stats).mean(reduce_axes, where=where) - lax.square(mean))
       if not self.is_initializing():
-        count = math.prod(x.shape[axis] for axis in reduce_axes)
+        if where is None:
+          count = math.prod(x.shape[axis] for axis in reduce_axes)
+        else:
+          count = jnp.broadcast_to(where, x.shape).sum(reduce_axes).astype(jnp.float32)
         # torch's running update: the unbiased batch variance. A one-element batch (torch
         # divides by zero there) keeps the biased one.
-        unbiased = var * (count / (count - 1)) if count > 1 else var
+        unbiased = jnp.where(count > 1, var * count / jnp.maximum(count - 1, 1), var)
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
     # nn.BatchNorm's normalisation, op for op (eval outputs are bit-equal to it).
