@@ -184,6 +184,22 @@ def _decode_fn(data_config, with_tokens):
   return decode
 
 
+def decode_and_batch(ds, data_config, *, batch_size, with_tokens, drop_remainder,
+                     num_parallel_calls, threads):
+  """Serialized records -> decoded, converted, prefetched batches in a fixed order: the tail
+  every reader of records shares (make_dataset, eval_iterate, tfds_source.make_dataset)."""
+  ds = ds.map(_decode_fn(data_config, with_tokens), num_parallel_calls=num_parallel_calls,
+              deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds.map(_convert_batch, num_parallel_calls=num_parallel_calls, deterministic=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  if threads is not None:
+    options.threading.private_threadpool_size = threads
+  return ds.with_options(options)
+
+
 def make_dataset(shards_dir, split, data_config, *, batch_size, seed, epoch=0, shuffle=True,
                  skip_batches=0, process_index=None, process_count=None, with_tokens=False,
                  drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE, cycle_length=4,
@@ -227,16 +243,9 @@ def make_dataset(shards_dir, split, data_config, *, batch_size, seed, epoch=0, s
   if shuffle:
     ds = ds.shuffle(data_config.shuffle_buffer, seed=example_seed, reshuffle_each_iteration=False)
   ds = ds.skip(skip_batches * batch_size)
-  ds = ds.map(_decode_fn(data_config, with_tokens), num_parallel_calls=num_parallel_calls,
-              deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  ds = ds.map(_convert_batch, num_parallel_calls=num_parallel_calls, deterministic=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  if threads is not None:
-    options.threading.private_threadpool_size = threads
-  return ds.with_options(options)
+  return decode_and_batch(ds, data_config, batch_size=batch_size, with_tokens=with_tokens,
+                          drop_remainder=drop_remainder, num_parallel_calls=num_parallel_calls,
+                          threads=threads)
 
 
 def find_bad_file(files, decode_fn=None):
@@ -420,16 +429,9 @@ def eval_iterate(shards_dir, split, data_config, *, batch_size, process_index=0,
     del epoch  # one unshuffled epoch: the order does not depend on it
     ds = records.shard(process_count, process_index)
     ds = ds.skip(skip_batches * batch_size)
-    ds = ds.map(_decode_fn(data_config, with_tokens), num_parallel_calls=num_parallel_calls,
-                deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=False)
-    ds = ds.map(_convert_batch, num_parallel_calls=num_parallel_calls, deterministic=True)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = True
-    if threads is not None:
-      options.threading.private_threadpool_size = threads
-    return ds.with_options(options)
+    return decode_and_batch(ds, data_config, batch_size=batch_size, with_tokens=with_tokens,
+                            drop_remainder=False, num_parallel_calls=num_parallel_calls,
+                            threads=threads)
 
   return BatchIterator(dataset_fn, files, position={'epoch': 0, 'batch': 0}, num_epochs=1,
                        decode_fn=_decode_fn(data_config, False), allow_empty_epochs=True)

@@ -162,17 +162,9 @@ def make_dataset(data_dir, split, data_config, *, batch_size, seed, epoch=0, shu
   if shuffle:
     ds = ds.shuffle(data_config.shuffle_buffer, seed=example_seed, reshuffle_each_iteration=False)
   ds = ds.skip(skip_batches * batch_size)
-  ds = ds.map(pipeline._decode_fn(data_config, with_tokens),  # pylint: disable=protected-access
-              num_parallel_calls=num_parallel_calls, deterministic=True)
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  ds = ds.map(pipeline._convert_batch,  # pylint: disable=protected-access
-              num_parallel_calls=num_parallel_calls, deterministic=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  if threads is not None:
-    options.threading.private_threadpool_size = threads
-  return ds.with_options(options)
+  return pipeline.decode_and_batch(ds, data_config, batch_size=batch_size,
+                                   with_tokens=with_tokens, drop_remainder=drop_remainder,
+                                   num_parallel_calls=num_parallel_calls, threads=threads)
 
 
 def read_vectors(data_dir, split):
