@@ -15,7 +15,7 @@ torch = pytest.importorskip('torch')
 import torch_ref_coach as ref  # noqa: E402
 from mapkd_jax.models.coach import Coach  # noqa: E402
 from test_parity_teacher import compare_outputs, small_teacher_config  # noqa: E402
-from test_parity_teacher import compare_batch_stats, compare_train_outputs  # noqa: E402
+from test_parity_teacher import assert_train_mode_parity  # noqa: E402
 from test_parity_teacher import no_stochastic_config  # noqa: E402
 from test_parity_teacher import train_mode_run, whole_model_run  # noqa: E402
 
@@ -62,8 +62,4 @@ def coach_train_run(tmp_path_factory):
 def test_coach_train_mode_matches_reference(coach_train_run):
   """Batch 2, train mode (batch statistics normalise, running statistics update), dropout and
   drop-connect 0 in both: the outputs and every updated running mean / variance."""
-  theirs32, theirs64, ours, expected_stats, our_stats, unbiased_effect = coach_train_run
-  compare_train_outputs('coach train mode', ours, theirs32, theirs64)
-  compare_batch_stats('coach train mode', our_stats, expected_stats)
-  print(f"coach train mode: nn.BatchNorm's biased running_var would differ from torch's by "
-        f"up to {unbiased_effect:.3g} relative (models/batch_norm.py has torch's update)")
+  assert_train_mode_parity('coach train mode', coach_train_run)

@@ -348,11 +348,16 @@ def teacher_train_run(tmp_path_factory):
                         str(tmp_path_factory.mktemp('train')))
 
 
+def assert_train_mode_parity(what, run):
+  """train_mode_run's result: outputs and every updated running statistic against torch."""
+  theirs32, theirs64, ours, expected_stats, our_stats, unbiased_effect = run
+  compare_train_outputs(what, ours, theirs32, theirs64)
+  compare_batch_stats(what, our_stats, expected_stats)
+  print(f"{what}: nn.BatchNorm's biased running_var would differ from torch's by "
+        f"up to {unbiased_effect:.3g} relative (models/batch_norm.py has torch's update)")
+
+
 def test_teacher_train_mode_matches_reference(teacher_train_run):
   """Batch 2, train mode (batch statistics normalise, running statistics update), dropout and
   drop-connect 0 in both: the outputs and every updated running mean / variance."""
-  theirs32, theirs64, ours, expected_stats, our_stats, unbiased_effect = teacher_train_run
-  compare_train_outputs('teacher train mode', ours, theirs32, theirs64)
-  compare_batch_stats('teacher train mode', our_stats, expected_stats)
-  print(f"teacher train mode: nn.BatchNorm's biased running_var would differ from torch's by "
-        f"up to {unbiased_effect:.3g} relative (models/batch_norm.py has torch's update)")
+  assert_train_mode_parity('teacher train mode', teacher_train_run)
