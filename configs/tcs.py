@@ -158,7 +158,8 @@ def get_config(arg=None):
   config.eval = dict(
       dbscan_eps=1.5,              # instance-embedding distance of DBSCAN neighbours
       dbscan_min_samples=50,       # pixels in an eps-ball that make a DBSCAN core point
-      dbscan_algorithm='ball_tree',   # DBSCAN neighbour search (same sets as 'brute', faster)
+      dbscan_algorithm='cover',    # exact DBSCAN, no neighbour lists (eval/cluster.py); or one
+                                   # of sklearn's searches ('ball_tree', 'brute'): same labels
       max_cluster_pixels=4000,     # DBSCAN on a strided subset above this; the rest join the nearest
       link_radius_px=1.5,          # pixels this close are neighbours when ordering a cluster
       simplify_tolerance=0.2,      # metres, shapely simplify of each predicted polyline

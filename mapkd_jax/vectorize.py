@@ -2,15 +2,19 @@
 
 Per class (1..K-1 of the semantic channels):
   1. Line pixels: pixels whose argmax over the semantic logits is that class.
-  2. Instances: scikit-learn DBSCAN on the pixels' instance embeddings (eps, min_samples from
-     config.eval); noise is dropped. Its eps-neighbourhoods are searched with a ball tree
-     (config.eval.dbscan_algorithm): the same exact neighbour sets as sklearn's default brute
-     force, 4-8x faster on reference-size maps (eval_bench.py; the brute-force search was
-     about half of vectorization). Only pairs at a distance within float rounding of eps can
-     differ (brute force uses |a|^2 + |b|^2 - 2ab, the tree the direct difference). Above
-     `max_cluster_pixels` pixels, DBSCAN runs on an evenly strided subset (min_samples scaled by the subset fraction, so the density
-     criterion is unchanged) and every other pixel takes the label of its nearest subset
-     pixel in embedding space if that one is within eps, else it is noise.
+  2. Instances: DBSCAN on the pixels' instance embeddings (eps, min_samples from config.eval);
+     noise is dropped. The labels are scikit-learn's DBSCAN's; config.eval.dbscan_algorithm
+     picks how they are computed: 'cover' (default, eval/cluster.py) from counts and a cover
+     of the embeddings by small balls, without listing neighbour pairs (the 16-d embeddings
+     of one line are all within eps of each other, so sklearn listed about N^2 / lines pairs
+     and that was half of vectorization), or sklearn's own neighbour searches ('ball_tree',
+     'brute', ...). All decide a pair by its squared distance against eps^2; they can differ
+     only on pairs at a distance within float rounding of eps (brute force uses
+     |a|^2 + |b|^2 - 2ab, the trees and 'cover' the direct difference). Above
+     `max_cluster_pixels` pixels, DBSCAN runs on an evenly strided subset (min_samples scaled
+     by the subset fraction, so the density criterion is unchanged) and every other pixel
+     takes the label of its nearest subset pixel in embedding space if that one is within
+     eps, else it is noise.
   3. Order: a cluster's pixels are linked when closer than `link_radius_px` (a pixel graph);
      the backbone of its largest connected piece is the shortest path between the two ends of
      its geodesic diameter (double Dijkstra sweep), each backbone pixel moved to the mean of
@@ -39,21 +43,33 @@ from scipy.sparse import csgraph
 from sklearn import cluster as sk_cluster
 
 from mapkd_jax.data import dataset_info
+from mapkd_jax.eval import cluster as cluster_lib
+
+# DBSCAN searches of cluster_embeddings: this project's exact one (eval/cluster.py, no
+# neighbour lists) and sklearn's neighbour searches (same labels, listing every pair).
+DBSCAN_ALGORITHMS = ('cover', 'ball_tree', 'kd_tree', 'brute', 'auto')
 
 
-def cluster_embeddings(embedding, *, eps, min_samples, max_pixels, algorithm='ball_tree'):
+def cluster_embeddings(embedding, *, eps, min_samples, max_pixels, algorithm='cover'):
   """DBSCAN labels of [N, E] embeddings (-1 = noise), subsampled above `max_pixels`.
 
-  `algorithm` is sklearn DBSCAN's neighbour search ('ball_tree', 'kd_tree', 'brute', 'auto').
+  `algorithm`: 'cover' (eval/cluster.py: sklearn's labels without listing neighbour pairs) or
+  one of sklearn DBSCAN's neighbour searches ('ball_tree', 'kd_tree', 'brute', 'auto').
   """
+  if algorithm not in DBSCAN_ALGORITHMS:
+    raise ValueError(f'DBSCAN algorithm {algorithm!r} (config.eval.dbscan_algorithm) is not '
+                     f'one of {DBSCAN_ALGORITHMS}')
   num = len(embedding)
   if num == 0:
     return np.zeros(0, np.int64)
   stride = int(np.ceil(num / max_pixels)) if num > max_pixels else 1
   subset = np.arange(0, num, stride)
   sub_min = max(1, int(round(min_samples / stride)))
-  sub_labels = sk_cluster.DBSCAN(eps=eps, min_samples=sub_min, algorithm=algorithm).fit_predict(
-      embedding[subset])
+  if algorithm == 'cover':
+    sub_labels = cluster_lib.dbscan(embedding[subset], eps=eps, min_samples=sub_min)
+  else:
+    sub_labels = sk_cluster.DBSCAN(eps=eps, min_samples=sub_min,
+                                   algorithm=algorithm).fit_predict(embedding[subset])
   if stride == 1:
     return sub_labels.astype(np.int64)
   # Subset pixels keep their own label (their nearest subset pixel is themselves); the others
@@ -371,7 +387,7 @@ def config_kwargs(config):
 
 def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, eps, min_samples,
                      max_cluster_pixels, link_radius_px, line_width_px, simplify_tolerance,
-                     dbscan_algorithm='ball_tree', disk_search='lookup'):
+                     dbscan_algorithm='cover', disk_search='lookup'):
   """Polylines of one sample from its head outputs.
 
   Args:

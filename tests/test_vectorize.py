@@ -200,23 +200,48 @@ def test_label_line_width_follows_label_thickness():
 
 
 @pytest.mark.parametrize('seed', [0, 1])
-def test_ball_tree_dbscan_gives_the_brute_force_labels(seed):
-  # config.eval.dbscan_algorithm='ball_tree' must only change speed: same labels as sklearn's
-  # brute-force neighbour search on clustered 16-d embeddings with noise, full and subsampled.
+def test_dbscan_searches_give_the_brute_force_labels(seed):
+  # config.eval.dbscan_algorithm ('cover', the default, or sklearn's 'ball_tree') must only
+  # change speed: sklearn's brute-force labels on clustered 16-d embeddings with noise, full
+  # and subsampled (and so the same rest-to-subset assignment).
   rng = np.random.default_rng(seed)
   centres = rng.normal(scale=4.0, size=(5, 16))
   emb = np.concatenate([c + rng.normal(scale=0.4, size=(300, 16)) for c in centres]
                        + [rng.normal(scale=6.0, size=(100, 16))]).astype(np.float32)
   emb = emb[rng.permutation(len(emb))]
   for max_pixels in (10000, 700):
-    got = vectorize.cluster_embeddings(emb, eps=1.5, min_samples=20, max_pixels=max_pixels)
     want = vectorize.cluster_embeddings(emb, eps=1.5, min_samples=20, max_pixels=max_pixels,
                                         algorithm='brute')
-    np.testing.assert_array_equal(got, want)
-    assert len(np.unique(got[got >= 0])) == 5 and (got == -1).any()
-  with pytest.raises(ValueError, match='algorithm'):   # the choice reaches sklearn
+    for algorithm in ('cover', 'ball_tree'):
+      got = vectorize.cluster_embeddings(emb, eps=1.5, min_samples=20, max_pixels=max_pixels,
+                                         algorithm=algorithm)
+      np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(
+        vectorize.cluster_embeddings(emb, eps=1.5, min_samples=20, max_pixels=max_pixels), want)
+    assert len(np.unique(want[want >= 0])) == 5 and (want == -1).any()
+  with pytest.raises(ValueError, match='algorithm'):   # a named error, not sklearn's
     vectorize.cluster_embeddings(emb, eps=1.5, min_samples=20, max_pixels=10000,
                                  algorithm='no_such_search')
+
+
+def test_cover_dbscan_gives_the_sklearn_vectors_on_noisy_maps():
+  """The default DBSCAN changes speed only: the vectors of sklearn's ball tree, bit for bit."""
+  from mapkd_jax import eval_bench  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(6)
+  total = 0
+  # Tiny maps, and one reference-size map (200 x 400: subsampled DBSCAN, 16-d blobs' shells).
+  for size, noise, lines in (('student,tiny', 0.3, 8), ('student,tiny', 0.6, 8),
+                             ('student,tiny', 0.6, 8), ('student', 0.5, 6)):
+    config = tcs.get_config(size)
+    kwargs = vectorize.config_kwargs(config)
+    assert kwargs['dbscan_algorithm'] == 'cover'
+    semantic, embedding, _ = eval_bench.noisy_outputs(rng, config, num_lines=lines, noise=noise)
+    got = vectorize.vectorize_sample(semantic, embedding, **kwargs)
+    want = vectorize.vectorize_sample(semantic, embedding,
+                                      **{**kwargs, 'dbscan_algorithm': 'ball_tree'})
+    np.testing.assert_equal(got, want)
+    total += len(got)
+  assert total >= 8
 
 
 def _disk_ref(piece, points, reach):
