@@ -227,36 +227,51 @@ def _dbscan(x, *, eps, min_samples):
     return labels
 
   # Nodes of the cluster graph: a clique group is one node (its core points are linked to each
-  # other), every point of another group is a node of its own.
-  clique_node = np.cumsum(clique) - 1
-  loose = np.flatnonzero(~clique[group])               # points of non-clique groups
-  node = np.where(clique[group], clique_node[group], 0)
-  node[loose] = clique.sum() + np.arange(len(loose))
-  num_nodes = int(clique.sum()) + len(loose)
-  node_has_core = np.bincount(node[core], minlength=num_nodes) > 0
-  # reach[i, n]: point i is within eps of a core point of node n.
-  reach = np.zeros((num, num_nodes), bool)
-  cliques = np.flatnonzero(clique)
-  reach[:, clique_node[cliques]] = whole[:, cliques] & node_has_core[clique_node[cliques]]
-  reach[:, node[loose]] = whole[:, group[loose]] & core[loose]
-  for g, rows, inside in tested:
-    inside = inside & core[members[g]][None, :]
-    if clique[g]:
-      reach[rows, clique_node[g]] |= inside.any(axis=1)
-    else:
-      reach[np.ix_(rows, node[members[g]])] |= inside
+  # other), every point of another group a node of its own, and each non-clique group has a
+  # hub node: a core point within eps of ALL of a group's members is linked to its hub, and
+  # the hub to the group's core points, the same connectivity as the pairs (the core point
+  # links them all) without listing them.
+  num_cliques = int(clique.sum())
+  group_node = np.where(clique, np.cumsum(clique) - 1, 0)     # clique groups' nodes
+  loose = np.flatnonzero(~clique[group])                      # points of non-clique groups
+  node = group_node[group]
+  node[loose] = num_cliques + np.arange(len(loose))
+  hub = np.full(num_groups, -1, np.int64)
+  hub[~clique] = num_cliques + len(loose) + np.arange(num_groups - num_cliques)
+  num_nodes = num_cliques + len(loose) + num_groups - num_cliques
+  has_core = np.bincount(group[core], minlength=num_groups) > 0
 
-  # Clusters: connected components of the nodes holding core points, linked by core points.
-  core_sorted = np.flatnonzero(core)[np.argsort(node[core], kind='stable')]
-  core_node = node[core_sorted]
-  starts = np.flatnonzero(np.concatenate([[True], core_node[1:] != core_node[:-1]]))
-  src, dst = np.nonzero(np.logical_or.reduceat(reach[core_sorted], starts, axis=0))
-  links = sparse.coo_matrix((np.ones(len(src), np.int8), (core_node[starts][src], dst)),
+  core_rows = np.flatnonzero(core)
+  whole_core = whole[core_rows] & has_core[None, :]           # [cores, groups]
+  rows, cols = np.nonzero(whole_core)
+  edges = [(node[core_rows[rows]], np.where(clique[cols], group_node[cols], hub[cols]))]
+  hubbed = ~clique & whole_core.any(axis=0)                   # hubs in use
+  for g in np.flatnonzero(hubbed):
+    cores_g = members[g][core[members[g]]]
+    edges.append((np.full(len(cores_g), hub[g]), node[cores_g]))
+  for g, rows, inside in tested:
+    if not has_core[g]:
+      continue
+    linked = inside[core[rows]][:, core[members[g]]]          # [core rows, core members]
+    if clique[g]:
+      edges.append((node[rows[core[rows]][linked.any(axis=1)]], group_node[[g]]))
+    else:
+      # Rows of one clique node reach the same nodes: one edge per (node, member) is enough.
+      row_nodes = node[rows[core[rows]]]
+      by_node = np.argsort(row_nodes, kind='stable')
+      starts = np.flatnonzero(np.diff(row_nodes[by_node], prepend=-1))
+      a, b = np.nonzero(np.logical_or.reduceat(linked[by_node], starts, axis=0)) \
+          if len(by_node) else (np.zeros(0, np.int64),) * 2
+      edges.append((row_nodes[by_node][starts][a], node[members[g][core[members[g]]][b]]))
+  src = np.concatenate([np.broadcast_to(a, np.broadcast_shapes(np.shape(a), np.shape(b)))
+                        for a, b in edges])
+  dst = np.concatenate([np.broadcast_to(b, np.broadcast_shapes(np.shape(a), np.shape(b)))
+                        for a, b in edges])
+  links = sparse.coo_matrix((np.ones(len(src), np.int8), (src, dst)),
                             shape=(num_nodes, num_nodes)).tocsr()
   _, component = csgraph.connected_components(links, directed=False)
 
   # sklearn's ids: clusters in the order of their smallest core index.
-  core_rows = np.flatnonzero(core)
   core_component = component[node[core_rows]]
   first_core = np.full(num_nodes, num, np.int64)
   np.minimum.at(first_core, core_component, core_rows)
@@ -265,10 +280,25 @@ def _dbscan(x, *, eps, min_samples):
   rank[present[np.argsort(first_core[present])]] = np.arange(len(present))
   labels[core_rows] = rank[core_component]
 
-  # Border points: the smallest cluster id among the nodes whose core points they reach.
-  node_cluster = np.where(node_has_core, rank[component], num)    # num: no cluster
+  # Border points: the smallest cluster id among the core points within eps. A point within
+  # eps of a whole group reaches all its core points: the group's smallest id.
+  group_min = np.full(num_groups, num, np.int64)
+  np.minimum.at(group_min, group[core_rows], labels[core_rows])
   border_rows = np.flatnonzero(~core)
-  best = np.where(reach[border_rows], node_cluster[None, :], num).min(axis=1, initial=num)
-  found = best < num
-  labels[border_rows[found]] = best[found]
+  best = np.full(num, num, np.int64)
+  best[border_rows] = np.where(whole[border_rows], group_min[None, :], num).min(
+      axis=1, initial=num)
+  for g, rows, inside in tested:
+    if not has_core[g]:
+      continue
+    reached = inside[~core[rows]][:, core[members[g]]]        # [border rows, core members]
+    targets = rows[~core[rows]]
+    if clique[g]:
+      hit = reached.any(axis=1)
+      np.minimum.at(best, targets[hit], group_min[g])
+    else:
+      a, b = np.nonzero(reached)
+      np.minimum.at(best, targets[a], labels[members[g][core[members[g]]][b]])
+  found = ~core & (best < num)
+  labels[found] = best[found]
   return labels
