@@ -17,7 +17,10 @@ student (same shapes, random weights) timed in the same process:
 
   python -m mapkd_jax.bench --config configs/tcs.py:student --models student --torch_student
 """
+import contextlib
+import fcntl
 import json
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -33,6 +36,10 @@ from mapkd_jax import models as models_lib
 from mapkd_jax.data import schema
 from mapkd_jax.models import summary as summary_lib
 
+# A file named by this variable is held (flock, exclusive) while time_jitted runs its calls, so
+# that benchmark processes compiling in parallel on a many-core host (bench_suite) take turns on
+# the device for their timed calls: compiles overlap, timings do not.
+DEVICE_LOCK_ENV = 'MAPKD_BENCH_DEVICE_LOCK'
 ALL_MODELS = ('teacher', 'coach', 'coach_norefine', 'student')
 # Speed targets of the student (frames/s ratio), from the MapKD paper's claim.
 RATIO_TARGETS = {'teacher': 3.0, 'coach': 1.5}
@@ -122,11 +129,32 @@ class Timing(NamedTuple):
   output: Any
 
 
+@contextlib.contextmanager
+def device_turn():
+  """Holds the exclusive lock on the file named by $MAPKD_BENCH_DEVICE_LOCK, if it is set.
+
+  Yields the seconds spent waiting for it (0.0 without the variable).
+  """
+  path = os.environ.get(DEVICE_LOCK_ENV)
+  if not path:
+    yield 0.0
+    return
+  start = time.perf_counter()
+  with open(path, 'a') as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield time.perf_counter() - start
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def time_jitted(fn, args, *, iters, warmup, next_args=None):
   """Times `fn(*args)` (a jitted or compiled callable) to completion of its outputs.
 
   Each call ends in `jax.block_until_ready` of its output, so asynchronous dispatch does
-  not hide device time; the `warmup` untimed calls come first (autotuning, allocator).
+  not hide device time; the `warmup` untimed calls come first (autotuning, allocator). With
+  $MAPKD_BENCH_DEVICE_LOCK set, warmup and timed calls run while holding that file's lock
+  (device_turn), so that concurrent benchmark processes never time on a shared device.
 
   Args:
     fn: the callable to time; compile it beforehand, or the first warmup call does.
@@ -144,15 +172,16 @@ def time_jitted(fn, args, *, iters, warmup, next_args=None):
     raise ValueError(f'--iters must be >= 1 and --warmup >= 0, got {iters}, {warmup}')
   advance = next_args or (lambda a, _: a)
   output = None
-  for _ in range(warmup):
-    output = jax.block_until_ready(fn(*args))
-    args = advance(args, output)
   times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    output = jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-    args = advance(args, output)
+  with device_turn():   # warmup too: its first calls may still allocate or autotune
+    for _ in range(warmup):
+      output = jax.block_until_ready(fn(*args))
+      args = advance(args, output)
+    for _ in range(iters):
+      start = time.perf_counter()
+      output = jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - start)
+      args = advance(args, output)
   times = np.asarray(times)
   p25, p50, p75, p90 = np.percentile(times, [25, 50, 75, 90])
   return Timing(median_s=float(p50), spread_s=float(p75 - p25), p90_s=float(p90),
