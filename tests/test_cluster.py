@@ -93,17 +93,39 @@ def test_random_points_match_sklearn_and_the_loop(dim, eps, min_samples, seed):
   assert (want >= 0).any() or min_samples > 1
 
 
-@pytest.mark.parametrize('seed', [0, 1, 2])
-def test_clustered_embeddings_match_sklearn(seed):
+@pytest.mark.parametrize('seed,count,per_blob,spread,scale', [
+    (0, 6, 300, 0.15, 4.0), (1, 6, 300, 0.2, 4.0),
+    # Looser blobs: shells whose points link clusters and take border labels pair by pair
+    # (found by removing those code paths: these inputs then fail).
+    (2, 5, 80, 0.4, 4.0), (5, 5, 80, 0.3, 4.0), (6, 5, 150, 0.4, 1.0)])
+def test_clustered_embeddings_match_sklearn(seed, count, per_blob, spread, scale):
   """Blobs as the instance embeddings make them: labels and ids equal to both sklearn searches."""
   rng = np.random.default_rng(seed)
-  x = _blobs(rng, count=6, per_blob=300, dim=16, spread=0.15 + 0.05 * seed, noise_points=60)
-  for min_samples in (5, 25, 120):
+  x = _blobs(rng, count=count, per_blob=per_blob, dim=16, spread=spread,
+             noise_points=60 if per_blob == 300 else 30, scale=scale)
+  for min_samples in (4, 10, 25, 120):
     want = _sklearn(x, 1.5, min_samples)
     np.testing.assert_array_equal(_sklearn(x, 1.5, min_samples, 'brute'), want)
     got = cluster.dbscan(x, eps=1.5, min_samples=min_samples)
     np.testing.assert_array_equal(got, want)
-  assert len(np.unique(want[want >= 0])) >= 5
+  assert len(np.unique(_sklearn(x, 1.5, 10)[_sklearn(x, 1.5, 10) >= 0])) >= 3
+
+
+def test_blobs_missed_by_the_cover_sample_are_clusters():
+  """Small dense blobs none of whose points is in the cover's strided sample: their points are
+  groups of their own, linked through their groups' hubs (a pair at min_samples 2 only so)."""
+  rng = np.random.default_rng(8)
+  big = _blobs(rng, count=4, per_blob=800, dim=16, spread=0.15, noise_points=0)
+  small = rng.normal(size=16) * 8 + rng.normal(scale=0.1, size=(10, 16))
+  pair = rng.normal(size=16) * 8 + rng.normal(scale=0.1, size=(2, 16))
+  x = np.concatenate([big[:1], small, pair, big[1:]]).astype(np.float32)
+  assert -(-len(x) // 256) > 12    # the sample x[::stride] holds none of rows 1..12
+  for min_samples, clusters_of_pair in ((2, 1), (5, 0)):
+    want = _sklearn(x, 1.5, min_samples)
+    got = cluster.dbscan(x, eps=1.5, min_samples=min_samples)
+    np.testing.assert_array_equal(got, want)
+    assert len(set(want[1:11])) == 1 and want[1] >= 0
+    assert len(set(want[11:13]) - {-1}) == clusters_of_pair
 
 
 def test_clustered_embeddings_with_border_points_match_the_loop():

@@ -245,7 +245,10 @@ def _dbscan(x, *, eps, min_samples):
   whole_core = whole[core_rows] & has_core[None, :]           # [cores, groups]
   rows, cols = np.nonzero(whole_core)
   edges = [(node[core_rows[rows]], np.where(clique[cols], group_node[cols], hub[cols]))]
-  hubbed = ~clique & whole_core.any(axis=0)                   # hubs in use
+  # Hubs in use, linked to their groups' core points. Usually also linked otherwise (a lone
+  # point is within eps of its own one-point group, so of its own hub), but not always: a
+  # shell point needs not be within eps of its whole shell.
+  hubbed = ~clique & whole_core.any(axis=0)
   for g in np.flatnonzero(hubbed):
     cores_g = members[g][core[members[g]]]
     edges.append((np.full(len(cores_g), hub[g]), node[cores_g]))
