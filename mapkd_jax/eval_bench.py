@@ -17,17 +17,22 @@ Both evaluation paths are measured in the same run, on the same samples:
     tree (vectorize disk_search='kdtree'), vectorization in the --workers pool, the
     forward waited for before the next one is dispatched, vector AP computed at the end in
     the main process;
-  after: `eval.scoring.Scorer` (vectorization with config.eval.dbscan_algorithm and
-    vectorize.DiskLookup, AND each sample's AP record in the pool, bounded queue), the next
-    forward dispatched before the current batch is handed to the pool, AP combined from the
-    records.
+  after: `eval.scoring.Scorer` (vectorization with config.eval.dbscan_algorithm, 'cover' by
+    default: eval/cluster.py, and vectorize.DiskLookup, AND each sample's AP record in the
+    pool, bounded queue), the next forward dispatched before the current batch is handed to
+    the pool, AP combined from the records.
 Fields (seconds per sample unless named otherwise): forward_s (one --batch forward / batch),
-vectorize_s / vectorize_before_s (inline, after / before neighbour and disk search), ap_s
-(inline, whole split at the end), host_before_s (pool vectorization + serial AP, wall) and
-host_after_s (Scorer pool, wall), host_speedup = host_before_s / host_after_s;
-end_to_end_before_s / end_to_end_after_s (both loops with the forward, wall, pool start
-excluded) and end_to_end_speedup; samples_per_s_before / samples_per_s_after = their inverses.
-The loops alternate --repeats times (medians), so load drift on a shared machine hits both.
+vectorize_s / vectorize_before_s (inline, after / before neighbour and disk search),
+cluster_s / cluster_before_s / cluster_ball_tree_s (inline, DBSCAN alone:
+vectorize.cluster_embeddings of every class's pixels with config.eval.dbscan_algorithm /
+'auto' / 'ball_tree', the search of the previous default), ap_s (inline, whole split at the
+end), host_before_s (pool vectorization + serial AP, wall) and host_after_s (Scorer pool,
+wall), host_speedup = host_before_s / host_after_s, inline_speedup = (vectorize_before_s +
+ap_s) / (vectorize_s + ap_s) (the same work without the pool, whose processes compete with
+everything else on a loaded machine); end_to_end_before_s / end_to_end_after_s (both loops
+with the forward, wall, pool start excluded) and end_to_end_speedup; samples_per_s_before /
+samples_per_s_after = their inverses. The loops and the inline timings alternate --repeats
+times (medians), so load drift on a shared machine hits both paths.
 """
 import concurrent.futures
 import functools
@@ -168,12 +173,30 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
   before_kwargs = {**after_kwargs, 'dbscan_algorithm': 'auto', 'disk_search': 'kdtree'}
   ap_kwargs = eval_lib.config_ap_kwargs(config, protocol)
 
-  start = time.perf_counter()
-  vectors = [vectorize.vectorize_sample(s, e, **after_kwargs) for s, e, _ in inputs]
-  vectorize_s = (time.perf_counter() - start) / samples
-  start = time.perf_counter()
-  before_vectors = [vectorize.vectorize_sample(s, e, **before_kwargs) for s, e, _ in inputs]
-  vectorize_before_s = (time.perf_counter() - start) / samples
+  class_pixels = [_class_embeddings(s, e, after_kwargs['min_samples']) for s, e, _ in inputs]
+  cluster_kwargs = dict(eps=after_kwargs['eps'], min_samples=after_kwargs['min_samples'],
+                        max_pixels=after_kwargs['max_cluster_pixels'])
+  inline = {'after': [], 'before': [], 'cluster': [], 'cluster_before': [],
+            'cluster_ball_tree': []}
+  labels = {}
+  for _ in range(repeats):   # alternated, medians kept (see the loops below)
+    start = time.perf_counter()
+    vectors = [vectorize.vectorize_sample(s, e, **after_kwargs) for s, e, _ in inputs]
+    inline['after'].append((time.perf_counter() - start) / samples)
+    start = time.perf_counter()
+    before_vectors = [vectorize.vectorize_sample(s, e, **before_kwargs) for s, e, _ in inputs]
+    inline['before'].append((time.perf_counter() - start) / samples)
+    for name, algorithm in (('cluster', after_kwargs['dbscan_algorithm']),
+                            ('cluster_before', before_kwargs['dbscan_algorithm']),
+                            ('cluster_ball_tree', 'ball_tree')):
+      start = time.perf_counter()
+      labels[name] = [vectorize.cluster_embeddings(x, algorithm=algorithm, **cluster_kwargs)
+                      for sample in class_pixels for x in sample]
+      inline[name].append((time.perf_counter() - start) / samples)
+  for name in ('cluster_before', 'cluster_ball_tree'):   # DBSCAN searches change speed only
+    np.testing.assert_equal(labels[name], labels['cluster'])
+  vectorize_s = float(np.median(inline['after']))
+  vectorize_before_s = float(np.median(inline['before']))
   preds = {f's{k:05d}': v for k, v in enumerate(vectors)}
   gts = {f's{k:05d}': inp[2] for k, inp in enumerate(inputs)}
   start = time.perf_counter()
@@ -236,6 +259,10 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
       'map': result['map'], 'map_before': figures['host_map_before'],
       'forward_s': round(forward_s, 4), 'vectorize_s': round(vectorize_s, 4),
       'vectorize_before_s': round(vectorize_before_s, 4), 'ap_s': round(ap_s, 4),
+      'cluster_s': round(float(np.median(inline['cluster'])), 4),
+      'cluster_before_s': round(float(np.median(inline['cluster_before'])), 4),
+      'cluster_ball_tree_s': round(float(np.median(inline['cluster_ball_tree'])), 4),
+      'inline_speedup': round((vectorize_before_s + ap_s) / (vectorize_s + ap_s), 3),
       'host_before_s': round(figures['host_before_s'], 4),
       'host_after_s': round(figures['host_after_s'], 4),
       'host_speedup': round(figures['host_before_s'] / figures['host_after_s'], 3),
@@ -252,6 +279,18 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
     record.update(samples_per_s_before=round(1.0 / figures['host_before_s'], 3),
                   samples_per_s_after=round(1.0 / figures['host_after_s'], 3))
   return record
+
+
+def _class_embeddings(semantic, embedding, min_samples):
+  """[per class with at least min_samples argmax pixels: [N, E] embeddings], as vectorize
+  clusters them."""
+  classes = np.argmax(semantic, axis=-1)
+  out = []
+  for k in range(1, semantic.shape[-1]):
+    rows, cols = np.nonzero(classes == k)
+    if len(rows) >= min_samples:
+      out.append(np.asarray(embedding)[rows, cols])
+  return out
 
 
 def _same(a, b):
