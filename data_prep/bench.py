@@ -1,14 +1,15 @@
-"""Data-prep throughput of the shard builder on this machine.
+"""Data-prep throughput of the TFDS builder and its CLI build_shards on this machine.
 
   python -m data_prep.bench [--dataroot DIR --version V --osm-dir DIR] [--workers 2]
 
 Prints these figures at config.data's image size and BEV range:
-  1. per-process steady state: samples/s of read_sample + Example encoding (no start-up),
+  1. per-process steady state: samples/s of read_record + TFDS's Example serialization (the
+     builder's per-sample work and its writer's encoding; no start-up),
   2. end to end: `build_shards` into a temp dir with --workers processes, wall clock including
      process start-up and NuScenes/map/OSM loading, samples written / s,
-  3. end to end in this process: `build_shards` with one worker, then the TFDS builder
-     (data_prep/tfds_builder.py) `download_and_prepare` (TFDS's generator path), same settings
-     and samples, both into temp dirs,
+  3. end to end in this process: `build_shards` with one worker (the builder through chunk
+     files, for resume), then the TFDS builder (data_prep/tfds_builder.py) `download_and_prepare`
+     streaming (no chunk files), same settings and samples, both into temp dirs,
   4. the same with Apache Beam's DirectRunner (--beam-workers processes), when apache-beam
      is installed (not by .ci/install: see pyproject.toml); otherwise it says so.
 Defaults to the real nuScenes fragment in /work/shared/realdata (10 readable keyframes).
@@ -18,6 +19,7 @@ import os
 import tempfile
 import time
 
+from data_prep import build_plan
 from data_prep import build_shards
 from data_prep import nuscenes_reader
 
@@ -40,13 +42,20 @@ def _builder_kwargs(data, osm_dir):
 
 
 def steady_state(dataroot, version, tokens, options, repeats):
-  """samples/s of reading + encoding `tokens` `repeats` times in this process (warm caches)."""
+  """samples/s of reading + serializing `tokens` `repeats` times in this process (warm caches)."""
+  from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
   source = nuscenes_reader.Source(dataroot, version, options)
-  build_shards.to_example(nuscenes_reader.read_sample(source, tokens[0])).SerializeToString(deterministic=True)
+  features = tfds_builder.tfds_features(len(options.cameras))
+
+  def one(token):
+    record = build_plan.read_record(source, token, skip_bad=False)[0]
+    return features.serialize_example(tfds_builder._unnest(record))  # pylint: disable=protected-access
+
+  one(tokens[0])
   start = time.perf_counter()
   for _ in range(repeats):
     for token in tokens:
-      build_shards.to_example(nuscenes_reader.read_sample(source, token)).SerializeToString(deterministic=True)
+      one(token)
   return repeats * len(tokens) / (time.perf_counter() - start)
 
 
@@ -64,7 +73,7 @@ def tfds_build(dataroot, version, data, osm_dir, beam_workers=None):
   with tempfile.TemporaryDirectory() as out:
     start = time.perf_counter()
     builder = tfds_builder.MapkdNuscenes(config=config, data_dir=out, nuscenes_version=version,
-                                         osm_dir=osm_dir, skip_bad=True)
+                                         osm_dir=osm_dir, skip_bad=True, progress=False)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**download))
     wall = time.perf_counter() - start
     written = sum(split.num_examples for split in builder.info.splits.values())
@@ -111,10 +120,11 @@ def main(argv=None):
     wall = time.perf_counter() - start
   written = sum(s['num_samples'] for s in info['splits'].values())
   print(f'build_shards, 1 process (this one): {written} samples in {wall:.1f} s = '
-        f'{written / wall:.2f} samples/s (includes table/map/OSM loading, skipped samples)')
+        f'{written / wall:.2f} samples/s (includes table/map/OSM loading, skipped samples, '
+        f'chunk files, TFDS writing)')
   written, wall = tfds_build(args.dataroot, args.version, data, args.osm_dir)
   print(f'TFDS builder, 1 process (this one): {written} samples in {wall:.1f} s = '
-        f'{written / wall:.2f} samples/s (same, plus TFDS writing and split statistics)')
+        f'{written / wall:.2f} samples/s (same, streamed: no chunk files)')
   try:
     import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:

@@ -1,4 +1,5 @@
-"""Shard builder on the real nuScenes fragment: round trip, resume, bad input (data_prep)."""
+"""build_shards (the TFDS builder's CLI) on the real nuScenes fragment: round trip, resume, bad
+input (data_prep)."""
 import json
 import os
 import shutil
@@ -9,8 +10,10 @@ import pytest
 from pyquaternion import Quaternion
 
 from configs import tcs
+from data_prep import build_plan
 from data_prep import build_shards
 from data_prep import nuscenes_reader
+from data_prep import tfds_builder
 from data_prep import sd_prior
 from mapkd_jax.data import schema
 from realdata_paths import FIRST_SCENE0523_SAMPLE
@@ -68,8 +71,11 @@ def test_dataset_info_lists_splits_and_skipped(built):
   with open(os.path.join(out, 'dataset_info.json')) as f:
     assert json.load(f) == info
   assert info['splits']['val']['num_samples'] == 10  # scene-0916 keyframes 0-9
-  assert info['splits']['val']['files'] == ['val-00000-of-00002.tfrecord',
-                                            'val-00001-of-00002.tfrecord']
+  # 81 planned samples in 2 chunks (41 + 40): keyframe 0 ends the first, 1-9 start the second.
+  assert info['splits']['val']['shard_sizes'] == [1, 9]
+  assert info['tfds_dir'] == os.path.join('mapkd_nuscenes', build_shards.CUSTOM_CONFIG, '2.0.0')
+  assert info['splits']['val']['files'] == [os.path.join(
+      info['tfds_dir'], 'mapkd_nuscenes-val.tfrecord-00000-of-00001')]
   assert info['bev']['shape'] == [30, 60] and info['image_size'] == [32, 88]
   assert len(info['skipped']) == 81 - 10
   first = next(s for s in info['skipped'] if s['sample_token'] == FIRST_SCENE0523_SAMPLE)
@@ -84,8 +90,8 @@ def test_round_trip_equals_source_arrays(built):
   out, info = built
   options = _options()
   source = nuscenes_reader.Source(REAL_ROOT, REAL_VERSION, options)
-  examples = _examples(os.path.join(out, info['splits']['val']['files'][1]))
-  assert len(examples) == 9  # scene-0916 keyframes 1-9 (keyframe 0 ends shard 0)
+  examples = _examples(os.path.join(out, info['splits']['val']['files'][0]))[1:]
+  assert len(examples) == 9  # scene-0916 keyframes 1-9 (keyframe 0 ends chunk 0)
   for example in examples[:3]:
     feature = example.features.feature
     token = feature[schema.SAMPLE_TOKEN].bytes_list.value[0].decode()
@@ -146,26 +152,59 @@ def test_lidar_in_ego_frame_close_points_dropped(built):
   np.testing.assert_allclose(raw[kept], ref, atol=1e-4)
 
 
-def test_resume_skips_finished_shards(built, tmp_path):
+def _all_records(out, info):
+  return [r for f in info['splits']['val']['files'] for r in _examples(os.path.join(out, f))]
+
+
+def test_resume_reuses_finished_chunks(built, tmp_path, monkeypatch):
+  """A build that dies in its second chunk (what kill -9 leaves: the first chunk's file and
+  record, a half-written temp file, TFDS's incomplete folder, no dataset_info.json); the rerun
+  reads only the second chunk again and writes the records and record of an unbroken build."""
   out, info = built
   copy = str(tmp_path / 'shards')
-  shutil.copytree(out, copy)
-  done, redo = info['splits']['val']['files']
-  done_mtime = os.stat(os.path.join(copy, done)).st_mtime_ns
-  with open(os.path.join(out, redo), 'rb') as f:
-    redo_bytes = f.read()
-  # What kill -9 leaves: a half-written temp file, no record for that shard, no dataset_info.
-  os.remove(os.path.join(copy, redo))
-  os.remove(os.path.join(copy, build_shards.PROGRESS_DIR, redo + '.json'))
-  os.remove(os.path.join(copy, 'dataset_info.json'))
-  with open(os.path.join(copy, redo + '.tmp'), 'wb') as f:
-    f.write(redo_bytes[:100])
+  generate = tfds_builder.generate_chunk
+  read = []
+
+  def dies_in_the_second_chunk(task, on_sample=None):
+    if task['name'].startswith('val-00001'):
+      raise KeyboardInterrupt('killed')
+    return generate(task, on_sample)
+
+  monkeypatch.setattr(tfds_builder, 'generate_chunk', dies_in_the_second_chunk)
+  with pytest.raises(KeyboardInterrupt):
+    build_shards.build_shards(REAL_ROOT, REAL_VERSION, copy, **_kwargs())
+  chunks = os.path.join(copy, build_shards.PROGRESS_DIR, build_shards.CHUNKS_DIR)
+  assert sorted(os.listdir(chunks)) == ['val-00000-of-00002.json', 'val-00000-of-00002.pkl']
+  assert not os.path.exists(os.path.join(copy, 'dataset_info.json'))
+  first = os.stat(os.path.join(chunks, 'val-00000-of-00002.json')).st_mtime_ns
+  with open(os.path.join(chunks, 'val-00001-of-00002.pkl.tmp'), 'wb') as f:
+    f.write(b'half')
+  incomplete = os.path.join(copy, 'mapkd_nuscenes', build_shards.CUSTOM_CONFIG, 'incomplete.x')
+  os.makedirs(incomplete)
+
+  def counted(task, on_sample=None):
+    read.append(task['name'])
+    return generate(task, on_sample)
+
+  monkeypatch.setattr(tfds_builder, 'generate_chunk', counted)
   info2 = build_shards.build_shards(REAL_ROOT, REAL_VERSION, copy, **_kwargs())
-  assert os.stat(os.path.join(copy, done)).st_mtime_ns == done_mtime
-  with open(os.path.join(copy, redo), 'rb') as f:
-    assert f.read() == redo_bytes
-  assert not any(n.endswith('.tmp') for n in os.listdir(copy))
+  assert read == ['val-00001-of-00002']
+  assert os.stat(os.path.join(chunks, 'val-00000-of-00002.json')).st_mtime_ns == first
+  assert sorted(os.listdir(chunks)) == ['val-00000-of-00002.json', 'val-00001-of-00002.json']
+  assert not os.path.exists(incomplete)
   assert info2 == info | {'dataroot': info2['dataroot']}
+  assert _all_records(copy, info2) == _all_records(out, info)
+
+  # A finished build is kept as it is; one of other settings is deleted and built anew.
+  read.clear()
+  record_file = os.path.join(copy, info2['splits']['val']['files'][0])
+  kept = os.stat(record_file).st_mtime_ns
+  assert build_shards.build_shards(REAL_ROOT, REAL_VERSION, copy, **_kwargs()) == info2
+  assert read == [] and os.stat(record_file).st_mtime_ns == kept
+  other = build_shards.build_shards(REAL_ROOT, REAL_VERSION, copy, **_kwargs(limit=42))
+  assert read == ['val-00000-of-00002', 'val-00001-of-00002']   # 21 + 21 other samples
+  assert other['splits']['val']['shard_sizes'] == [0, 2] and other['plan'] != info2['plan']
+  assert _all_records(copy, other) == _all_records(out, info)[:2]
 
 
 def test_missing_camera_file_names_file_and_sample(tmp_path):
@@ -237,11 +276,11 @@ def test_unknown_scene_names_flag_bad_name_and_known_scenes(tmp_path):
 def test_select_scenes_lists_at_most_max_listed_known_names():
   known = [f'scene-{k:04d}' for k in range(30)]
   with pytest.raises(ValueError, match=r'known \(30\): scene-0000, .*scene-0019 and 10 more'):
-    build_shards.select_scenes({'train': known}, ['nope'], known, max_listed=20)
-  assert build_shards.select_scenes({'train': known[:2], 'val': known[2:]}, ['scene-0001'],
+    build_plan.select_scenes({'train': known}, ['nope'], known, max_listed=20)
+  assert build_plan.select_scenes({'train': known[:2], 'val': known[2:]}, ['scene-0001'],
                                     known) == {'train': ['scene-0001']}
   with pytest.raises(ValueError, match=r"--scenes: scene\(s\) \['scene-0005'\] lie outside"):
-    build_shards.select_scenes({'train': known[:2]}, ['scene-0005'], known)
+    build_plan.select_scenes({'train': known[:2]}, ['scene-0005'], known)
 
 
 def test_missing_map_layer_reported_once_and_treated_as_empty(tmp_path, caplog):
@@ -250,8 +289,8 @@ def test_missing_map_layer_reported_once_and_treated_as_empty(tmp_path, caplog):
     info = _build_scene(root, tmp_path / 'out', limit=4)
   assert info['missing_map_layers'] == {REAL_LOCATION: ['lane_divider']}
   warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
-  assert len([w for w in warnings if 'lane_divider' in w]) == 1, warnings
-  assert REAL_LOCATION in warnings[0]
+  layer_warnings = [w for w in warnings if 'lane_divider' in w]
+  assert len(layer_warnings) == 1 and REAL_LOCATION in layer_warnings[0], warnings
   assert info['splits']['val']['num_samples'] == 4 and not info['skipped']
   # The fragment has no road_divider near scene-0916: without lane dividers no divider is left.
   source = nuscenes_reader.Source(root, REAL_VERSION, _options())
@@ -355,3 +394,25 @@ def test_dataset_info_records_the_label_width_and_the_check_refuses_another(buil
   legacy = {k: v for k, v in info.items() if k != 'label_width'}
   with pytest.raises(ValueError, match='exact 5 px'):
     dataset_info.check_dataset_info({**legacy, 'line_width_px': 5}, data, out)
+
+
+def test_rerun_over_a_pre_issue17_shard_dir_removes_its_files(built, tmp_path):
+  """Shards build_shards wrote with its own writer (files in SHARDS, dataset_info.json without
+  `plan`): the rerun deletes them and their progress records, and keeps the TFDS build."""
+  out, info = built
+  copy = str(tmp_path / 'shards')
+  shutil.copytree(out, copy)
+  names = ['val-00000-of-00002.tfrecord', 'val-00001-of-00002.tfrecord']
+  for name in names:
+    with open(os.path.join(copy, name), 'wb') as f:
+      f.write(b'old records')
+    with open(os.path.join(copy, build_shards.PROGRESS_DIR, name + '.json'), 'w') as f:
+      f.write('{}')
+  legacy = {k: v for k, v in info.items() if k not in ('plan', 'tfds_dir')}
+  legacy['splits'] = {'val': dict(num_samples=10, num_examples=10, files=names)}
+  with open(os.path.join(copy, 'dataset_info.json'), 'w') as f:
+    json.dump(legacy, f)
+  assert build_shards.build_shards(REAL_ROOT, REAL_VERSION, copy, **_kwargs()) == info
+  assert not [n for n in os.listdir(copy) if n.endswith('.tfrecord')]
+  assert not [n for n in os.listdir(os.path.join(copy, build_shards.PROGRESS_DIR))
+              if n.endswith('.tfrecord.json')]

@@ -15,7 +15,10 @@ The file sits next to the shards and is written once by the shard builder:
   }
 
 `splits[split].files` are file names relative to the directory, in a fixed order; a file
-name ending in `.gz` is read as a GZIP-compressed TFRecord.
+name ending in `.gz` is read as a GZIP-compressed TFRecord. `python -m data_prep.build_shards`
+(issue 17: a CLI over the TFDS builder) writes this record beside the builder's TFDS folder and
+adds `tfds_dir` (that folder, relative) and per split `shard_sizes`; its `files` are then the
+TFDS record files, and the readers read the folder through mapkd_jax/data/tfds_source.py.
 
 Label width (issue 15): labels and the SD prior are drawn as the reference draws them,
 `cv2.polylines(..., thickness)` on int32-truncated pixel vertices (data_prep/labels.py), with

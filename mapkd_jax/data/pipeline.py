@@ -15,6 +15,12 @@ subset (point i of the output is input point floor(i * N / max_points)): determi
 unbiased across sweeps and range, unlike keeping the first points. Shorter clouds are
 zero-padded; `lidar_mask` marks the real points.
 
+Sources. A folder that holds the `mapkd_nuscenes` TFDS dataset (data_prep/tfds_builder.py's
+output, or `python -m data_prep.build_shards`' folder, whose dataset_info.json names it under
+`tfds_dir`) is read through mapkd_jax/data/tfds_source.py, each builder chunk in place of a file
+(`tfds_source.dataset_folder` decides); a plain shard directory (dataset_info.json listing
+TFRecord files, as build_shards wrote before issue 17 and tests/shard_fixtures.py writes) here.
+
 Bad shards. tf.data reports a damaged TFRecord (or a record that does not decode) without its
 file name; `BatchIterator` catches that, re-reads this host's files one by one, and raises a
 ValueError naming the bad one.
@@ -355,7 +361,9 @@ def iterate(shards_dir, split, data_config, *, batch_size, seed, shuffle=True, n
     Other arguments: as in `make_dataset`.
   """
   from mapkd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (imports us)
-  if tfds_source.is_tfds_dir(shards_dir):   # data_prep/tfds_builder.py's output: same batches
+  folder = tfds_source.dataset_folder(shards_dir)
+  if folder is not None:   # the builder's output (build_shards' too): the chunk-file batches
+    shards_dir = folder
     _, files = tfds_source.host_shards(shards_dir, split, data_config,
                                        process_index=process_index, process_count=process_count)
     records_to_batches = tfds_source.make_dataset
@@ -382,8 +390,9 @@ def _one_process_records(shards_dir, split, data_config, *, cycle_length):
   tfds_source's, which reads build_shards' files back as the same order), before decoding.
   """
   from mapkd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (imports us)
-  if tfds_source.is_tfds_dir(shards_dir):
-    shards, files = tfds_source.host_shards(shards_dir, split, data_config, process_index=0,
+  folder = tfds_source.dataset_folder(shards_dir)
+  if folder is not None:
+    shards, files = tfds_source.host_shards(folder, split, data_config, process_index=0,
                                             process_count=1)
     return tfds_source._records(shards, cycle_length), files  # pylint: disable=protected-access
   files = host_files(shards_dir, split, data_config, process_index=0, process_count=1)
@@ -448,8 +457,9 @@ def read_vectors(shards_dir, split):
     ValueError: naming the shard file of a corrupt record or of inconsistent vector lengths.
   """
   from mapkd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (imports us)
-  if tfds_source.is_tfds_dir(shards_dir):
-    return tfds_source.read_vectors(shards_dir, split)
+  folder = tfds_source.dataset_folder(shards_dir)
+  if folder is not None:
+    return tfds_source.read_vectors(folder, split)
   info = dataset_info.load_dataset_info(shards_dir)
   spec = {
       schema.SAMPLE_TOKEN: tf.io.FixedLenFeature([], tf.string),

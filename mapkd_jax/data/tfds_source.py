@@ -2,12 +2,14 @@
 
 `pipeline.iterate(data_dir, ...)` reads through this module (host_shards + make_dataset) when
 data_dir is the builder's versioned folder (e.g. ~/tensorflow_datasets/mapkd_nuscenes/tiny/
-2.0.0), with the same batches as on build_shards' shard directory of the same samples; the
-order, the `{'epoch', 'batch'}` resume position and the per-host split are pipeline.py's.
+2.0.0) or `python -m data_prep.build_shards`' output folder, which holds one (`dataset_folder`),
+with the batches pipeline.py gave on the shard directory build_shards wrote before issue 17 (one
+file per chunk); the order, the `{'epoch', 'batch'}` resume position and the per-host split are
+pipeline.py's.
 
-How. TFDS writes a split's records in build_shards' order but groups them into its own files.
-The builder records build_shards' grouping (metadata `splits/<split>/shard_sizes`: examples per
-build_shards file); here each of those "virtual shards" is read back as the TFDS file segments
+How. TFDS writes a split's records in order but groups them into its own files. The builder
+records its chunks (metadata `splits/<split>/shard_sizes`: examples per chunk, the files
+build_shards wrote before); here each of those "virtual shards" is read back as the TFDS file segments
 that hold it (`TFRecordDataset(file).skip(a).take(b)`), and the virtual shards take the place
 of pipeline.py's files: host h reads virtual shards h::process_count (pipeline.py's
 files[h::n], rather than tfds.split_for_jax_process's even example ranges, so that every host
@@ -18,6 +20,7 @@ The records are pipeline.py's schema (tfds_builder declares its features from bu
 record_spec), so pipeline's decode applies unchanged; metadata.json carries build_shards'
 dataset_info keys and is checked against config.data as pipeline.py checks dataset_info.json.
 """
+import json
 import os
 
 import numpy as np
@@ -35,6 +38,23 @@ def is_tfds_dir(path):
   path = os.fspath(path)
   return all(os.path.isfile(os.path.join(path, name))
              for name in ('dataset_info.json', 'features.json'))
+
+
+def dataset_folder(path):
+  """The prepared TFDS folder that `path` names, or None (a shard directory of another writer).
+
+  `path` itself when it is one; `path/<tfds_dir>` when its dataset_info.json is the build record
+  that `python -m data_prep.build_shards` writes beside the builder's output (key `tfds_dir`).
+  """
+  path = os.fspath(path)
+  if is_tfds_dir(path):
+    return path
+  try:
+    with open(os.path.join(path, dataset_info.INFO_FILENAME)) as f:
+      relative = json.load(f).get('tfds_dir')
+  except (OSError, ValueError, AttributeError):
+    return None   # the readers' own checks name what is missing or malformed
+  return None if not relative else os.path.join(path, relative)
 
 
 def load_builder(data_dir):
