@@ -192,6 +192,9 @@ def get_config(arg=None):
     config.data.sd_thickness_ref = 9
     config.data.max_points = 4096
     config.data.num_shards = 2
+    # 24 samples: two spawned processes cost more than they read (world + records 25 s with 2,
+    # 9-11 s with 1 on the loaded 2-core machine; same files, issue 17).
+    config.data.prep_workers = 1
     config.data.synthetic = dict(scenes=3, samples_per_scene=8, seed=0, image_size=(108, 192), sweeps=2,
                                  val_fraction=0.2)
     config.model.camera.update(image_encoder='resnet_small', channels=16,

@@ -416,3 +416,13 @@ def test_rerun_over_a_pre_issue17_shard_dir_removes_its_files(built, tmp_path):
   assert not [n for n in os.listdir(copy) if n.endswith('.tfrecord')]
   assert not [n for n in os.listdir(os.path.join(copy, build_shards.PROGRESS_DIR))
               if n.endswith('.tfrecord.json')]
+
+
+def test_two_worker_processes_write_the_records_of_one(built, tmp_path):
+  """The builder's spawn pool (a chunk per task, results read back in order) against the
+  in-process build of the `built` fixture."""
+  out, info = built
+  other = str(tmp_path / 'shards')
+  info2 = build_shards.build_shards(REAL_ROOT, REAL_VERSION, other, **_kwargs(workers=2))
+  assert info2 == info
+  assert _all_records(other, info2) == _all_records(out, info)

@@ -34,8 +34,8 @@ TFDS_SHARDS = 3   # TFDS files per split: boundaries unlike the 2 chunks' (5/6/5
 
 @pytest.fixture(scope='module')
 def tiny(tiny_shards, tmp_path_factory):
-  """(build_shards' tiny folder (2 workers, chunk files), the builder's own output of the same
-  world (this process, streamed, 3 TFDS files), config.data)."""
+  """(build_shards' tiny folder (chunk files), the builder's own output of the same world
+  (streamed, no chunk files, 3 TFDS files), config.data)."""
   world = os.path.join(os.path.dirname(tiny_shards), 'world')
   assert os.path.isdir(world), world
   data = tcs.get_config('student,tiny').data
@@ -132,9 +132,9 @@ def test_records_equal_a_plain_encoder_of_the_schema(tiny):
 
 
 def test_build_shards_and_the_builder_write_the_same_records_and_record(tiny):
-  """build_shards (2 worker processes, chunk files, TFDS's default files) and the builder in
-  this process (streamed, 3 TFDS files) give the same records; dataset_info.json is the
-  builder's metadata plus the folder and its files."""
+  """build_shards (chunk files, TFDS's default files) and the builder streaming (3 TFDS files)
+  give the same records; dataset_info.json is the builder's metadata plus the folder and its
+  files. (The worker pool: tests/test_build_shards.py.)"""
   shards, data_dir, _ = tiny
   info = dataset_info.load_dataset_info(shards)
   meta = tfds_source.load_builder(data_dir).info.metadata
