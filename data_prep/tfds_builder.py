@@ -56,8 +56,15 @@ spawn pool (or this process) into pickle files of their features, each renamed w
 and followed by a JSON record (settings, samples, skips), and the generator yields them back in
 order; TFDS's writer then writes the records. These files are the generator's checkpoint, read
 only here (the caller deletes them after a finished build); a chunk whose record matches the
-current settings and samples is not read again. Without either, samples are read and yielded
-one by one in this process.
+current settings and samples is not read again (workers without a progress_dir use a temp
+folder: peak disk is then about twice the dataset). Without either, samples are read and
+yielded one by one in this process.
+
+Cost of the one writer: TFDS serializes every example in the generating process, and its
+serializer copies numpy floats one by one (`FloatList(value=array.flat)`, ~3x slower than the
+list copy build_shards' own encoder used), so with workers the main process serializes while
+the pool reads. Its protobuf maps are not written in a deterministic order either: the same
+record can differ in bytes between two builds, never when parsed.
 
 Beam: with a DownloadConfig `beam_runner` / `beam_options` (`tfds build
 --beam_pipeline_options`) the examples are a Beam PTransform (the `[beam]` extra; tested with
