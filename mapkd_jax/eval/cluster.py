@@ -195,6 +195,8 @@ def _dbscan(x, *, eps, min_samples):
   if num == 0:
     return np.zeros(0, np.int64)
   eps2 = eps * eps
+  # Bounds are worked out on centred points: a rounded mean shifts all points alike, and each
+  # x - mean is off by at most 2^-53 of itself, far below the margin.
   centred = x - x.mean(axis=0)
   margin = _BAND * (eps + float(np.abs(centred).max()) + 1.0)
   group, centres, radii, clique = cover(centred, eps, margin)
