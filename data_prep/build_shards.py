@@ -35,7 +35,10 @@ read into a file under _progress/ that is renamed when complete, then a small re
 lands beside it; a rerun (e.g. after kill -9) reuses the chunks whose record matches the
 current build settings and samples, reads the rest, and TFDS writes the records again (cheap
 next to reading the samples). A complete build whose plan (settings, samples, skip_bad) differs
-from this run's is deleted first; an equal one is kept as it is.
+from this run's is deleted first; an equal one is kept as it is. A folder build_shards wrote
+before issue 17 (its own TFRecord files) is still read as it is; a rerun into it deletes those
+files. TFDS does not serialize in a deterministic map order: two builds give records equal
+when parsed, not always byte-equal files (build_shards' own writer did).
 """
 import argparse
 import glob
@@ -191,7 +194,9 @@ def main(argv=None):
   parser.add_argument('--out', required=True, help='shard directory to create or complete')
   parser.add_argument('--bev', default=data.bev_name, help=f'one of {sorted(tcs.BEV_RANGES)}')
   parser.add_argument('--image-size', default='%dx%d' % tuple(data.image_size), help='HxW')
-  parser.add_argument('--num-shards', type=int, default=data.num_shards, help='per split')
+  parser.add_argument('--num-shards', type=int, default=data.num_shards,
+                      help="chunks per split: the unit of resume, of the workers and of the "
+                           "readers' per-host split (TFDS sizes its own files)")
   parser.add_argument('--workers', type=int, default=data.prep_workers, help='processes')
   parser.add_argument('--skip-bad', action='store_true', help='leave out unreadable samples')
   parser.add_argument('--osm-dir', default=None, help='OSM shapefiles; default DATAROOT/osm')
