@@ -52,19 +52,22 @@ REMAT_FLAGS = tuple(f'--config.model.{block}.remat=True'
 
 
 def default_jobs(*, batch_per_device, iters, warmup, precisions, stages=TRAIN_STAGES,
-                 config_args='', remat_stages=('teacher', 'coach', 'student')):
+                 config_args='', remat_stages=('teacher', 'coach', 'student'),
+                 step_timeout_s=180.0):
   """The suite's jobs, most wanted first.
 
   Float32 train steps of every stage (each with the warm-compile child), float32 inference of
   every model (batch 1), then mixed precision, then float32 steps with every block's remat on
   (memory per remat setting), then mixed-precision inference. `config_args` is appended to
-  each config's argument (e.g. ',tiny' for a smoke run).
+  each config's argument (e.g. ',tiny' for a smoke run). A train job whose steps take longer
+  than `step_timeout_s` dumps its stacks and ends (its compile record is already out): on
+  the first H200 lease the reference-size student's first step never returned.
   """
   def train(stage, precision, *extra):
     argv = ['mapkd_jax.train_bench', f'--config=configs/tcs.py:{stage}{config_args}',
             f'--stages={stage}', f'--batch_per_device={batch_per_device}', f'--iters={iters}',
             f'--warmup={warmup}', '--shards=', f'--config.mixed_precision={precision == "bf16"}',
-            *extra]
+            f'--step_timeout_s={step_timeout_s}', *extra]
     if precision != 'f32' or extra:   # the warm compile is measured once per stage
       argv.append('--nowarm_compile')
     suffix = '_remat' if extra else ''
@@ -194,6 +197,8 @@ def define_flags():
   flags.DEFINE_integer('warmup', 2, 'Untimed train steps per job.')
   flags.DEFINE_list('precisions', ['f32', 'bf16'], 'Compute precisions, from f32, bf16.')
   flags.DEFINE_list('stages', list(TRAIN_STAGES), f'Train stages, from {list(TRAIN_STAGES)}.')
+  flags.DEFINE_float('step_timeout_s', 180.0, 'A train job whose steps take longer dumps its '
+                     'stacks and ends (train_bench --step_timeout_s).')
   flags.DEFINE_list('only', [], 'Run only these job names (default: all).')
   flags.DEFINE_string('config_args', '', "Appended to each job's config argument, e.g. ',tiny' "
                       'for a quick smoke run of the suite.')
@@ -211,7 +216,8 @@ def main(argv):
   if f.parallel < 1:
     raise ValueError(f'--parallel must be >= 1, got {f.parallel}')
   jobs = default_jobs(batch_per_device=f.batch_per_device, iters=f.iters, warmup=f.warmup,
-                      precisions=f.precisions, stages=f.stages, config_args=f.config_args)
+                      precisions=f.precisions, stages=f.stages, config_args=f.config_args,
+                      step_timeout_s=f.step_timeout_s)
   if f.only:
     names = {j.name for j in jobs}
     unknown = sorted(set(f.only) - names)

@@ -34,6 +34,7 @@ does. Per stage:
   and `hlo_phases`: the optimized HLO's instructions per phase of the step (train_step's named
   scopes: frozen forward, loss forward, gradient backward, optimizer update, ...).
 """
+import faulthandler
 import functools
 import json
 import os
@@ -282,10 +283,15 @@ def directory_bytes(path):
 
 
 def bench_stage(config, *, batch_per_device, iters, warmup, compile_only=False,
-                hlo_blocks=False, shards='', seed=0):
+                hlo_blocks=False, shards='', seed=0, on_compiled=None, step_timeout_s=0.0):
   """Compiles (and unless compile_only, times) one stage's train step; a JSON-ready record.
 
   The caller sets up the persistent compilation cache (use_compile_cache) beforehand.
+  `on_compiled(record)`, if given, gets the compile-time part of the record (memory, FLOPs,
+  compile time) with 'phase': 'compiled' before any step runs, so that a step that never
+  returns still leaves those figures. `step_timeout_s` > 0: if making the arguments and the
+  timed steps take longer, every thread's Python stack is written to stderr and the process
+  exits (faulthandler), naming the stage, instead of hanging until killed from outside.
   """
   setup = build_step(config, batch_per_device=batch_per_device, seed=seed)
   device = setup['mesh'].devices.flat[0]
@@ -325,9 +331,20 @@ def bench_stage(config, *, batch_per_device, iters, warmup, compile_only=False,
     record['hlo_phases'] = hlo_phase_counts(compiled.as_text())
   if compile_only:
     return record
-  arguments = setup['init']()
-  timing = bench.time_jitted(compiled, arguments, iters=iters, warmup=warmup,
-                             next_args=lambda args, out: (out[0],) + tuple(args[1:]))
+  if on_compiled is not None:
+    on_compiled({**record, 'phase': 'compiled'})
+  if step_timeout_s > 0:
+    sys.stderr.write(f'train_bench: {record["stage"]}: steps must finish within '
+                     f'{step_timeout_s} s (--step_timeout_s), else the stacks follow\n')
+    sys.stderr.flush()
+    faulthandler.dump_traceback_later(step_timeout_s, exit=True)
+  try:
+    arguments = setup['init']()
+    timing = bench.time_jitted(compiled, arguments, iters=iters, warmup=warmup,
+                               next_args=lambda args, out: (out[0],) + tuple(args[1:]))
+  finally:
+    if step_timeout_s > 0:
+      faulthandler.cancel_dump_traceback_later()
   step_s = timing.median_s
   peak, source = peak_lib.peak_flops(device.device_kind, dtype)
   utilization = peak_lib.mfu(record['model_flops_per_step_per_device'], step_s, peak)
@@ -397,6 +414,9 @@ def define_flags():
   flags.DEFINE_string('compile_cache_dir', '', 'Persistent compilation cache directory; '
                       "'' = a new temporary one (empty: the first compile is cold), removed "
                       'at exit.')
+  flags.DEFINE_float('step_timeout_s', 0.0, 'If > 0: a stage whose timed steps (argument set-'
+                     'up included) take longer dumps its Python stacks and exits (a hung step '
+                     'on an accelerator); its compile record is printed before the steps.')
   flags.DEFINE_string('shards', None, 'Shards for input_samples_per_s (default: '
                       'config.data.shards).')
 
@@ -418,7 +438,9 @@ def main(argv):
           stage_config(f.config, stage), argv=sys.argv[1:] if f.warm_compile else None,
           cache_dir=cache_dir, batch_per_device=f.batch_per_device, iters=f.iters,
           warmup=f.warmup, compile_only=f.compile_only, hlo_blocks=f.hlo_blocks,
-          shards=f.config.data.shards if f.shards is None else f.shards)
+          shards=f.config.data.shards if f.shards is None else f.shards,
+          on_compiled=lambda r: print(json.dumps(r), flush=True),
+          step_timeout_s=f.step_timeout_s)
       print(json.dumps(record), flush=True)
   finally:
     if not f.compile_cache_dir:

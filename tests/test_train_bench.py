@@ -212,12 +212,19 @@ def test_train_bench_record_with_warm_compile_in_a_second_process(tmp_path, monk
   # The child reads the config path relative to its working directory: the repo root.
   monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   previous = train_bench.use_compile_cache(cache)
+  compiled_records = []
   try:
     record = train_bench.run_stage(
         train_bench.stage_config(config, 'hd_pretrain'), argv=argv, cache_dir=cache,
-        batch_per_device=1, iters=2, warmup=1, shards=shards)
+        batch_per_device=1, iters=2, warmup=1, shards=shards,
+        on_compiled=compiled_records.append, step_timeout_s=900.0)
   finally:   # back to the suite's cache for the tests after this one
     train_bench.use_compile_cache(**previous)
+  # The compile-time figures came out before the steps ran (a hung step still leaves them),
+  # and the watchdog was cancelled after the steps (this process is still alive).
+  [early] = compiled_records
+  assert early['phase'] == 'compiled' and 'step_s_median' not in early
+  assert early['mem_peak_bytes'] == record['mem_peak_bytes']
   assert set(record) >= RECORD_KEYS, RECORD_KEYS - set(record)
   devices = len(jax.devices())   # the child sees the same (conftest's 8 fake CPU) devices
   assert record['devices'] == devices and record['batch'] == devices
