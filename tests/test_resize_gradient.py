@@ -4,8 +4,9 @@ Written while root-causing test_multihost's 2-process vs 1-process gradient diff
 tests/layout_equivalence.py): the suspects were the resize's two interpolation matmuls
 (image_encoder.resize_bilinear_align_corners) lowered to other algorithms or precisions at
 another per-device batch, or a resize gradient that cancels. Neither holds: these tests pin
-the resize's VJP to a float64 numpy loop, and a batch's gradient to its rows' one by one.
-(The forward is checked against numpy and torch in test_parity_efficientnet.)
+the resize's VJP to a float64 numpy loop (measured <= 1.2e-7 of its max), and a batch's
+gradient to its rows' one by one. The forward is checked against numpy and torch in
+test_parity_efficientnet; the difference itself comes from ReLU kinks (layout_equivalence).
 """
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,8 @@ def test_resize_gradient_matches_float64_loop(in_hw, out_hw):
 
 def test_resize_batch_does_not_change_per_row_gradient():
   """A batch of 8 and its rows one at a time give the same forward and VJP (to float32
-  rounding): the matmuls are not lowered to a less accurate algorithm at another batch."""
+  rounding; bit-identical on XLA:CPU when written): the matmuls are not lowered to a less
+  accurate algorithm at another batch."""
   rng = np.random.RandomState(6)
   x = jnp.asarray(rng.randn(8, 25, 50, 16).astype(np.float32))
   dy = jnp.asarray(rng.randn(8, 50, 100, 16).astype(np.float32))
