@@ -199,3 +199,37 @@ def test_cover_groups_bound_their_members():
     if clique[g]:
       assert radii[g] <= eps / 2
       assert cluster.squared_distances_exact(members, members).max() <= eps * eps
+
+
+def _nearest_labels_loop(points, labels, queries, eps):
+  """Per query: the label of the nearest point by a full distance scan, -1 beyond eps."""
+  out = []
+  for q in queries:
+    d2 = [_sq_dist_loop(q, p) for p in points]
+    best = int(np.argmin(d2))
+    out.append(labels[best] if np.sqrt(d2[best]) <= eps else -1)
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize('mixed', [False, True])
+def test_nearest_labels_match_a_full_scan(mixed):
+  """Labels decided by group bounds and those left to the fallback are the full scan's."""
+  rng = np.random.default_rng(10)
+  x = _blobs(rng, count=4, per_blob=150, dim=16, spread=0.15, noise_points=20).astype(
+      np.float64)
+  points, queries = x[::2], x[1::2]
+  labels = cluster.dbscan(points, eps=1.5, min_samples=10)
+  if mixed:   # neighbours disagree everywhere: (nearly) all queries need the exact search
+    labels = rng.integers(0, 3, size=len(points))
+  searched = []
+
+  def fallback(rows):
+    searched.append(len(rows))
+    return _nearest_labels_loop(points, labels, queries[rows], 1.5)
+
+  got = cluster.nearest_labels(points, labels, queries, eps=1.5, fallback=fallback)
+  np.testing.assert_array_equal(got, _nearest_labels_loop(points, labels, queries, 1.5))
+  if mixed:
+    assert sum(searched) > 0.9 * len(queries)
+  else:   # most decided by the bounds; the scattered noise points still searched
+    assert 0 < sum(searched) < 0.2 * len(queries)

@@ -307,3 +307,57 @@ def _dbscan(x, *, eps, min_samples):
   found = ~core & (best < num)
   labels[found] = best[found]
   return labels
+
+
+def nearest_labels(points, labels, queries, *, eps, fallback):
+  """Label of each query's nearest point if that one is within eps, else -1, by group bounds.
+
+  The subsampled DBSCAN of vectorize.cluster_embeddings gives every other pixel the label of
+  its nearest subset pixel. Which one is nearest matters only where the candidates disagree:
+  with `points` covered by groups (`cover`), a query's nearest point lies in the groups whose
+  lower distance bound is within the smallest upper bound, so where all of those groups'
+  points carry one label and that upper bound is within eps (less a margin), that label is
+  the answer whichever point is nearest. The other queries go to `fallback`.
+
+  Args:
+    points: [M, E] points (float64 compared).
+    labels: [M] int labels of the points.
+    queries: [Q, E] points to label.
+    eps: radius within which the nearest point's label is taken.
+    fallback: fn(query indices [K]) -> [K] labels, the exact search for undecided queries.
+
+  Returns:
+    [Q] int64 labels.
+  """
+  points = np.asarray(points, np.float64)
+  queries = np.asarray(queries, np.float64)
+  labels = np.asarray(labels, np.int64)
+  out = np.full(len(queries), -1, np.int64)
+  if not len(queries) or not len(points):
+    return out
+  with _one_blas_thread():
+    mean = points.mean(axis=0)
+    centred, centred_q = points - mean, queries - mean
+    margin = _BAND * (eps + float(np.abs(centred).max()) + float(np.abs(centred_q).max()) + 1.0)
+    group, centres, radii, _ = cover(centred, eps, margin)
+    low = np.full(len(radii), np.iinfo(np.int64).max)
+    high = np.full(len(radii), np.iinfo(np.int64).min)
+    np.minimum.at(low, group, labels)
+    np.maximum.at(high, group, labels)
+    sq_q = np.einsum('ij,ij->i', centred_q, centred_q)
+    sq_c = np.einsum('ij,ij->i', centres, centres)
+    d2 = centred_q @ centres.T
+    d2 *= -2.0
+    d2 += sq_q[:, None]
+    d2 += sq_c[None, :]
+    slack = _BAND * (sq_q.max() + sq_c.max() + eps * eps)
+    reach = (np.sqrt(d2 + slack) + radii).min(axis=1)                   # nearest is within
+    candidate = np.sqrt(np.maximum(d2 - slack, 0.0)) - radii <= (reach + margin)[:, None]
+    low_q = np.where(candidate, low[None, :], np.iinfo(np.int64).max).min(axis=1)
+    high_q = np.where(candidate, high[None, :], np.iinfo(np.int64).min).max(axis=1)
+  decided = (low_q == high_q) & (reach <= eps - margin)
+  out[decided] = low_q[decided]
+  rest = np.flatnonzero(~decided)
+  if len(rest):
+    out[rest] = fallback(rest)
+  return out
