@@ -458,9 +458,10 @@ def read_vectors(shards_dir, split):
   """
   from mapkd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (imports us)
   folder = tfds_source.dataset_folder(shards_dir)
-  if folder is not None:
-    return tfds_source.read_vectors(folder, split)
-  info = dataset_info.load_dataset_info(shards_dir)
+  if folder is not None:   # the builder's files, read like a shard directory's
+    paths = tfds_source.split_files(folder, split)
+  else:
+    paths = dataset_info.split_files(dataset_info.load_dataset_info(shards_dir), shards_dir, split)
   spec = {
       schema.SAMPLE_TOKEN: tf.io.FixedLenFeature([], tf.string),
       schema.VECTOR_CLASS: tf.io.VarLenFeature(tf.int64),
@@ -468,7 +469,7 @@ def read_vectors(shards_dir, split):
       schema.VECTOR_POINTS: tf.io.VarLenFeature(tf.float32),
   }
   vectors = {}
-  for path in dataset_info.split_files(info, shards_dir, split):
+  for path in paths:
     records = tf.data.TFRecordDataset(path, compression_type=_compression(path))
     try:
       for serialized in records:

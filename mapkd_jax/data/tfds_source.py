@@ -16,9 +16,9 @@ files[h::n], rather than tfds.split_for_jax_process's even example ranges, so th
 gets exactly today's examples), permuted per epoch and interleaved, then shuffled, decoded and
 batched by pipeline.py's own functions.
 
-The records are pipeline.py's schema (tfds_builder declares its features from build_shards'
-record_spec), so pipeline's decode applies unchanged; metadata.json carries build_shards'
-dataset_info keys and is checked against config.data as pipeline.py checks dataset_info.json.
+The records are pipeline.py's schema (tfds_builder declares its features from build_plan's
+record_spec), so pipeline's decode applies unchanged; metadata.json carries the build record
+(dataset_info.py's keys) and is checked against config.data as pipeline.py checks dataset_info.json.
 """
 import json
 import os
@@ -29,7 +29,6 @@ import tensorflow_datasets as tfds
 
 from mapkd_jax.data import dataset_info
 from mapkd_jax.data import pipeline
-from mapkd_jax.data import schema
 
 
 def is_tfds_dir(path):
@@ -77,6 +76,19 @@ def _metadata(builder, data_dir):
     raise ValueError(f'{data_dir}/metadata.json: no build record (splits / schema_version); '
                      f'not written by data_prep/tfds_builder.py')
   return meta
+
+
+def split_files(data_dir, split):
+  """Paths of the TFDS record files of `split`, in record order (pipeline.read_vectors reads
+  them as it reads a shard directory's files: every record, without TFDS's count check).
+
+  Raises:
+    ValueError / FileNotFoundError as `virtual_shards`.
+  """
+  builder = load_builder(data_dir)
+  return [path for path in dict.fromkeys(
+      path for shard in virtual_shards(builder, os.fspath(data_dir), split)
+      for path, _, _ in shard)]
 
 
 def virtual_shards(builder, data_dir, split):
@@ -185,34 +197,3 @@ def make_dataset(data_dir, split, data_config, *, batch_size, seed, epoch=0, shu
   return pipeline.decode_and_batch(ds, data_config, batch_size=batch_size,
                                    with_tokens=with_tokens, drop_remainder=drop_remainder,
                                    num_parallel_calls=num_parallel_calls, threads=threads)
-
-
-def read_vectors(data_dir, split):
-  """Ground-truth polylines of a split (all hosts), through `builder.as_dataset`.
-
-  Returns:
-    As `pipeline.read_vectors`: {sample_token: [(class_id, points [N, 2] float32), ...]}.
-  Raises:
-    ValueError: naming the folder for a sample with inconsistent vector lengths.
-  """
-  builder = load_builder(data_dir)
-  vectors = {}
-  for ex in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator():
-    token = _field(ex, schema.SAMPLE_TOKEN).decode()
-    classes, counts, points = (_field(ex, key) for key in (
-        schema.VECTOR_CLASS, schema.VECTOR_NUM_POINTS, schema.VECTOR_POINTS))
-    if len(classes) != len(counts) or counts.sum() != len(points):
-      raise ValueError(f'{data_dir}: sample {token!r} has {len(classes)} vector classes and '
-                       f'{len(counts)} point counts summing to {counts.sum()} for '
-                       f'{len(points)} points')
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    vectors[token] = [(int(cls), points[starts[i]:starts[i + 1]].astype(np.float32))
-                      for i, cls in enumerate(classes)]
-  return vectors
-
-
-def _field(example, key):
-  """A schema key ('vectors/points') of an `as_dataset` example (nested dicts)."""
-  for part in key.split('/'):
-    example = example[part]
-  return example
