@@ -160,7 +160,14 @@ def get_config(arg=None):
       dbscan_min_samples=50,       # pixels in an eps-ball that make a DBSCAN core point
       dbscan_algorithm='cover',    # exact DBSCAN, no neighbour lists (eval/cluster.py); or one
                                    # of sklearn's searches ('ball_tree', 'brute'): same labels
-      max_cluster_pixels=4000,     # DBSCAN on a strided subset above this; the rest join the nearest
+      max_cluster_pixels=0,        # 0 = DBSCAN on all pixels (the reference); N > 0: on a strided
+                                   # subset above N pixels, the rest join the nearest (before issue 15: 4000)
+      # HDMapNet's postprocess/ (mapkd_jax/vectorize.py docstring); the old behaviour is
+      # close_kernel_ref=0, min_area_ref=0, standardize=False, score='sigmoid', max_cluster_pixels=4000.
+      close_kernel_ref=5,          # MORPH_CLOSE ellipse kernel, px at data.thickness_ref_step; 0 = off
+      min_area_ref=100,            # remove 8-connected parts of area <= this (px at thickness_ref_step); 0 = off
+      standardize=True,            # StandardScaler on each class's embeddings before DBSCAN
+      score='softmax',             # instance mean of softmax class probability; 'sigmoid' = piece mean
       link_radius_px=1.5,          # pixels this close are neighbours when ordering a cluster
       simplify_tolerance=0.2,      # metres, shapely simplify of each predicted polyline
       chamfer_thresholds=(0.5, 1.0, 1.5),   # metres

@@ -1,9 +1,22 @@
 """Raster head outputs of ONE sample -> scored polylines in ego-frame metres.
 
-Per class (1..K-1 of the semantic channels):
-  1. Line pixels: pixels whose argmax over the semantic logits is that class.
+Per class (1..K-1 of the semantic channels), following HDMapNet's postprocess/ (vectorize.py,
+cluster.py; P-MapNet and MapKD use the same) where config.eval says so (the default):
+  1. Line pixels: pixels whose argmax over the semantic logits is that class; then
+     (`reference_mask`) closed with cv2.MORPH_CLOSE and a `close_kernel_px` MORPH_ELLIPSE
+     kernel (1 iteration; closing ADDS pixels, and those are clustered too), and every
+     8-connected component of the closed mask with area <= `min_area_px` removed (the
+     reference walks all connectedComponentsWithStats rows, label 0 = the background included;
+     zeroing the background's pixels changes nothing, so only foreground components matter).
+     The reference's sizes are 5 px and 100 px at 0.15 m; `postprocess_px` converts them to
+     this canvas like the label width (config.eval.close_kernel_ref / min_area_ref).
+     close_kernel_px 0 and min_area_px 0 turn both off (the argmax mask as it is: the
+     behaviour before issue 15).
   2. Instances: DBSCAN on the pixels' instance embeddings (eps, min_samples from config.eval);
-     noise is dropped. The labels are scikit-learn's DBSCAN's; config.eval.dbscan_algorithm
+     noise is dropped. With `standardize` (the reference, default) the embeddings are first
+     standardized per feature over that class's pixels by sklearn's StandardScaler (the
+     reference's own call: same mean, scale and zero-variance rule), so eps is in units of
+     each feature's standard deviation; standardize=False clusters the raw embeddings. The labels are scikit-learn's DBSCAN's; config.eval.dbscan_algorithm
      picks how they are computed: 'cover' (default, eval/cluster.py) from counts and a cover
      of the embeddings by small balls, without listing neighbour pairs (the 16-d embeddings
      of one line are all within eps of each other, so sklearn listed about N^2 / lines pairs
@@ -11,7 +24,7 @@ Per class (1..K-1 of the semantic channels):
      'brute', ...). All decide a pair by its squared distance against eps^2; they can differ
      only on pairs at a distance within float rounding of eps (brute force uses
      |a|^2 + |b|^2 - 2ab, the trees and 'cover' the direct difference). Above
-     `max_cluster_pixels` pixels, DBSCAN runs on an evenly strided subset (min_samples scaled
+     `max_cluster_pixels` pixels (0 / None: never, the reference and the default), DBSCAN runs on an evenly strided subset (min_samples scaled
      by the subset fraction, so the density criterion is unchanged) and every other pixel
      takes the label of its nearest subset pixel in embedding space if that one is within
      eps, else it is noise (with 'cover', pixels whose candidate nearest pixels all carry one
@@ -33,15 +46,21 @@ Per class (1..K-1 of the semantic channels):
   4. Pixel (column j, row i) -> metres: x = x_min + (j + 0.5) * x_step,
      y = y_min + (i + 0.5) * y_step (the raster convention of data/schema.py); then shapely
      `simplify(simplify_tolerance)` in metres.
-  5. Score = mean over the piece's pixels of sigmoid(semantic logit of the class): the
-     semantic head is trained with per-channel BCE, so the sigmoid is its class probability.
+  5. Score ('softmax', the reference, default): the mean over the INSTANCE's pixels (its DBSCAN
+     cluster on the closed mask) of the softmax over the semantic channels' probability of the
+     class; every polyline traced from one instance carries its instance's score (the
+     reference makes one polyline per instance). 'sigmoid' (before issue 15): the mean over
+     the traced piece's pixels of sigmoid(semantic logit of the class), the per-channel BCE
+     view of the semantic head.
 """
+import cv2
 import numpy as np
 import shapely
 from scipy import sparse
 from scipy import spatial
 from scipy.sparse import csgraph
 from sklearn import cluster as sk_cluster
+from sklearn import preprocessing as sk_preprocessing
 
 from mapkd_jax.data import dataset_info
 from mapkd_jax.eval import cluster as cluster_lib
@@ -49,10 +68,12 @@ from mapkd_jax.eval import cluster as cluster_lib
 # DBSCAN searches of cluster_embeddings: this project's exact one (eval/cluster.py, no
 # neighbour lists) and sklearn's neighbour searches (same labels, listing every pair).
 DBSCAN_ALGORITHMS = ('cover', 'ball_tree', 'kd_tree', 'brute', 'auto')
+# Instance scores (module docstring, step 5).
+SCORES = ('softmax', 'sigmoid')
 
 
 def cluster_embeddings(embedding, *, eps, min_samples, max_pixels, algorithm='cover'):
-  """DBSCAN labels of [N, E] embeddings (-1 = noise), subsampled above `max_pixels`.
+  """DBSCAN labels of [N, E] embeddings (-1 = noise), subsampled above `max_pixels` (0/None: never).
 
   `algorithm`: 'cover' (eval/cluster.py: sklearn's labels without listing neighbour pairs) or
   one of sklearn DBSCAN's neighbour searches ('ball_tree', 'kd_tree', 'brute', 'auto').
@@ -63,7 +84,10 @@ def cluster_embeddings(embedding, *, eps, min_samples, max_pixels, algorithm='co
   num = len(embedding)
   if num == 0:
     return np.zeros(0, np.int64)
-  stride = int(np.ceil(num / max_pixels)) if num > max_pixels else 1
+  if max_pixels is not None and max_pixels < 0:
+    raise ValueError(f'max_cluster_pixels (config.eval) must be >= 0 or None (0/None = cluster '
+                     f'all pixels), got {max_pixels!r}')
+  stride = int(np.ceil(num / max_pixels)) if max_pixels and num > max_pixels else 1
   subset = np.arange(0, num, stride)
   sub_min = max(1, int(round(min_samples / stride)))
   if algorithm == 'cover':
@@ -100,6 +124,74 @@ def cluster_embeddings(embedding, *, eps, min_samples, max_pixels, algorithm='co
   else:
     labels[rest] = nearest_search(np.arange(len(rest_x)))
   return labels
+
+
+def standardize_features(features):
+  """[N, E] -> [N, E]: sklearn StandardScaler's fit_transform, the reference's exact call.
+
+  Per feature over the N rows: (x - mean) / std, a zero-variance feature divided by 1 (sklearn's
+  rule). float32 in, float32 out, as the reference's float32 torch embeddings.
+  """
+  return sk_preprocessing.StandardScaler().fit_transform(features)
+
+
+def reference_mask(class_mask, *, close_kernel_px, min_area_px):
+  """The reference's pixel mask of one class (module docstring, step 1).
+
+  Args:
+    class_mask: [H, W] bool, the pixels whose semantic argmax is the class.
+    close_kernel_px: MORPH_ELLIPSE kernel size of the closing; 0 = no closing.
+    min_area_px: 8-connected components of the closed mask with area <= this are removed;
+      0 = none (every component has area >= 1).
+
+  Returns:
+    [H, W] bool.
+  """
+  class_mask = np.asarray(class_mask)
+  if class_mask.ndim != 2:
+    raise ValueError(f'reference_mask: want an [H, W] mask, got shape {class_mask.shape}')
+  for name, value in (('close_kernel_px', close_kernel_px), ('min_area_px', min_area_px)):
+    if int(value) != value or value < 0:
+      raise ValueError(f'{name} must be an integer >= 0 (0 = off), got {value!r}')
+  image = class_mask.astype(np.uint8) * np.uint8(255)
+  if close_kernel_px > 0:
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (int(close_kernel_px),) * 2)
+    image = cv2.morphologyEx(image, cv2.MORPH_CLOSE, kernel, iterations=1)
+  if min_area_px > 0:
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(image, connectivity=8,
+                                                           ltype=cv2.CV_32S)
+    # All rows, the background's (label 0) included, as the reference: zeroing the
+    # background's pixels is a no-op whatever its area.
+    small = stats[:, cv2.CC_STAT_AREA] <= min_area_px
+    image[small[labels]] = 0
+  return image > 0
+
+
+def postprocess_px(data_config, close_kernel_ref, min_area_ref):
+  """(close_kernel_px, min_area_px) on a `config.data` canvas from reference pixels.
+
+  The reference's sizes are pixels at config.data.thickness_ref_step (0.15 m). The kernel is a
+  length: converted exactly as the label thickness (dataset_info.thickness_px:
+  max(1, floor(k * ref_step / step + 0.5)), step = sqrt(rx * ry)), so 5 at 0.15 m stays 5,
+  is 3 at 0.3 m and 1 (a 1x1 kernel: closing changes nothing) at 0.6 m. The area is an area:
+  floor(a * ref_step^2 / (rx * ry) + 0.5), the same round-half-up, so 100 px = 2.25 m^2 is 100 at
+  0.15 m, 25 at 0.3 m and 6 at 0.6 m (6.25 rounded). 0 stays 0 (off).
+  """
+  for name, value in (('close_kernel_ref', close_kernel_ref), ('min_area_ref', min_area_ref)):
+    if int(value) != value or value < 0:
+      raise ValueError(f'config.eval.{name} must be an integer >= 0 (0 = off), got {value!r}')
+  if 'thickness_ref_step' not in data_config:
+    raise ValueError("config.data has no 'thickness_ref_step' (configs/tcs.py defines it)")
+  ref_step = float(data_config['thickness_ref_step'])
+  bev_x, bev_y = tuple(data_config['bev_x']), tuple(data_config['bev_y'])
+  kernel = (dataset_info.thickness_px(int(close_kernel_ref), ref_step, bev_x, bev_y)
+            if close_kernel_ref else 0)
+  area = 0
+  if min_area_ref:
+    # + 1e-9: 6.25 or x.5 computed from decimal steps must not round down by float error.
+    area = int(np.floor(min_area_ref * ref_step * ref_step / (float(bev_x[2]) * float(bev_y[2]))
+                        + 0.5 + 1e-9))
+  return kernel, area
 
 
 def _backbone(coords, graph):
@@ -390,16 +482,26 @@ def label_line_width_px(data_config):
 def config_kwargs(config):
   """`vectorize_sample`'s keyword arguments from a full config (config.data, config.eval)."""
   data, ev = config.data, config.eval
+  close_kernel_px, min_area_px = postprocess_px(data, ev.close_kernel_ref, ev.min_area_ref)
   return dict(bev_x=tuple(data.bev_x), bev_y=tuple(data.bev_y), class_names=tuple(data.classes),
               eps=ev.dbscan_eps, min_samples=ev.dbscan_min_samples,
               max_cluster_pixels=ev.max_cluster_pixels, link_radius_px=ev.link_radius_px,
               line_width_px=label_line_width_px(data), simplify_tolerance=ev.simplify_tolerance,
-              dbscan_algorithm=ev.dbscan_algorithm)
+              dbscan_algorithm=ev.dbscan_algorithm, close_kernel_px=close_kernel_px,
+              min_area_px=min_area_px, standardize=bool(ev.standardize), score=ev.score)
+
+
+def softmax_probability(semantic_logits):
+  """[H, W, K] logits -> [H, W, K] float32 softmax over K (the reference's segmentation.softmax)."""
+  shifted = semantic_logits - semantic_logits.max(axis=-1, keepdims=True)
+  exp = np.exp(shifted)
+  return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, eps, min_samples,
                      max_cluster_pixels, link_radius_px, line_width_px, simplify_tolerance,
-                     dbscan_algorithm='cover', disk_search='lookup'):
+                     dbscan_algorithm='cover', disk_search='lookup', close_kernel_px=5,
+                     min_area_px=100, standardize=True, score='softmax'):
   """Polylines of one sample from its head outputs.
 
   Args:
@@ -408,7 +510,7 @@ def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, e
     bev_x, bev_y: (min, max, step) metres of the canvas.
     class_names: names of channels 1..K-1.
     eps, min_samples, max_cluster_pixels, dbscan_algorithm: DBSCAN (config.eval.dbscan_eps,
-      ...).
+      ...); max_cluster_pixels 0 / None clusters all pixels.
     link_radius_px: pixel-graph neighbour radius (config.eval.link_radius_px).
     line_width_px: pixels across a label line on this canvas (`label_line_width_px(config.data)`:
       the covered width of the cv2-drawn labels); half of it is the centreline search radius
@@ -416,35 +518,82 @@ def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, e
     simplify_tolerance: metres (config.eval.simplify_tolerance).
     disk_search: centreline disk search, 'lookup' (default) or 'kdtree' (the one it replaced,
       for eval_bench's 'before' path; same vectors).
+    close_kernel_px, min_area_px: `reference_mask` on THIS canvas (`postprocess_px` converts
+      config.eval's reference pixels; the defaults are the reference's own, at 0.15 m);
+      0 = off.
+    standardize: StandardScaler before DBSCAN (the reference) or raw embeddings.
+    score: 'softmax' (the reference) or 'sigmoid' (module docstring, step 5).
 
   Returns:
     [{'cls': name, 'pts': [M, 2] float64 (x, y) metres, 'score': float}, ...]; the semantic
     argmax map is not returned (callers compute it once for IoU).
   """
   semantic_logits = np.asarray(semantic_logits, np.float32)
-  if semantic_logits.shape[-1] != len(class_names) + 1:
-    raise ValueError(f'vectorize_sample: semantic logits have {semantic_logits.shape[-1]} '
-                     f'channels, want {len(class_names) + 1} (background + {list(class_names)})')
-  classes = np.argmax(semantic_logits, axis=-1)
-  prob = 1.0 / (1.0 + np.exp(-semantic_logits))
+  embedding = np.asarray(embedding)
+  if semantic_logits.ndim != 3 or semantic_logits.shape[-1] != len(class_names) + 1:
+    raise ValueError(f'vectorize_sample: semantic logits have shape {semantic_logits.shape}, '
+                     f'want [H, W, {len(class_names) + 1}]: {len(class_names) + 1} channels (background + '
+                     f'{list(class_names)})')
+  if embedding.ndim != 3 or embedding.shape[:2] != semantic_logits.shape[:2]:
+    raise ValueError(f'vectorize_sample: embedding shape {embedding.shape} is not [H, W, E] '
+                     f'on the semantic logits\' [H, W] = {semantic_logits.shape[:2]}')
+  if score not in SCORES:
+    raise ValueError(f'score {score!r} (config.eval.score) is not one of {SCORES}')
+  if not np.all(np.isfinite(semantic_logits)) or not np.all(np.isfinite(embedding)):
+    raise ValueError('vectorize_sample: the semantic logits or the embedding hold NaN or inf')
   vectors = []
-  for k, name in enumerate(class_names, start=1):
-    rows, cols = np.nonzero(classes == k)
+  for k, coords, class_prob, instance_score in instances(
+      semantic_logits, embedding, eps=eps, min_samples=min_samples,
+      max_cluster_pixels=max_cluster_pixels, dbscan_algorithm=dbscan_algorithm,
+      close_kernel_px=close_kernel_px, min_area_px=min_area_px, standardize=standardize,
+      score=score):
+    for centre, members in trace_polylines(coords, link_radius=link_radius_px,
+                                           half_width=line_width_px / 2,
+                                           min_pixels=min_samples,
+                                           disk_search=disk_search):
+      line = shapely.LineString(pixels_to_metres(centre, bev_x, bev_y))
+      simple = np.asarray(line.simplify(simplify_tolerance).coords, np.float64)
+      piece_score = (instance_score if score == 'softmax'
+                     else float(class_prob[members].mean()))
+      vectors.append({'cls': class_names[k - 1], 'pts': simple, 'score': piece_score})
+  return vectors
+
+
+def instances(semantic_logits, embedding, *, eps, min_samples, max_cluster_pixels,
+              dbscan_algorithm, close_kernel_px, min_area_px, standardize, score):
+  """Instances of every class (module docstring, steps 1, 2 and 5's instance score).
+
+  Args: as `vectorize_sample` (semantic_logits [H, W, K] float32, embedding [H, W, E]).
+
+  Returns:
+    [(class channel k >= 1, pixels [N, 2] int (column, row) in row-major order,
+      the class probability of each pixel [N] float32 (softmax or sigmoid, per `score`),
+      instance score: float64 mean of those)], classes in channel order, instances in
+      DBSCAN label order.
+  """
+  classes = np.argmax(semantic_logits, axis=-1)
+  if score == 'softmax':
+    prob = softmax_probability(semantic_logits)
+  else:
+    prob = 1.0 / (1.0 + np.exp(-semantic_logits))
+  out = []
+  for k in range(1, semantic_logits.shape[-1]):
+    mask = reference_mask(classes == k, close_kernel_px=close_kernel_px,
+                          min_area_px=min_area_px)
+    rows, cols = np.nonzero(mask)   # row-major, the reference's np.where order
     if len(rows) < min_samples:
-      continue
-    labels = cluster_embeddings(np.asarray(embedding)[rows, cols], eps=eps,
-                                min_samples=min_samples, max_pixels=max_cluster_pixels,
-                                algorithm=dbscan_algorithm)
+      continue    # DBSCAN would find only noise (the reference: no instance)
+    features = embedding[rows, cols]
+    if standardize:
+      features = standardize_features(features)
+    labels = cluster_embeddings(features, eps=eps, min_samples=min_samples,
+                                max_pixels=max_cluster_pixels, algorithm=dbscan_algorithm)
     class_prob = prob[rows, cols, k]
     coords = np.stack([cols, rows], axis=1)
     for label in np.unique(labels[labels >= 0]):
       idx = np.flatnonzero(labels == label)
-      for centre, members in trace_polylines(coords[idx], link_radius=link_radius_px,
-                                             half_width=line_width_px / 2,
-                                             min_pixels=min_samples,
-                                             disk_search=disk_search):
-        line = shapely.LineString(pixels_to_metres(centre, bev_x, bev_y))
-        simple = np.asarray(line.simplify(simplify_tolerance).coords, np.float64)
-        vectors.append({'cls': name, 'pts': simple,
-                        'score': float(class_prob[idx[members]].mean())})
-  return vectors
+      # The reference's confidence is torch's float32 mean over the instance's pixels; here
+      # float64 (they differ in the last float32 bits only).
+      out.append((k, coords[idx], class_prob[idx],
+                  float(class_prob[idx].astype(np.float64).mean())))
+  return out

@@ -8,9 +8,13 @@ from mapkd_jax import vectorize
 
 BEV_X, BEV_Y = (-30.0, 30.0, 0.6), (-15.0, 15.0, 0.6)   # 100 x 50 canvas, 0.6 m pixels
 CLASSES = ('divider', 'ped_crossing', 'boundary')
+# The hand-made tests below are about ordering lines (tracing); they run without the reference's
+# mask post-processing, standardization and softmax score (the pre-issue-15 settings), which
+# tests/test_postprocess.py checks against a transcription of the reference.
 KWARGS = dict(bev_x=BEV_X, bev_y=BEV_Y, class_names=CLASSES, eps=1.5, min_samples=5,
               max_cluster_pixels=4000, link_radius_px=1.5, line_width_px=5,
-              simplify_tolerance=0.2)
+              simplify_tolerance=0.2, close_kernel_px=0, min_area_px=0, standardize=False,
+              score='sigmoid')
 
 
 def _canvas(embedding_dim=4):
@@ -295,10 +299,12 @@ def test_disk_lookup_gives_the_kdtree_vectors_on_noisy_maps():
   rng = np.random.default_rng(5)
   total = 0
   for noise in (0.3, 0.6):
-    for _ in range(2):
+    for _ in range(3):
       semantic, embedding, _ = eval_bench.noisy_outputs(rng, config, num_lines=8, noise=noise)
       got = vectorize.vectorize_sample(semantic, embedding, **kwargs)
       want = vectorize.vectorize_sample(semantic, embedding, **kwargs, disk_search='kdtree')
       np.testing.assert_equal(got, want)
       total += len(got)
-  assert total >= 6
+  # 5 vectors with the reference post-processing (issue 15; 6 samples): on 0.6 m pixels the
+  # 50-pixel DBSCAN density keeps few instances.
+  assert total >= 4
