@@ -108,12 +108,14 @@ def get_config(arg=None):
           remat=False),           # recompute each pillar conv in the backward
       sd=dict(           # SD-prior encoder + BEV->SD cross-attention (teacher, coach)
           encoder_channels=(32, 64, 64), d_model=64, num_heads=8, num_layers=2,
-          ffn_dim=192, dropout=0.1, pos_temperature=10000.0),
+          ffn_dim=192, dropout=0.1, pos_temperature=10000.0,
+          remat=False),         # recompute each cross-attention layer in the backward
       hd=dict(           # HD-prior ViT refinement / MAE (teacher, coach, hd_pretrain); ViT-B/8
           patch_size=8, width=768, depth=12, num_heads=12, mlp_ratio=4, dropout=0.0,
           mask_ratio=0.5,
           coach_refine=True,    # coach variant with (True) or without the HD refinement
-          remat=False),         # recompute each ViT block in the backward (less memory)
+          remat=False,          # recompute each ViT block in the backward (less memory)
+          remat_upsample=False),  # recompute the up-projection to the canvas in the backward
   )
 
   config.kd = dict(
@@ -168,6 +170,9 @@ def get_config(arg=None):
       min_area_ref=100,            # remove 8-connected parts of area <= this (px at thickness_ref_step); 0 = off
       standardize=True,            # StandardScaler on each class's embeddings before DBSCAN
       score='softmax',             # instance mean of softmax class probability; 'sigmoid' = piece mean
+      ordering='trace',            # polyline order: centreline trace, or 'reference' (HDMapNet's NMS,
+                                   # sort_points_by_dist, connect_by_direction; needs the direction head)
+      ordering_seed=0,             # seeds the walk start the reference draws with random.randint
       link_radius_px=1.5,          # pixels this close are neighbours when ordering a cluster
       simplify_tolerance=0.2,      # metres, shapely simplify of each predicted polyline
       chamfer_thresholds=(0.5, 1.0, 1.5),   # metres

@@ -1,4 +1,4 @@
-"""Block remat (config.model.{camera,lss,neck,decoder,lidar,hd}.remat): the same variables,
+"""Block remat (config.model.{camera,lss,neck,decoder,lidar,hd,sd}.remat, hd.remat_upsample): the same variables,
 loss, gradients and BatchNorm statistics as without it, and a remat per block in the jaxpr."""
 import functools
 
@@ -16,14 +16,16 @@ from mapkd_jax import train_step as step_lib
 from mapkd_jax.models import bev_decoder
 from mapkd_jax.models import image_encoder
 from mapkd_jax.models import lss as lss_lib
+from mapkd_jax.models import prior as prior_lib
 
-REMAT_SECTIONS = ('camera', 'lss', 'neck', 'decoder', 'lidar', 'hd')
+REMAT_SECTIONS = ('camera', 'lss', 'neck', 'decoder', 'lidar', 'hd', 'sd')
 
 
 def _config(stage, remat):
   config = tcs.get_config(f'{stage},tiny')
   for section in REMAT_SECTIONS:
     config.model[section].remat = remat
+  config.model.hd.remat_upsample = remat
   return config
 
 
@@ -92,7 +94,8 @@ def _expected_remats(stage, config):
   count = len(model.camera.resnet_widths) - 1 + 1 + model.neck.num_layers
   if stage == 'student':
     return count + decoder
-  count += model.neck.num_layers + 2 * decoder + 1
+  # + the HD prior's decoder, its scanned ViT block and up-projection, the SD layers.
+  count += model.neck.num_layers + 2 * decoder + 1 + 1 + model.sd.num_layers
   if stage == 'teacher':
     return count + sum(lidar.block_layers) + len(lidar.block_channels) + len(lidar.head_channels)
   return count + len(model.lss.resnet_widths) - 1
@@ -178,3 +181,67 @@ def test_efficientnet_remat_keeps_reference_names():
   assert jax.tree.map(lambda x: x.shape, trees[0]) == jax.tree.map(lambda x: x.shape, trees[1])
   assert {f'MBConv_{i}' for i in range(16)} | {'FuseUp_0', 'ConvBNAct_0', 'Conv_0'} == set(
       trees[1]['params'])
+
+
+def _value_and_grad(module, variables, args, *, rngs):
+  """(loss, updated batch_stats), gradients of sum(out^2) over every output, train mode."""
+  def loss_fn(params):
+    out, upd = module.apply({**variables, 'params': params}, *args, train=True,
+                            mutable=['batch_stats'], rngs=rngs)
+    return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(out)), upd
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
+
+
+def test_sd_layer_remat_same_loss_and_gradients_with_dropout():
+  """sd.remat: the same cross-attention layers' names, loss and gradients, dropout on (the
+  'dropout' rng must give the same masks in the recomputed forward)."""
+  def fusion(remat):
+    return prior_lib.SDPriorFusion(encoder_channels=(8, 16), d_model=16, num_heads=2,
+                                   num_layers=2, ffn_dim=24, dropout=0.1,
+                                   pos_temperature=10000.0, remat=remat)
+  args = (jax.random.normal(jax.random.key(0), (2, 4, 8, 5)),
+          jax.random.normal(jax.random.key(1), (2, 16, 32, 1)))
+  variables = fusion(False).init(jax.random.key(2), *args, train=False)
+  trees = [jax.tree.map(lambda x: x.shape, fusion(r).init(jax.random.key(2), *args,
+                                                          train=False)) for r in (False, True)]
+  assert trees[0] == trees[1] and 'SDCrossAttentionLayer_1' in trees[1]['params']
+  rngs = {'dropout': jax.random.key(3)}
+  (loss_off, _), grads_off = _value_and_grad(fusion(False), variables, args, rngs=rngs)
+  (loss_on, _), grads_on = _value_and_grad(fusion(True), variables, args, rngs=rngs)
+  assert np.isfinite(loss_off) and loss_off > 0
+  np.testing.assert_allclose(loss_on, loss_off, rtol=1e-6)
+  # Against the largest gradient entry, not each leaf's own: the attention key biases have an
+  # analytically zero gradient (softmax is shift-invariant), so their leaves are pure rounding.
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(grads_off))
+  for got, want in zip(jax.tree.leaves(grads_on), jax.tree.leaves(grads_off)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale)
+  jaxpr = jax.make_jaxpr(lambda p: fusion(True).apply({**variables, 'params': p}, *args,
+                                                      train=True, rngs=rngs,
+                                                      mutable=['batch_stats']))(
+      variables['params'])
+  assert _remat_count(jaxpr.jaxpr) == 2
+
+
+def test_hd_upsample_remat_same_names_loss_statistics_and_gradients():
+  """hd.remat_upsample: up_0 / up_1 / proj keep their names; loss, BatchNorm statistics and
+  gradients as without it."""
+  configs = {}
+  for remat in (False, True):
+    config = tcs.get_config('teacher,tiny')
+    config.model.hd.update(depth=1, width=16, num_heads=2, remat_upsample=remat)
+    config.model.decoder.update(layer_channels=(8, 8), up_channels=8, head_channels=8)
+    configs[remat] = config
+  semantic = jax.random.normal(jax.random.key(0), (2,) + tuple(
+      bench.random_batch(configs[False], 1, seed=0)['semantic'].shape[1:]) + (4,))
+  variables = prior_lib.HDPrior(configs[False]).init(jax.random.key(1), semantic, train=False)
+  shapes_on = jax.tree.map(lambda x: x.shape, jax.eval_shape(
+      lambda: prior_lib.HDPrior(configs[True]).init(jax.random.key(1), semantic, train=False)))
+  assert shapes_on == jax.tree.map(lambda x: x.shape, variables)
+  assert {'up_0', 'up_1', 'proj'} <= set(variables['params'])
+  results = {r: _value_and_grad(prior_lib.HDPrior(c), variables, (semantic,), rngs={})
+             for r, c in configs.items()}
+  (loss_on, stats_on), grads_on = results[True]
+  (loss_off, stats_off), grads_off = results[False]
+  np.testing.assert_allclose(loss_on, loss_off, rtol=1e-6)
+  _assert_trees_close(stats_on, stats_off)
+  _assert_trees_close(grads_on, grads_off)

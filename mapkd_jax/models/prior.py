@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from mapkd_jax.models import precision
 from mapkd_jax.models import lidar
 from mapkd_jax.models.bev_decoder import BEVDecoder, ConvBN, resize_half_pixel
+from mapkd_jax.models.image_encoder import remat_block
 
 
 # torch nn.LayerNorm's default epsilon (Flax's is 1e-6); DETR's normalization epsilon.
@@ -117,7 +118,8 @@ class SDCrossAttentionLayer(nn.Module):
   dtype: Any = jnp.float32   # compute dtype; attention softmax and norm statistics in float32
 
   @nn.compact
-  def __call__(self, bev, sd, bev_pos, sd_pos, *, train: bool):
+  def __call__(self, bev, sd, bev_pos, sd_pos, train: bool):
+    """`train` is positional so that nn.remat can take it as static (SDPriorFusion.remat)."""
     d_model = bev.shape[-1]
 
     def attention(name):
@@ -148,6 +150,8 @@ class SDPriorFusion(nn.Module):
       0.1).
     pos_temperature: sine encoding wavelength base (10000).
     dtype: compute dtype (precision.compute_dtype).
+    remat: recompute each decoder layer in the backward (config.model.sd.remat): its
+      attention maps over the BEV tokens are the layer's largest activations.
   """
   encoder_channels: Sequence[int]
   d_model: int
@@ -157,6 +161,7 @@ class SDPriorFusion(nn.Module):
   dropout: float
   pos_temperature: float
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, bev_small, sd_prior, *, train: bool):
@@ -175,9 +180,10 @@ class SDPriorFusion(nn.Module):
     bev_pos, sd_pos = encode(height, width), encode(sd_h, sd_w)
     bev = bev.reshape(batch, height * width, self.d_model)
     sd = sd.reshape(batch, sd_h * sd_w, self.d_model)
-    for _ in range(self.num_layers):
-      bev = SDCrossAttentionLayer(self.num_heads, self.ffn_dim, self.dropout, dtype=self.dtype)(
-          bev, sd, bev_pos, sd_pos, train=train)
+    layer_cls = remat_block(SDCrossAttentionLayer, self.remat, static_argnums=(5,))
+    for i in range(self.num_layers):   # explicit names: the same under remat (convert/)
+      bev = layer_cls(self.num_heads, self.ffn_dim, self.dropout, dtype=self.dtype,
+                      name=f'SDCrossAttentionLayer_{i}')(bev, sd, bev_pos, sd_pos, train)
     bev = nn.LayerNorm(epsilon=TORCH_LN_EPS, dtype=self.dtype)(bev)
     return bev.reshape(batch, height, width, self.d_model)
 
@@ -308,10 +314,22 @@ class HDPrior(nn.Module):
                       name='blocks')(x, None)
     x = nn.LayerNorm(epsilon=TIMM_LN_EPS, dtype=dtype, name='norm')(x)
     x = x.reshape(batch, grid_h, grid_w, cfg.width)
-    x = ConvTranspose4x4(cfg.width, dtype=dtype, name='up_0')(x)
-    x = ConvTranspose4x4(cfg.width, dtype=dtype, name='up_1')(x)
-    x = resize_half_pixel(x, (height, width))
-    x = ConvBN(cfg.width, 1, relu=False, dtype=dtype, name='proj')(x, train=train)
+
+    def up_projection(module, tokens, train):
+      """[B, grid_h, grid_w, D] -> [B, Hb, Wb, D]: two 4x transposed convs, resize, 1x1 ConvBN.
+      Its [B, Hb, Wb, D] tensors (200 x 400 x 768 at the reference size) are the prior's
+      largest; with hd.remat_upsample only the token grid is kept for the backward."""
+      # parent=module: the enclosing HDPrior's (lifted) scope, so the names are up_0, up_1,
+      # proj with or without remat (convert/pmapnet.py reads them).
+      y = ConvTranspose4x4(cfg.width, dtype=dtype, name='up_0', parent=module)(tokens)
+      y = ConvTranspose4x4(cfg.width, dtype=dtype, name='up_1', parent=module)(y)
+      y = resize_half_pixel(y, (height, width))
+      return ConvBN(cfg.width, 1, relu=False, dtype=dtype, name='proj', parent=module)(
+          y, train=train)
+
+    if cfg.get('remat_upsample', False):
+      up_projection = nn.remat(up_projection, static_argnums=(2,))
+    x = up_projection(self, x, train)
     return BEVDecoder(self.config, name='decoder')(x, train=train)
 
 
@@ -368,4 +386,4 @@ def sd_fusion_from_config(config, name=None):
       encoder_channels=tuple(cfg.encoder_channels), d_model=cfg.d_model,
       num_heads=cfg.num_heads, num_layers=cfg.num_layers, ffn_dim=cfg.ffn_dim,
       dropout=cfg.dropout, pos_temperature=cfg.pos_temperature,
-      dtype=precision.compute_dtype(config), name=name)
+      dtype=precision.compute_dtype(config), remat=cfg.get('remat', False), name=name)
