@@ -48,7 +48,8 @@ class Job:
 
 
 REMAT_FLAGS = tuple(f'--config.model.{block}.remat=True'
-                    for block in ('camera', 'lss', 'neck', 'decoder', 'lidar', 'hd'))
+                    for block in ('camera', 'lss', 'neck', 'decoder', 'lidar', 'hd', 'sd')) + (
+                        '--config.model.hd.remat_upsample=True',)
 
 
 def default_jobs(*, batch_per_device, iters, warmup, precisions, stages=TRAIN_STAGES,
