@@ -400,3 +400,26 @@ def test_beam_direct_runner_gives_the_same_records(request, tmp_path):
     assert ours == theirs, split
   assert builder.info.metadata['splits'] == tfds_source.load_builder(
       builder.data_dir).info.metadata['splits']
+
+
+def test_tfds_build_command_gives_the_builders_records(tiny, tmp_path):
+  """TFDS's own `tfds build` (the tfds-cli extra brings mlcroissant, which its CLI imports)
+  with this builder imported writes the records the builder writes in-process."""
+  pytest.importorskip('mlcroissant', reason='pip install -e ".[tfds-cli]" (.ci/install does)')
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  shards, tfds_dir, data = tiny
+  world = os.path.join(os.path.dirname(shards), 'world')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(
+      [sys.executable, '-c', 'from tensorflow_datasets.scripts.cli.main import launch_cli; '
+       'launch_cli()', 'build', '--imports', 'data_prep.tfds_builder',
+       f'mapkd_nuscenes/nuscenes_version={data.version}', '--config', 'tiny',
+       '--manual_dir', world, '--data_dir', str(tmp_path)],
+      cwd=repo, capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  built = os.path.join(tmp_path, 'mapkd_nuscenes', 'tiny', '2.0.0')
+  for split in ('train', 'val'):
+    ours = _records(sorted(glob.glob(os.path.join(built, f'*-{split}.tfrecord-*'))))
+    theirs = _records(sorted(glob.glob(os.path.join(tfds_dir, f'*-{split}.tfrecord-*'))))
+    assert ours == theirs and ours, split
