@@ -179,3 +179,212 @@ def test_bad_input_is_named():
     vectorize.postprocess_px(tcs.get_config('student').data, 5, 2.5)
   with pytest.raises(ValueError, match='max_cluster_pixels'):
     vectorize.cluster_embeddings(np.zeros((3, 2)), eps=1.0, min_samples=1, max_pixels=-1)
+
+
+# ---- ordering='reference': HDMapNet postprocess/vectorize.py's loop + connect.py, transcribed
+# with torch tensors where the reference has them (its direction mask is a torch tensor).
+
+
+def _torch_top2(direction_logits):
+  import torch  # pylint: disable=g-import-not-at-top
+  prob = torch.softmax(torch.from_numpy(direction_logits), -1)
+  first = torch.argmax(prob, -1, keepdim=True)
+  spread = torch.zeros_like(prob)
+  for shift in (0, -1, -2, 1, 2):
+    spread.scatter_(-1, torch.clamp(first + shift, 0, prob.shape[-1] - 1), 1)
+  prob[spread.bool()] = 0
+  return torch.stack([first[..., 0], torch.argmax(prob, -1)], -1) - 1
+
+
+def _torch_nms(prob):
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  p = torch.from_numpy(prob)[None]
+  nms1 = ((nn.MaxPool2d((1, 5), padding=(0, 2), stride=1)(p)[0] - p[0]) < 0.0001).numpy()
+  avg1 = nn.AvgPool2d((9, 5), padding=(4, 2), stride=1)(p)[0].numpy()
+  nms2 = ((nn.MaxPool2d((5, 1), padding=(2, 0), stride=1)(p)[0] - p[0]) < 0.0001).numpy()
+  avg2 = nn.AvgPool2d((5, 9), padding=(2, 4), stride=1)(p)[0].numpy()
+  vertical = avg1 > avg2
+  return (vertical & nms1) | (~vertical & nms2)
+
+
+def _ref_sort(coords):
+  coords = coords.astype(float)
+  n = len(coords)
+  dist = np.sqrt(((np.repeat(coords[:, None], n, 1) - coords) ** 2).sum(-1))
+  full = dist.copy()
+  points, taken = [coords[0]], [0]
+  dist[:, 0] = np.inf
+  for i in range(n - 1):
+    metric = dist[taken[-1]]
+    idx = np.argmin(metric) % n
+    if metric[idx] > 3 and min(full[idx][taken]) < 5:
+      dist[:, idx] = np.inf
+      continue
+    if metric[idx] > 10 and i > n * 0.9:
+      break
+    points.append(coords[idx])
+    taken.append(idx)
+    dist[:, idx] = np.inf
+  return np.stack(points, 0)
+
+
+def _ref_walk(coords, mask, points, taken, step, per_deg):
+  import math  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  while True:
+    here = tuple(np.flip(points[-1]))
+    if not taken[here][0]:
+      direction = mask[here][0]
+      taken[here][0] = True
+    elif not taken[here][1]:
+      direction = mask[here][1]
+      taken[here][1] = True
+    else:
+      break
+    if direction == -1:
+      continue
+    deg = per_deg * direction
+    to_target = step * np.array([np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))])
+    last = points[-1].copy()
+    coords = coords[np.linalg.norm(coords - last, axis=-1) > step - 1]
+    if len(coords) == 0:
+      break
+    target = np.array([last[0] + to_target[0], last[1] + to_target[1]])
+    metric = np.linalg.norm(coords - target, axis=-1)
+    idx = np.argmin(metric)
+    if metric[idx] > 50:
+      continue
+    points.append(coords[idx].copy())
+    to_next = coords[idx] - last
+    inverse = (180 + np.rad2deg(math.atan2(to_next[1], to_next[0]))) % 360
+    back = per_deg * mask[tuple(np.flip(points[-1]))]
+    tmp = torch.abs(back - inverse)
+    tmp = torch.min(tmp, 360 - tmp)
+    taken[tuple(np.flip(points[-1]))][int(np.argmin(tmp.numpy()))] = True
+
+
+def _reference_polylines(semantic, embedding, direction_logits, seed):
+  """[(class, [M, 2] int (col, row) points, confidence)] by the reference's vectorize loop."""
+  import random  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  exp = np.exp(semantic - semantic.max(-1, keepdims=True))
+  softmax = (exp / exp.sum(-1, keepdims=True)).astype(np.float32)
+  mask_dir = _torch_top2(direction_logits)
+  per_deg = 360 / (direction_logits.shape[-1] - 1)
+  rng = random.Random(seed)
+  out = []
+  found = _reference_instances(semantic, embedding)
+  for i in range(1, semantic.shape[-1]):
+    mine = [(pixels, conf) for k, pixels, conf in found if k == i]
+    inst = np.zeros(semantic.shape[:2], np.int64)
+    for j, (pixels, _) in enumerate(mine, start=1):
+      cols, rows = np.asarray(pixels).T
+      inst[rows, cols] = j
+    prob = softmax[..., i].copy()
+    prob[inst == 0] = 0
+    nms = _torch_nms(prob)
+    for j, (_, conf) in enumerate(mine, start=1):
+      full = np.stack(np.where(inst == j)[::-1], 1)
+      idx = np.where(nms & (inst == j))
+      if len(idx[0]) == 0:
+        continue
+      lane = np.vstack((idx[1], idx[0])).transpose()
+      key = 0 if np.ptp(full[:, 0]) > np.ptp(full[:, 1]) else 1
+      lane = np.stack(sorted(lane, key=lambda x, key=key: x[key]))
+      lane = _ref_sort(lane).astype('int32')
+      points = [lane[rng.randint(0, lane.shape[0] - 1)].copy()]
+      taken = np.zeros(tuple(mask_dir.shape), dtype=bool)
+      _ref_walk(lane, mask_dir, points, taken, 7, per_deg)
+      points.reverse()
+      _ref_walk(lane, mask_dir, points, taken, 7, per_deg)
+      out.append((i, np.stack(points, 0), conf))
+  return out
+
+
+def test_top2_directions_and_nms_mask_match_torch():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(0, 2, (30, 50, 37)).astype(np.float32)
+  logits[:5, :5] = 0.0    # all channels tied: the first wins, as torch's argmax
+  np.testing.assert_array_equal(vectorize.top2_directions(logits), _torch_top2(logits).numpy())
+  prob = rng.uniform(0, 1, (40, 60)).astype(np.float32)
+  prob[prob < 0.5] = 0
+  prob[10:20, 10:40] = 0.75    # flat areas: ties of the max and of the two averages
+  np.testing.assert_array_equal(vectorize.reference_nms_mask(prob), _torch_nms(prob))
+
+
+def _bins_along(direction, mask, angle_deg, *, bins=36):
+  """Direction logits on `mask` pointing both ways along `angle_deg` (+- 180)."""
+  for a in (angle_deg, angle_deg + 180):
+    direction[mask, 1 + int(round(a / (360 / bins))) % bins] = 6.0
+
+
+def _compare_reference_ordering(semantic, embedding, direction, seed=0):
+  got = vectorize.vectorize_sample(
+      semantic, embedding, bev_x=(0.0, semantic.shape[1] * 0.15, 0.15),
+      bev_y=(0.0, semantic.shape[0] * 0.15, 0.15), class_names=('a', 'b', 'c'), eps=1.5,
+      min_samples=50, max_cluster_pixels=0, link_radius_px=1.5, line_width_px=7,
+      simplify_tolerance=0.2, ordering='reference', direction=direction, ordering_seed=seed)
+  want = _reference_polylines(semantic, embedding, direction, seed)
+  want = [w for w in want if len(w[1]) >= 2]
+  assert [v['cls'] for v in got] == ['abc'[k - 1] for k, _, _ in want]
+  for v, (_, points, conf) in zip(got, want):
+    np.testing.assert_allclose(v['pts'], (points + 0.5) * 0.15, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(v['score'], conf, rtol=1e-6)
+  return got
+
+
+def test_reference_ordering_on_hand_made_lines():
+  semantic, embedding = _blank(60, 120)
+  direction = np.zeros((60, 120, 37), np.float32)
+  direction[..., 0] = 3.0
+  semantic[10:15, 5:110, 1] = 3.0
+  _bins_along(direction, semantic[..., 1] > 0, 0)
+  rows, cols = np.mgrid[:60, :120]
+  diagonal = np.abs((rows - 20) - 0.6 * (cols - 20)) <= 2.5
+  diagonal &= (cols > 20) & (cols < 90)
+  semantic[diagonal, 3] = 3.0
+  embedding[diagonal, 1] = 2.0
+  _bins_along(direction, diagonal, np.rad2deg(np.arctan2(0.6, 1.0)))
+  got = _compare_reference_ordering(semantic, embedding, direction)
+  assert len(got) == 2
+  # The walk covers the divider end to end on its own pixels, in 7-px (1.05 m) steps where it
+  # runs straight. It is not monotone: the second walk (from the start, the other way) steps
+  # past the far end back onto pixels the first walk visited, as connect.py does (its
+  # candidates are filtered only by the current walk's points).
+  points = got[0]['pts'] / 0.15 - 0.5
+  assert points[:, 1].min() >= 10 and points[:, 1].max() <= 14
+  assert points[:, 0].min() <= 12 and points[:, 0].max() >= 103
+  steps = np.hypot(*np.diff(points, axis=0).T)
+  assert np.median(steps) == pytest.approx(7.0, abs=0.5)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_reference_ordering_on_noisy_maps(seed):
+  rng = np.random.default_rng(10 + seed)
+  height, width = 80, 160
+  semantic = rng.normal(0.0, 0.6, (height, width, 4)).astype(np.float32)
+  semantic[..., 0] += 1.5
+  embedding = rng.normal(0.0, 0.3, (height, width, 8)).astype(np.float32)
+  direction = rng.normal(0.0, 1.0, (height, width, 37)).astype(np.float32)
+  for _ in range(5):
+    line = np.zeros((height, width), np.uint8)
+    a, b = rng.integers([0, 0], [width, height], (2, 2))
+    cv2.line(line, tuple(map(int, a)), tuple(map(int, b)), 1, thickness=5)
+    semantic[line > 0, int(rng.integers(1, 4))] += 3.0
+    embedding[line > 0] += rng.normal(0.0, 3.0, 8)
+    _bins_along(direction, line > 0, np.rad2deg(np.arctan2(*(b - a)[::-1])))
+  got = _compare_reference_ordering(semantic, embedding, direction, seed=seed)
+  assert len(got) >= 3
+
+
+def test_reference_ordering_needs_direction():
+  semantic, embedding = _blank(20, 30)
+  kwargs = dict(vectorize.config_kwargs(tcs.get_config('student,tiny')), ordering='reference')
+  with pytest.raises(ValueError, match='direction head'):
+    vectorize.vectorize_sample(semantic, embedding, **kwargs)
+  with pytest.raises(ValueError, match='direction logits shape'):
+    vectorize.vectorize_sample(semantic, embedding, **kwargs,
+                               direction=np.zeros((20, 31, 37), np.float32))
+  with pytest.raises(ValueError, match='config.eval.ordering'):
+    vectorize.vectorize_sample(semantic, embedding, **{**kwargs, 'ordering': 'greedy'})

@@ -15,9 +15,9 @@ from mapkd_jax import vectorize
 from mapkd_jax.eval import ap as ap_lib
 
 
-def _score_sample(semantic, embedding, gt_vectors, *, vec_kwargs, ap_kwargs):
+def _score_sample(semantic, embedding, gt_vectors, direction=None, *, vec_kwargs, ap_kwargs):
   """(predicted vectors, AP record) of one sample: what a pool worker computes."""
-  vectors = vectorize.vectorize_sample(semantic, embedding, **vec_kwargs)
+  vectors = vectorize.vectorize_sample(semantic, embedding, direction=direction, **vec_kwargs)
   record = ap_lib.sample_record(vectors, gt_vectors, **ap_kwargs)
   return vectors, record
 
@@ -27,9 +27,9 @@ def worker_ready(_):
   return True
 
 
-def _vectorize_only(semantic, embedding, gt_vectors, *, vec_kwargs):
+def _vectorize_only(semantic, embedding, gt_vectors, direction=None, *, vec_kwargs):
   del gt_vectors
-  return vectorize.vectorize_sample(semantic, embedding, **vec_kwargs)
+  return vectorize.vectorize_sample(semantic, embedding, direction=direction, **vec_kwargs)
 
 
 class Scorer:
@@ -73,16 +73,18 @@ class Scorer:
       for f in futures:
         f.result()
 
-  def submit(self, token, semantic, embedding, gt_vectors=()):
+  def submit(self, token, semantic, embedding, gt_vectors=(), direction=None):
+    """direction: [H, W, D + 1] direction logits, needed by config.eval.ordering='reference'."""
     gt_vectors = list(gt_vectors)
     if self._pool is None:
-      self._results[token] = self._fn(semantic, embedding, gt_vectors)
+      self._results[token] = self._fn(semantic, embedding, gt_vectors, direction)
       return
     while len(self._pending) >= self._max_pending:
       oldest = self._pending.popleft()
       self._results[oldest] = self._results[oldest].result()
-    self._results[token] = self._pool.submit(self._fn, np.ascontiguousarray(semantic),
-                                             np.ascontiguousarray(embedding), gt_vectors)
+    self._results[token] = self._pool.submit(
+        self._fn, np.ascontiguousarray(semantic), np.ascontiguousarray(embedding), gt_vectors,
+        None if direction is None else np.ascontiguousarray(direction))
     self._pending.append(token)
 
   def results(self):
