@@ -83,10 +83,24 @@ def checkpoint_location(config, workdir, checkpoint):
                      f'{checkpoint!r}') from None
 
 
-def _forward(variables, batch, *, model):
+def _forward(variables, batch, *, model, with_direction=False):
+  """Head outputs the evaluation reads; the direction logits only for config.eval.ordering=
+  'reference' (HDMapNet's ordering follows them), so that the default does not move 37 more
+  channels a pixel to the host."""
   out = model.apply(variables, batch, train=False)
-  return {'semantic': out['semantic'].astype(jnp.float32),
+  kept = {'semantic': out['semantic'].astype(jnp.float32),
           'embedding': out['embedding'].astype(jnp.float32)}
+  if with_direction:
+    kept['direction'] = out['direction'].astype(jnp.float32)
+  return kept
+
+
+def _score_description(ev):
+  """metrics.json's sentence for config.eval.score (vectorize.py computes it)."""
+  if ev.get('score', 'softmax') == 'softmax':
+    return ('mean over the instance\'s pixels of the softmax (over background + classes) '
+            'probability of its class, as HDMapNet\'s postprocess/vectorize.py')
+  return 'mean sigmoid of the class logit over the polyline pixels (this project\'s old score)'
 
 
 def iou_counts_np(pred, gt, *, num_classes, column_mask=None):
@@ -310,7 +324,8 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
     workers = 1
 
   repl = sharding.replicated(mesh)
-  forward = jax.jit(functools.partial(_forward, model=model),
+  with_direction = config.eval.get('ordering', 'trace') == 'reference'
+  forward = jax.jit(functools.partial(_forward, model=model, with_direction=with_direction),
                     in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=repl)
   # Each process decodes only its share of the records (sample i of the one-process order
   # if i % process_count == process_index), in batches of its per-process batch size.
@@ -346,7 +361,8 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
       for i in range(rows):
         token = str(host['sample_token'][i])
         gt_json[token] = _gt_json(truth, [token], classes)[token]
-        scorer.submit(token, out['semantic'][i], out['embedding'][i], gt_json[token])
+        scorer.submit(token, out['semantic'][i], out['embedding'][i], gt_json[token],
+                      direction=out['direction'][i] if with_direction else None)
         if len(figures) < num_images:
           figures.append((token, host['images'][i], pred[i], gt[i]))
         tokens.append(token)
@@ -393,9 +409,12 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
                  'over the split; mIoU = mean over classes',
           'range_split': f'|x| of pixel centres < {split_m:g} m vs >= {split_m:g} m',
           'thresholds_m': [float(t) for t in config.eval.chamfer_thresholds],
-          'score': 'mean sigmoid of the class logit over the polyline pixels',
+          'score': _score_description(config.eval),
           'dbscan': {'eps': config.eval.dbscan_eps, 'min_samples': config.eval.dbscan_min_samples,
                      'algorithm': config.eval.dbscan_algorithm},
+          'postprocess': {k: config.eval.get(k) for k in (
+              'close_kernel_ref', 'min_area_ref', 'standardize', 'score', 'max_cluster_pixels',
+              'ordering', 'ordering_seed')},
           'ap_protocol': protocol,
           **_protocol_numbers(config, protocol),
           **protocols.protocol_description(protocol)}}

@@ -197,6 +197,35 @@ def test_iou_counts_match_loop_and_gt_as_prediction_scores_one(shape, seed):
   assert miou == 1.0 and all(v == 1.0 for v in ious.values())
 
 
+def test_reference_ordering_gets_the_direction_head_and_metrics_name_the_postprocess(
+    trained_root, monkeypatch):
+  """config.eval.ordering='reference' hands every sample's direction logits to the scorer
+  (HDMapNet's ordering follows them); the default does not; metrics.json records the
+  post-processing settings."""
+  seen = []
+  original = scoring.Scorer.submit
+
+  def spy(self, token, semantic, embedding, gt_vectors=(), direction=None):
+    seen.append(None if direction is None else np.shape(direction))
+    return original(self, token, semantic, embedding, gt_vectors, direction)
+
+  monkeypatch.setattr(scoring.Scorer, 'submit', spy)
+  config = _config()
+  config.eval.ordering = 'reference'
+  out = os.path.join(trained_root, 'student_nokd', 'eval')
+  eval_lib.evaluate(config, trained_root, num_images=0, workers=1)
+  with open(os.path.join(out, 'metrics.json')) as f:
+    written = json.load(f)
+  assert written['protocol']['postprocess']['ordering'] == 'reference'
+  assert written['protocol']['postprocess']['standardize'] is True
+  assert 'softmax' in written['protocol']['score']
+  num_bins = config.data.direction_bins
+  assert seen and all(shape == (50, 100, num_bins + 1) for shape in seen), seen[:3]
+  seen.clear()
+  eval_lib.evaluate(_config(), trained_root, num_images=0, workers=1)
+  assert seen and all(shape is None for shape in seen)
+
+
 def test_pmapnet_protocol_in_metrics_json(trained_root):
   # metrics.json names the P-MapNet protocol and lists its defects; the CLI recomputes it.
   config = _config()
