@@ -82,17 +82,24 @@ def _pairwise_squared_exact(a, b):
   return out
 
 
+def _product_squared_distances(a, b):
+  """([|a|, |b|] |a_i|^2 + |b_j|^2 - 2 a_i.b_j, |a_i|^2, |b_j|^2): squared distances by one
+  matrix product, in place (rounded: callers widen their tests by a band)."""
+  sq_a = np.einsum('ij,ij->i', a, a)
+  sq_b = np.einsum('ij,ij->i', b, b)
+  d2 = a @ b.T
+  d2 *= -2.0
+  d2 += sq_a[:, None]
+  d2 += sq_b[None, :]
+  return d2, sq_a, sq_b
+
+
 def within_eps(x_a, x_b, c_a, c_b, eps2):
   """[|a|, |b|] bool: pairs whose exact squared distance (above) is <= eps2.
 
   x_*: the points in float64; c_*: the same points centred (x - mean), for the product.
   """
-  sq_a = np.einsum('ij,ij->i', c_a, c_a)
-  sq_b = np.einsum('ij,ij->i', c_b, c_b)
-  d2 = c_a @ c_b.T
-  d2 *= -2.0
-  d2 += sq_a[:, None]
-  d2 += sq_b[None, :]
+  d2, sq_a, sq_b = _product_squared_distances(c_a, c_b)
   # One band for the block: the product's rounding is far below _BAND * (|a|^2 + |b|^2).
   band = _BAND * (sq_a.max(initial=0.0) + sq_b.max(initial=0.0) + eps2)
   inside = d2 <= eps2 - band
@@ -207,12 +214,7 @@ def _dbscan(x, *, eps, min_samples):
 
   # The distance to a group's centre bounds the distances to all its members: all within eps
   # ('whole'), all beyond, or undecided (tested member by member).
-  sq_x = np.einsum('ij,ij->i', centred, centred)
-  sq_c = np.einsum('ij,ij->i', centres, centres)
-  d2 = centred @ centres.T
-  d2 *= -2.0
-  d2 += sq_x[:, None]
-  d2 += sq_c[None, :]
+  d2, sq_x, sq_c = _product_squared_distances(centred, centres)
   slack = _BAND * (sq_x.max() + sq_c.max() + eps2)
   whole = np.sqrt(d2 + slack) + radii <= eps - margin                   # [N, groups]
   undecided = ~whole & (np.sqrt(np.maximum(d2 - slack, 0.0)) - radii <= eps + margin)
