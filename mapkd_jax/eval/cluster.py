@@ -158,9 +158,7 @@ def cover(centred, eps, margin, sample_size=256):
   stride = max(1, -(-num // sample_size))
   centres = _greedy_centres(centred[::stride], eps, radius * radius)
   count = len(centres)
-  d2 = (np.einsum('ij,ij->i', centred, centred)[:, None]
-        + np.einsum('ij,ij->i', centres, centres)[None, :] - 2.0 * (centred @ centres.T))
-  nearest = np.argmin(d2, axis=1)
+  nearest = np.argmin(_product_squared_distances(centred, centres)[0], axis=1)
   # The product formula only chose the centre; distances that bound are measured directly.
   dist = np.sqrt(np.sum((centred - centres[nearest]) ** 2, axis=1))
   key = np.where(dist <= radius, nearest,
@@ -346,12 +344,7 @@ def nearest_labels(points, labels, queries, *, eps, fallback):
     high = np.full(len(radii), np.iinfo(np.int64).min)
     np.minimum.at(low, group, labels)
     np.maximum.at(high, group, labels)
-    sq_q = np.einsum('ij,ij->i', centred_q, centred_q)
-    sq_c = np.einsum('ij,ij->i', centres, centres)
-    d2 = centred_q @ centres.T
-    d2 *= -2.0
-    d2 += sq_q[:, None]
-    d2 += sq_c[None, :]
+    d2, sq_q, sq_c = _product_squared_distances(centred_q, centres)
     slack = _BAND * (sq_q.max() + sq_c.max() + eps * eps)
     reach = (np.sqrt(d2 + slack) + radii).min(axis=1)                   # nearest is within
     candidate = np.sqrt(np.maximum(d2 - slack, 0.0)) - radii <= (reach + margin)[:, None]
