@@ -95,9 +95,9 @@ def _forward(variables, batch, *, model, with_direction=False):
   return kept
 
 
-def _score_description(ev):
+def _score_description(score):
   """metrics.json's sentence for config.eval.score (vectorize.py computes it)."""
-  if ev.get('score', 'softmax') == 'softmax':
+  if score == 'softmax':
     return ('mean over the instance\'s pixels of the softmax (over background + classes) '
             'probability of its class, as HDMapNet\'s postprocess/vectorize.py')
   return 'mean sigmoid of the class logit over the polyline pixels (this project\'s old score)'
@@ -324,7 +324,8 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
     workers = 1
 
   repl = sharding.replicated(mesh)
-  with_direction = config.eval.get('ordering', 'trace') == 'reference'
+  vec_kwargs = vectorize.config_kwargs(config)
+  with_direction = vec_kwargs['ordering'] == 'reference'   # HDMapNet's ordering reads them
   forward = jax.jit(functools.partial(_forward, model=model, with_direction=with_direction),
                     in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=repl)
   # Each process decodes only its share of the records (sample i of the one-process order
@@ -333,7 +334,6 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
                                   process_index=process_index, process_count=process_count,
                                   with_tokens=True)
   truth = pipeline.read_vectors(shards_dir, split)
-  vec_kwargs = vectorize.config_kwargs(config)
   ap_kwargs = config_ap_kwargs(config, protocol)
   scorer = scoring.Scorer(workers, vec_kwargs, ap_kwargs)
   # |x| of each column's centre: near and far halves of the range (DESIGN.md section 6).
@@ -409,10 +409,10 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
                  'over the split; mIoU = mean over classes',
           'range_split': f'|x| of pixel centres < {split_m:g} m vs >= {split_m:g} m',
           'thresholds_m': [float(t) for t in config.eval.chamfer_thresholds],
-          'score': _score_description(config.eval),
+          'score': _score_description(vec_kwargs['score']),
           'dbscan': {'eps': config.eval.dbscan_eps, 'min_samples': config.eval.dbscan_min_samples,
                      'algorithm': config.eval.dbscan_algorithm},
-          'postprocess': {k: config.eval.get(k) for k in (
+          'postprocess': {k: config.eval[k] for k in (
               'close_kernel_ref', 'min_area_ref', 'standardize', 'score', 'max_cluster_pixels',
               'ordering', 'ordering_seed')},
           'ap_protocol': protocol,

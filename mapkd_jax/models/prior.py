@@ -327,7 +327,7 @@ class HDPrior(nn.Module):
       return ConvBN(cfg.width, 1, relu=False, dtype=dtype, name='proj', parent=module)(
           y, train=train)
 
-    if cfg.get('remat_upsample', False):
+    if cfg.remat_upsample:
       up_projection = nn.remat(up_projection, static_argnums=(2,))
     x = up_projection(self, x, train)
     return BEVDecoder(self.config, name='decoder')(x, train=train)
@@ -386,4 +386,4 @@ def sd_fusion_from_config(config, name=None):
       encoder_channels=tuple(cfg.encoder_channels), d_model=cfg.d_model,
       num_heads=cfg.num_heads, num_layers=cfg.num_layers, ffn_dim=cfg.ffn_dim,
       dropout=cfg.dropout, pos_temperature=cfg.pos_temperature,
-      dtype=precision.compute_dtype(config), remat=cfg.get('remat', False), name=name)
+      dtype=precision.compute_dtype(config), remat=cfg.remat, name=name)
