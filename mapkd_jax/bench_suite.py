@@ -39,6 +39,7 @@ class Job:
   name: str
   argv: list       # after `python -m`
   process: object = None
+  output_files: tuple = ()   # (stdout, stderr) temporary files while it runs
   started: float = 0.0
   wall_s: float = None
   status: str = 'pending'   # pending | running | ok | failed (rc) | killed | skipped
@@ -124,14 +125,22 @@ def environment_text():
 
 
 def run_jobs(jobs, *, parallel, deadline_s, env, log=print, poll_s=1.0):
-  """Runs `jobs` at most `parallel` at a time until done or until `deadline_s` has passed."""
+  """Runs `jobs` at most `parallel` at a time until done or until `deadline_s` has passed.
+
+  A job's stdout and stderr go to temporary files, not pipes: nothing reads a running job's
+  output, and a job that wrote more than a pipe holds (XLA's logs can) would block on it.
+  """
   start = time.monotonic()
   pending = list(jobs)
   running = []
 
   def finish(job, status):
-    out, err = job.process.communicate()
-    job.stdout, job.stderr = out, err
+    job.process.wait()
+    for handle in job.output_files:
+      handle.seek(0)
+    job.stdout, job.stderr = (handle.read() for handle in job.output_files)
+    for handle in job.output_files:
+      handle.close()
     job.returncode = job.process.returncode
     job.wall_s = round(time.monotonic() - job.started, 2)
     job.status = status if status != 'done' else ('ok' if job.returncode == 0 else 'failed')
@@ -148,21 +157,19 @@ def run_jobs(jobs, *, parallel, deadline_s, env, log=print, poll_s=1.0):
         job.process.kill()
         finish(job, 'killed')
         running.remove(job)
-    while pending and len(running) < parallel:
-      job = pending.pop(0)
-      if elapsed > deadline_s:
-        job.status = 'skipped'
-        continue
-      job.started = time.monotonic()
-      job.process = subprocess.Popen([sys.executable, '-m', *job.argv], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
-      job.status = 'running'
-      running.append(job)
-      log(f'[{elapsed:7.1f}s] {job.name}: started ({len(running)} running)')
-    if pending and elapsed > deadline_s:
+    if elapsed > deadline_s:
       for job in pending:
         job.status = 'skipped'
       pending = []
+    while pending and len(running) < parallel:
+      job = pending.pop(0)
+      job.started = time.monotonic()
+      job.output_files = (tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+'))
+      job.process = subprocess.Popen([sys.executable, '-m', *job.argv], text=True, env=env,
+                                     stdout=job.output_files[0], stderr=job.output_files[1])
+      job.status = 'running'
+      running.append(job)
+      log(f'[{elapsed:7.1f}s] {job.name}: started ({len(running)} running)')
     time.sleep(poll_s)
   return jobs
 

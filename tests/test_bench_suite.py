@@ -59,6 +59,15 @@ def test_run_jobs_skips_jobs_not_started_by_the_deadline(probe_module):
   assert [j.status for j in jobs] == ['killed', 'skipped']
 
 
+def test_a_job_writing_more_than_a_pipe_holds_finishes(probe_module):
+  """Output goes to files: a job that logs more than a pipe's 64 KiB is not blocked on it."""
+  jobs = [_job('loud', 'import sys; sys.stderr.write("x" * 300000); print("done")')]
+  bench_suite.run_jobs(jobs, parallel=1, deadline_s=60.0, env=probe_module, log=lambda _: None,
+                       poll_s=0.1)
+  assert jobs[0].status == 'ok' and jobs[0].stdout == 'done\n'
+  assert len(jobs[0].stderr) == 300000
+
+
 def test_records_of_keeps_json_object_lines_only():
   out = 'hello\n{"a": 1}\n{broken\n  {"b": [2]}\n[1, 2]\n'
   assert bench_suite.records_of(out) == [{'a': 1}, {'b': [2]}]
