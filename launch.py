@@ -31,6 +31,10 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for an explicit multi-process run.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes of an explicit run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index in an explicit run.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout_s', 100, 'Multi-process runs: seconds without a heartbeat after which '
+    "jax.distributed's coordinator declares a process dead and aborts every process (JAX's "
+    'default is 100). Raise it where a process can stall: oversubscribed CPUs, swapping hosts.')
 _COMPILE_CACHE = flags.DEFINE_string(
     'compilation_cache', 'auto', "Persistent XLA compilation cache directory: 'auto' = "
     "WORKDIR/jax_cache (reruns, resumes and the demo's repeated runs skip recompiling), '' = off.")
@@ -54,9 +58,10 @@ def main(argv):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if _NUM_PROCESSES.value is not None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   elif _MULTIHOST.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   cache = _COMPILE_CACHE.value
   if cache:
     cache = os.path.join(_WORKDIR.value, 'jax_cache') if cache == 'auto' else cache

@@ -471,6 +471,9 @@ def define_flags():
                        '(jax.distributed); each evaluates its share, process 0 writes eval/')
   flags.DEFINE_integer('process_id', None, 'this process index in [0, --num_processes)')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (--num_processes)')
+  flags.DEFINE_integer('heartbeat_timeout_s', 100, 'seconds without a heartbeat before '
+                       "jax.distributed aborts every process (JAX's default 100); raise it "
+                       'where a process can stall')
 
 
 def main(argv):
@@ -482,7 +485,8 @@ def main(argv):
     # CPU-only processes need a collectives backend for the barriers (no-op on GPU/TPU).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=f.coordinator_address,
-                               num_processes=f.num_processes, process_id=f.process_id)
+                               num_processes=f.num_processes, process_id=f.process_id,
+                               heartbeat_timeout_seconds=f.heartbeat_timeout_s)
   config = f.config
   num_images = config.eval.num_images if f.num_images is None else f.num_images
   metrics = evaluate(config, f.workdir, checkpoint=f.checkpoint, split=f.split,

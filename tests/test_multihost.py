@@ -9,15 +9,14 @@ gradients differ by a few ReLU inputs that rounding puts on the other side of ze
 gradient's norm in the first camera conv kernel, measured; layout_equivalence says how).
 """
 import os
-import socket
-import subprocess
-import sys
+import shutil
 
 import jax
 import numpy as np
 
 import layout_equivalence
 import stage_checkpoints
+import two_processes
 
 from configs import tcs
 from mapkd_jax import checkpoint
@@ -26,16 +25,9 @@ from mapkd_jax import train_step as step_lib
 from mapkd_jax import trainer
 from mapkd_jax.data import pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 1
 SGD_FLAGS = ('--config.optim.name=sgd', '--config.optim.learning_rate=1.0',
              '--config.optim.grad_clip=1e9')
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
 
 
 class _TwoHostBatches:
@@ -59,19 +51,15 @@ class _TwoHostBatches:
 def test_two_processes_match_one(tiny_shards, tmp_path, monkeypatch):
   arg = 'student,nokd,tiny'
   multi = str(tmp_path / 'two_processes')
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  procs = [subprocess.Popen(
-      [sys.executable, 'launch.py', f'--config=configs/tcs.py:{arg}', f'--workdir={multi}',
-       f'--config.data.shards={tiny_shards}', f'--config.train.steps={STEPS}',
-       f'--config.train.checkpoint_every={STEPS}', f'--config.train.eval_every={STEPS}',
-       '--config.train.log_every=1', *SGD_FLAGS,
-       '--num_processes=2', f'--process_id={i}', f'--coordinator_address=localhost:{port}'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=900)[0] for p in procs]
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f'process {i} failed:\n{out[-3000:]}'
+  argv = lambda i, port: [  # noqa: E731
+      'launch.py', f'--config=configs/tcs.py:{arg}', f'--workdir={multi}',
+      f'--config.data.shards={tiny_shards}', f'--config.train.steps={STEPS}',
+      f'--config.train.checkpoint_every={STEPS}', f'--config.train.eval_every={STEPS}',
+      '--config.train.log_every=1', *SGD_FLAGS, '--num_processes=2', f'--process_id={i}',
+      f'--coordinator_address=localhost:{port}',
+      f'--heartbeat_timeout_s={two_processes.HEARTBEAT_TIMEOUT_S}']
+  two_processes.run(argv, timeout_s=900,
+                    before_retry=lambda: shutil.rmtree(multi, ignore_errors=True))
 
   original_iterate = pipeline.iterate
 

@@ -8,15 +8,14 @@ the AP records and IoU counts of both processes carry weight in the merged resul
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
+
+import two_processes
 
 from configs import tcs
 from mapkd_jax import checkpoint as ckpt_lib
@@ -25,15 +24,8 @@ from mapkd_jax import models as models_lib
 from mapkd_jax import stages
 from mapkd_jax.eval import gather as gather_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARG = 'student,nokd,tiny'
 STEP = 1
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
 
 
 def _odd_val_split(tiny_shards, dest):
@@ -80,25 +72,17 @@ def test_two_processes_write_the_one_process_metrics(tiny_shards, tmp_path):
   _save_random_student(config, single)
   shutil.copytree(single, multi)
 
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'mapkd_jax.evaluate', f'--config=configs/tcs.py:{ARG}',
-       f'--workdir={multi}', f'--config.data.shards={shards}', '--checkpoint=latest',
-       '--num_images=1', '--num_processes=2', f'--process_id={i}',
-       f'--coordinator_address=localhost:{port}'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  try:
-    # The one-process reference runs here (8 devices) while the two processes run.
-    reference = eval_lib.evaluate(config, single, checkpoint='latest', num_images=1)
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f'process {i} failed:\n{out[-3000:]}'
+  argv = lambda i, port: [  # noqa: E731
+      '-m', 'mapkd_jax.evaluate', f'--config=configs/tcs.py:{ARG}', f'--workdir={multi}',
+      f'--config.data.shards={shards}', '--checkpoint=latest', '--num_images=1',
+      '--num_processes=2', f'--process_id={i}', f'--coordinator_address=localhost:{port}',
+      f'--heartbeat_timeout_s={two_processes.HEARTBEAT_TIMEOUT_S}']
+  # The one-process reference runs here (8 devices) while the two processes run.
+  outputs, reference = two_processes.run(
+      argv, timeout_s=600,
+      while_running=lambda: eval_lib.evaluate(config, single, checkpoint='latest', num_images=1),
+      before_retry=lambda: shutil.rmtree(os.path.join(multi, 'student_nokd', 'eval'),
+                                         ignore_errors=True))
 
   eval_dir = lambda root: os.path.join(root, 'student_nokd', 'eval')  # noqa: E731
   read = lambda root, name: json.load(open(os.path.join(eval_dir(root), name)))  # noqa: E731

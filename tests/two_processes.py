@@ -1,0 +1,79 @@
+"""Runs one command as two jax.distributed processes on localhost, for the multi-process tests.
+
+JAX's coordination service aborts every process (SIGABRT after "Terminating process because the
+JAX distributed service detected fatal errors") when one process stops sending heartbeats or
+misses a barrier's deadline. On a loaded 2-core CI machine that is a fact about the machine, not
+about the code under test: it happened once in CI (stop 22) and never in local runs, and stalling
+one process for 70 s (SIGSTOP) reproduces it. So the processes get a generous heartbeat timeout,
+and such an abort, and only such an abort, is retried once on a fresh port and workdir, with the
+first attempt's diagnosis in a warning. Any other failure, or a second abort, fails the test with
+the error lines of the failed process (not faulthandler's list of extension modules, which is all
+the last 3000 characters of an aborted process's output showed).
+"""
+import os
+import re
+import socket
+import subprocess
+import sys
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNTIME_ABORT = 'JAX distributed service detected fatal errors'
+# Seconds; passed as --heartbeat_timeout_s. JAX's default (100) is short for 2 oversubscribed cores.
+HEARTBEAT_TIMEOUT_S = 600
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def diagnosis(output, *, tail_lines=40):
+  """The informative part of a failed process's output: its log's error and fatal lines, then its
+  last lines, without faulthandler's one-line list of loaded extension modules."""
+  lines = [line for line in output.splitlines() if not line.startswith('Extension modules:')]
+  errors = [line for line in lines if re.match(r'[EF]\d{4} ', line)][:20]
+  return '\n'.join(['error lines:', *errors, f'last {tail_lines} lines:', *lines[-tail_lines:]])
+
+
+def _start(argv_for, port, env):
+  return [subprocess.Popen([sys.executable, *argv_for(i, port)], cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+
+
+def run(argv_for, *, timeout_s, before_retry, while_running=None, devices_per_process=4):
+  """Runs argv_for(process_id, port) for process ids 0 and 1; asserts both exit 0.
+
+  argv_for: (process_id, port) -> the arguments after `python` (a script or -m module, flags).
+  before_retry: () -> None, called before the one retry; resets what the first attempt wrote.
+  while_running: optional () -> value, run here once while the first attempt's processes run
+    (the one-process reference, say); its value is returned.
+  devices_per_process: CPU devices each process has.
+  Returns (outputs of the two processes, while_running's value or None).
+  """
+  # Replaces the 8 devices conftest gives this process: 2 x 4 = the one-process reference's 8.
+  env = dict(os.environ,
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+  result = None
+  for attempt in (1, 2):
+    procs = _start(argv_for, free_port(), env)
+    try:
+      if while_running is not None and attempt == 1:
+        result = while_running()
+      outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    if not failed:
+      return outputs, result
+    report = '\n'.join(f'process {i} exited {procs[i].returncode}:\n{diagnosis(outputs[i])}'
+                       for i in failed)
+    if attempt == 1 and any(RUNTIME_ABORT in outputs[i] for i in failed):
+      warnings.warn(f'jax.distributed aborted the processes; retrying once.\n{report}')
+      before_retry()
+      continue
+    raise AssertionError(f'attempt {attempt}:\n{report}')
