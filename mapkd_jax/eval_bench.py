@@ -18,7 +18,7 @@ Both evaluation paths are measured in the same run, on the same samples:
     forward waited for before the next one is dispatched, vector AP computed at the end in
     the main process;
   after: `eval.scoring.Scorer` (vectorization with config.eval.dbscan_algorithm, 'cover' by
-    default: eval/cluster.py, and vectorize.DiskLookup, AND each sample's AP record in the
+    default: eval/cluster.py, and eval/trace.py DiskLookup, AND each sample's AP record in the
     pool, bounded queue), the next forward dispatched before the current batch is handed to
     the pool, AP combined from the records.
 Fields (seconds per sample unless named otherwise): forward_s (one --batch forward / batch),

@@ -16,6 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 from configs import tcs
 from mapkd_jax import vectorize
+from mapkd_jax.eval import ordering
 
 REF = dict(eps=1.5, min_samples=50, max_cluster_pixels=0, dbscan_algorithm='cover',
            close_kernel_px=5, min_area_px=100, standardize=True, score='softmax')
@@ -306,11 +307,11 @@ def test_top2_directions_and_nms_mask_match_torch():
   rng = np.random.default_rng(3)
   logits = rng.normal(0, 2, (30, 50, 37)).astype(np.float32)
   logits[:5, :5] = 0.0    # all channels tied: the first wins, as torch's argmax
-  np.testing.assert_array_equal(vectorize.top2_directions(logits), _torch_top2(logits).numpy())
+  np.testing.assert_array_equal(ordering.top2_directions(logits), _torch_top2(logits).numpy())
   prob = rng.uniform(0, 1, (40, 60)).astype(np.float32)
   prob[prob < 0.5] = 0
   prob[10:20, 10:40] = 0.75    # flat areas: ties of the max and of the two averages
-  np.testing.assert_array_equal(vectorize.reference_nms_mask(prob), _torch_nms(prob))
+  np.testing.assert_array_equal(ordering.reference_nms_mask(prob), _torch_nms(prob))
 
 
 def _bins_along(direction, mask, angle_deg, *, bins=36):

@@ -5,6 +5,7 @@ import pytest
 
 from configs import tcs
 from mapkd_jax import vectorize
+from mapkd_jax.eval import trace
 
 BEV_X, BEV_Y = (-30.0, 30.0, 0.6), (-15.0, 15.0, 0.6)   # 100 x 50 canvas, 0.6 m pixels
 CLASSES = ('divider', 'ped_crossing', 'boundary')
@@ -147,16 +148,16 @@ def test_pixel_graph_matches_pair_loop(radius, count, seed):
   rng = np.random.default_rng(seed)
   flat = rng.choice(12 * 9, size=count, replace=False)
   pixels = np.stack([flat % 12, flat // 12], axis=1) - 3   # negative coordinates too
-  got = vectorize.pixel_graph(pixels, radius).toarray()
+  got = trace.pixel_graph(pixels, radius).toarray()
   np.testing.assert_allclose(got, _pixel_graph_ref(pixels, radius), atol=1e-12)
 
 
 def test_trim_ends_removes_arc_length_at_both_ends():
   line = np.array([[0.0, 0.0], [4.0, 0.0], [4.0, 6.0]])
-  got = vectorize.trim_ends(line, 1.0)
+  got = trace.trim_ends(line, 1.0)
   np.testing.assert_allclose(got, [[1.0, 0.0], [4.0, 0.0], [4.0, 5.0]])
   short = np.array([[0.0, 0.0], [1.5, 0.0]])
-  np.testing.assert_allclose(vectorize.trim_ends(short, 1.0), short)
+  np.testing.assert_allclose(trace.trim_ends(short, 1.0), short)
 
 
 def test_subsampled_clustering_assigns_nearest_subset_label_like_a_loop():
@@ -275,7 +276,7 @@ def test_disk_lookup_matches_point_pixel_loop(reach, seed):
       piece[rng.choice(len(piece), 30)] + rng.uniform(-3, 3, (30, 2)),
       rng.uniform(-20, 45, (30, 2)),                            # anywhere, also far outside
       [[-100.0, -100.0], [10.5, 2.5], [0.25, -0.75]]])
-  disks = vectorize.DiskLookup(piece, reach)
+  disks = trace.DiskLookup(piece, reach)
   want_sets = _disk_ref(piece, points, reach)
   with np.errstate(invalid='ignore'):
     want_means = np.stack([piece[s].mean(axis=0) if s else [np.nan, np.nan]
