@@ -85,8 +85,8 @@ def checkpoint_location(config, workdir, checkpoint):
 
 def _forward(variables, batch, *, model, with_direction=False):
   """Head outputs the evaluation reads; the direction logits only for config.eval.ordering=
-  'reference' (HDMapNet's ordering follows them), so that the default does not move 37 more
-  channels a pixel to the host."""
+  'reference' (the default: HDMapNet's ordering follows them), so that ordering='trace' does
+  not move 37 more channels a pixel to the host."""
   out = model.apply(variables, batch, train=False)
   kept = {'semantic': out['semantic'].astype(jnp.float32),
           'embedding': out['embedding'].astype(jnp.float32)}

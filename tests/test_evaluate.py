@@ -199,8 +199,8 @@ def test_iou_counts_match_loop_and_gt_as_prediction_scores_one(shape, seed):
 
 def test_reference_ordering_gets_the_direction_head_and_metrics_name_the_postprocess(
     trained_root, monkeypatch):
-  """config.eval.ordering='reference' hands every sample's direction logits to the scorer
-  (HDMapNet's ordering follows them); the default does not; metrics.json records the
+  """config.eval.ordering='reference' (the default) hands every sample's direction logits to the
+  scorer (HDMapNet's ordering follows them); 'trace' does not; metrics.json records the
   post-processing settings."""
   seen = []
   original = scoring.Scorer.submit
@@ -211,7 +211,7 @@ def test_reference_ordering_gets_the_direction_head_and_metrics_name_the_postpro
 
   monkeypatch.setattr(scoring.Scorer, 'submit', spy)
   config = _config()
-  config.eval.ordering = 'reference'
+  assert config.eval.ordering == 'reference'
   out = os.path.join(trained_root, 'student_nokd', 'eval')
   eval_lib.evaluate(config, trained_root, num_images=0, workers=1)
   with open(os.path.join(out, 'metrics.json')) as f:
@@ -222,7 +222,8 @@ def test_reference_ordering_gets_the_direction_head_and_metrics_name_the_postpro
   num_bins = config.data.direction_bins
   assert seen and all(shape == (50, 100, num_bins + 1) for shape in seen), seen[:3]
   seen.clear()
-  eval_lib.evaluate(_config(), trained_root, num_images=0, workers=1)
+  config.eval.ordering = 'trace'
+  eval_lib.evaluate(config, trained_root, num_images=0, workers=1)
   assert seen and all(shape is None for shape in seen)
 
 
