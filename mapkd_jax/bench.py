@@ -13,7 +13,8 @@ after --warmup untimed ones, each ending in `block_until_ready` (`time_jitted`, 
 the other benchmarks). A final line holds the
 student/teacher and student/coach frames/s ratios of this run (MapKD's claim: student >= 3x
 teacher, >= 1.5x coach on the same device). --torch_student adds the PyTorch eager reference
-student (same shapes, random weights) timed in the same process:
+student (same shapes, random weights) timed in the same process, its calls alternating with
+the JAX student's:
 
   python -m mapkd_jax.bench --config configs/tcs.py:student --models student --torch_student
 """
@@ -182,6 +183,11 @@ def time_jitted(fn, args, *, iters, warmup, next_args=None):
       output = jax.block_until_ready(fn(*args))
       times.append(time.perf_counter() - start)
       args = advance(args, output)
+  return _timing(times, output)
+
+
+def _timing(times, output):
+  """Timing of a list of call durations (seconds)."""
   times = np.asarray(times)
   p25, p50, p75, p90 = np.percentile(times, [25, 50, 75, 90])
   return Timing(median_s=float(p50), spread_s=float(p75 - p25), p90_s=float(p90),
@@ -189,10 +195,39 @@ def time_jitted(fn, args, *, iters, warmup, next_args=None):
                 times_s=tuple(float(t) for t in times), output=output)
 
 
-def bench_model(name, config, *, batch_size, iters, warmup, seed, config_name=''):
-  """Times one model's eval-mode forward pass; returns its JSON-ready record."""
+def time_alternating(calls, *, iters, warmup):
+  """Times several callables in rounds, one call of each per round, in the given order.
+
+  For a speed RATIO on a shared host: load that comes and goes (other processes on the same
+  cores) then falls on every callable alike, where timing one after the other lets a busy
+  minute land on one of them only. Each call ends in `jax.block_until_ready` (a no-op on
+  torch tensors, whose eager CPU calls return when done); held under device_turn like
+  time_jitted.
+
+  Args:
+    calls: {name: (fn, args)}.
+    iters, warmup: timed and untimed rounds (iters >= 1, warmup >= 0).
+  Returns:
+    {name: Timing}.
+  Raises:
+    ValueError: iters < 1 or warmup < 0.
+  """
   if iters < 1 or warmup < 0:
     raise ValueError(f'--iters must be >= 1 and --warmup >= 0, got {iters}, {warmup}')
+  times = {name: [] for name in calls}
+  outputs = {}
+  with device_turn():
+    for round_index in range(warmup + iters):
+      for name, (fn, args) in calls.items():
+        start = time.perf_counter()
+        outputs[name] = jax.block_until_ready(fn(*args))
+        if round_index >= warmup:
+          times[name].append(time.perf_counter() - start)
+  return {name: _timing(times[name], outputs[name]) for name in calls}
+
+
+def prepare_model(name, config, *, batch_size, seed):
+  """(compiled eval-mode forward, its args, record fields) of a benchmarked model name."""
   registry_name, model_config = variant(name, config)
   model = models_lib.build(registry_name, model_config)
   batch = jax.device_put(random_batch(model_config, batch_size, seed=seed))
@@ -203,27 +238,49 @@ def bench_model(name, config, *, batch_size, iters, warmup, seed, config_name=''
   start = time.perf_counter()
   forward = jax.jit(lambda v, b: model.apply(v, b, train=False)).lower(variables, batch).compile()
   compile_s = time.perf_counter() - start
-  timing = time_jitted(forward, (variables, batch), iters=iters, warmup=warmup)
+  fields = {'name': name, 'params': summary['params'], 'flops': summary['flops'],
+            'compile_s': round(compile_s, 3)}
+  return forward, (variables, batch), fields
+
+
+def _latency_fields(timing, *, batch_size, iters, warmup):
   return {
-      'name': name, 'params': summary['params'], 'flops': summary['flops'],
-      'compile_s': round(compile_s, 3),
       'latency_ms_median': round(1e3 * timing.median_s, 3),
       'latency_ms_p90': round(1e3 * timing.p90_s, 3),
       'latency_ms_iqr': round(1e3 * timing.spread_s, 3),
       'frames_per_s': round(batch_size / timing.median_s, 3),
-      'iters': iters, 'warmup': warmup, 'batch': batch_size,
-      'device_kind': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
-      'config_name': config_name,
-  }
+      'iters': iters, 'warmup': warmup, 'batch': batch_size}
 
 
-def bench_torch_student(config, *, batch_size, iters, warmup, seed, config_name=''):
+def _model_record(fields, timing, *, batch_size, iters, warmup, config_name):
+  return {**fields, **_latency_fields(timing, batch_size=batch_size, iters=iters, warmup=warmup),
+          'device_kind': jax.devices()[0].device_kind, 'backend': jax.default_backend(),
+          'config_name': config_name}
+
+
+def bench_model(name, config, *, batch_size, iters, warmup, seed, config_name=''):
+  """Times one model's eval-mode forward pass; returns its JSON-ready record."""
+  if iters < 1 or warmup < 0:
+    raise ValueError(f'--iters must be >= 1 and --warmup >= 0, got {iters}, {warmup}')
+  forward, args, fields = prepare_model(name, config, batch_size=batch_size, seed=seed)
+  timing = time_jitted(forward, args, iters=iters, warmup=warmup)
+  return _model_record(fields, timing, batch_size=batch_size, iters=iters, warmup=warmup,
+                       config_name=config_name)
+
+
+def bench_torch_student(config, *, batch_size, iters, warmup, seed, config_name='',
+                        alongside=None):
   """Times the PyTorch eager reference student (tests/torch_ref_bev.Student) on this CPU.
 
   The reference architecture the converter maps (PMapNet_sdmap_S: EfficientNet-B0 CamEncode,
   HDMapNet view MLP + IPM, BEV tail), random weights (speed does not depend on their values),
   eval mode under torch.no_grad, the same batch shapes as the JAX student's call. torch and
   the tests/ references are imported here only: no other code of this package needs them.
+
+  Args:
+    alongside: optional (fn, args) of another callable (the JAX student) to time in
+      alternation with the torch student (time_alternating); then returns (torch record,
+      that callable's Timing).
 
   Raises:
     FileNotFoundError: tests/torch_ref_bev.py cannot be found (run from the repo root).
@@ -245,14 +302,24 @@ def bench_torch_student(config, *, batch_size, iters, warmup, seed, config_name=
   # on the path until the timing is done.
   sys.path.insert(0, tests_dir)
   try:
-    return _time_torch_student(config, torch, batch_size=batch_size, iters=iters,
-                               warmup=warmup, seed=seed, config_name=config_name)
+    forward = _torch_student_forward(config, torch, batch_size=batch_size, seed=seed)
+    if alongside is None:
+      timing, other = time_jitted(forward, (), iters=iters, warmup=warmup), None
+    else:
+      timings = time_alternating({'other': alongside, 'torch': (forward, ())}, iters=iters,
+                                 warmup=warmup)
+      timing, other = timings['torch'], timings['other']
   finally:
     sys.path.remove(tests_dir)
+  record = {'name': 'torch_student', 'framework': f'torch {torch.__version__} eager',
+            'torch_threads': torch.get_num_threads(),
+            **_latency_fields(timing, batch_size=batch_size, iters=iters, warmup=warmup),
+            'config_name': config_name}
+  return record if alongside is None else (record, other)
 
 
-def _time_torch_student(config, torch, *, batch_size, iters, warmup, seed, config_name):
-  """bench_torch_student's body, with tests/ on sys.path."""
+def _torch_student_forward(config, torch, *, batch_size, seed):
+  """bench_torch_student's model and batch (tests/ on sys.path): a no-argument callable."""
   import torch_ref_bev  # pylint: disable=g-import-not-at-top
   camera = config.model.camera
   canvas = schema.bev_shape(config.data.bev_x, config.data.bev_y)
@@ -267,14 +334,7 @@ def _time_torch_student(config, torch, *, batch_size, iters, warmup, seed, confi
     with torch.no_grad():   # eager CPU torch is synchronous: the call returns when done
       return model(images, rots, trans)['semantic']
 
-  timing = time_jitted(forward, (), iters=iters, warmup=warmup)
-  return {'name': 'torch_student', 'framework': f'torch {torch.__version__} eager',
-          'torch_threads': torch.get_num_threads(),
-          'latency_ms_median': round(1e3 * timing.median_s, 3),
-          'latency_ms_p90': round(1e3 * timing.p90_s, 3),
-          'latency_ms_iqr': round(1e3 * timing.spread_s, 3),
-          'frames_per_s': round(batch_size / timing.median_s, 3),
-          'iters': iters, 'warmup': warmup, 'batch': batch_size, 'config_name': config_name}
+  return forward
 
 
 def speed_ratios(records):
@@ -291,15 +351,32 @@ def run(config, names, *, batch_size, iters, warmup, seed, config_name='', emit=
         torch_student=False):
   """Benchmarks `names` in order, emitting one JSON line each, then the ratio line.
 
-  With `torch_student`, the PyTorch eager reference student is timed after them in the same
-  process (bench_torch_student), and the ratio line gains student_over_torch_student_fps.
+  With `torch_student`, the PyTorch eager reference student is timed in the same process
+  (bench_torch_student), in alternation with the JAX student when that is among `names`
+  (time_alternating: one call of each per round, so that load from other processes falls on
+  both), and the ratio line gains student_over_torch_student_fps.
   """
   records = []
+  alternate = torch_student and 'student' in names
   for name in names:
+    if alternate and name == 'student':
+      continue   # timed below, in alternation with the torch student
     records.append(bench_model(name, config, batch_size=batch_size, iters=iters, warmup=warmup,
                                seed=seed, config_name=config_name))
     emit(json.dumps(records[-1]))
-  if torch_student:
+  if alternate:
+    # One JAX call, one torch call, and so on: the ratio of a loaded host stays meaningful.
+    forward, args, fields = prepare_model('student', config, batch_size=batch_size, seed=seed)
+    torch_record, timing = bench_torch_student(
+        config, batch_size=batch_size, iters=iters, warmup=warmup, seed=seed,
+        config_name=config_name, alongside=(forward, args))
+    records.append({**_model_record(fields, timing, batch_size=batch_size, iters=iters,
+                                    warmup=warmup, config_name=config_name),
+                    'timed': 'alternating with torch_student'})
+    emit(json.dumps(records[-1]))
+    records.append({**torch_record, 'timed': 'alternating with student'})
+    emit(json.dumps(records[-1]))
+  elif torch_student:
     records.append(bench_torch_student(config, batch_size=batch_size, iters=iters,
                                        warmup=warmup, seed=seed, config_name=config_name))
     emit(json.dumps(records[-1]))
