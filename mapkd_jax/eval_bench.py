@@ -5,34 +5,41 @@
 
 Prints one JSON line. The forward pass is the config's stage model, jitted, random weights, on
 a random batch of --batch rows (bench.random_batch); its outputs are not vectorized (random
-weights give noise everywhere). Vectorization and AP run on label-like head outputs with
-noise (`noisy_outputs`: lines drawn at the label thickness, logits +-2 plus Gaussian noise of
---noise, one embedding per line plus noise), the same work per sample as a trained model's
-maps with that much clutter. For a trained model's own predictions, time `evaluate` (its log
-gives samples/s; README shows figures).
+weights give noise everywhere). Vectorization and AP run on label-like head outputs with noise
+(`noisy_outputs`: lines drawn at the label thickness, logits +-2 plus Gaussian noise of
+--noise, one embedding per line plus noise, direction logits along each segment), the same
+work per sample as a trained model's maps with that much clutter. For a trained model's own
+predictions, time `evaluate` (its log gives samples/s; README shows figures).
 
 Both evaluation paths are measured in the same run, on the same samples:
-  before: what `evaluate` did before the eval/ package: DBSCAN with sklearn's default
+  before: what `evaluate` did before the eval/ package: polylines by the centreline trace
+    (ordering 'trace' whatever config.eval.ordering says), DBSCAN with sklearn's default
     neighbour search ('auto', brute force here), the centreline's disks by sklearn's k-d
     tree (vectorize disk_search='kdtree'), vectorization in the --workers pool, the
     forward waited for before the next one is dispatched, vector AP computed at the end in
-    the main process;
-  after: `eval.scoring.Scorer` (vectorization with config.eval.dbscan_algorithm, 'cover' by
-    default: eval/cluster.py, and eval/trace.py DiskLookup, AND each sample's AP record in the
-    pool, bounded queue), the next forward dispatched before the current batch is handed to
-    the pool, AP combined from the records.
-Fields (seconds per sample unless named otherwise): forward_s (one --batch forward / batch),
-vectorize_s / vectorize_before_s (inline, after / before neighbour and disk search),
-cluster_s / cluster_before_s / cluster_ball_tree_s (inline, DBSCAN alone:
-vectorize.cluster_embeddings of every class's pixels with config.eval.dbscan_algorithm /
-'auto' / 'ball_tree', the search of the previous default), ap_s (inline, whole split at the
-end), host_before_s (pool vectorization + serial AP, wall) and host_after_s (Scorer pool,
-wall), host_speedup = host_before_s / host_after_s, inline_speedup = (vectorize_before_s +
-ap_s) / (vectorize_s + ap_s) (the same work without the pool, whose processes compete with
-everything else on a loaded machine); end_to_end_before_s / end_to_end_after_s (both loops
-with the forward, wall, pool start excluded) and end_to_end_speedup; samples_per_s_before /
-samples_per_s_after = their inverses. The loops and the inline timings alternate --repeats
-times (medians), so load drift on a shared machine hits both paths.
+    the main process (by today's eval/ap.py: its speed-ups reach both paths);
+  after: `eval.scoring.Scorer` as `evaluate` runs it (polylines by config.eval.ordering:
+    'reference' = eval/ordering.py on the direction logits, 'trace' = eval/trace.py with
+    DiskLookup; DBSCAN by config.eval.dbscan_algorithm, 'cover' by default: eval/cluster.py;
+    AND each sample's AP record in the pool, bounded queue), the next forward dispatched
+    before the current batch is handed to the pool, AP combined from the records.
+Both use config.eval's post-processing (mask, standardization, score); with ordering
+'reference' the two paths' vectors differ (same_vectors_before_after is then false, and map /
+map_before are the two orderings' mAP).
+
+Fields (seconds per sample unless named otherwise): ordering / ordering_before (the paths'
+orderings), forward_s (one --batch forward / batch), vectorize_s / vectorize_before_s
+(inline, after / before), cluster_s / cluster_before_s / cluster_ball_tree_s (inline, DBSCAN
+alone: vectorize.cluster_embeddings of every class's argmax pixels with
+config.eval.dbscan_algorithm / 'auto' / 'ball_tree', the search of the previous default),
+ap_s (inline, whole split at the end), host_before_s (pool vectorization + serial AP, wall)
+and host_after_s (Scorer pool, wall), host_speedup = host_before_s / host_after_s,
+inline_speedup = (vectorize_before_s + ap_s) / (vectorize_s + ap_s) (the same work without
+the pool, whose processes compete with everything else on a loaded machine);
+end_to_end_before_s / end_to_end_after_s (both loops with the forward, wall, pool start
+excluded) and end_to_end_speedup; samples_per_s_before / samples_per_s_after = their
+inverses. The loops and the inline timings alternate --repeats times (medians), so load drift
+on a shared machine hits both paths.
 """
 import concurrent.futures
 import functools
@@ -58,19 +65,25 @@ from mapkd_jax.eval import protocols
 from mapkd_jax.eval import scoring
 
 
-def noisy_outputs(rng, config, *, num_lines=12, noise=0.5, line_px=None):
+def noisy_outputs(rng, config, *, num_lines=12, noise=0.5, line_px=None, direction=False):
   """Label-like head outputs of one sample and their GT vectors.
 
   Args:
     rng: numpy Generator.
-    config: full config (data.bev_x/bev_y, classes; model embedding width).
+    config: full config (data.bev_x/bev_y, classes, direction_bins; model embedding width).
     num_lines: random 4-vertex polylines, random class.
     noise: std of the Gaussian noise added to every logit (and 0.3 x to embeddings).
     line_px: drawn thickness; default the canvas' equivalent of 5 px at 0.15 m.
+    direction: also return direction-head logits (for config.eval.ordering='reference'): on
+      each segment's pixels the two bins along the segment (both ways, as the labels'
+      two-direction target; angles in (column, row) pixel space, as the reference's walk
+      steps) at +2, channel 0 ('none') at -2, elsewhere channel 0 at +2; plus noise. Drawn
+      after everything else, so the other outputs are the same with or without it.
 
   Returns:
     (semantic logits [H, W, K+1] float32, embedding [H, W, E] float32,
-     GT vectors [{'cls', 'pts' [N, 2] metres}]).
+     GT vectors [{'cls', 'pts' [N, 2] metres}]), and direction logits [H, W, D+1] float32
+    last when `direction`.
   """
   data = config.data
   height, width = schema.bev_shape(data.bev_x, data.bev_y)
@@ -82,6 +95,7 @@ def noisy_outputs(rng, config, *, num_lines=12, noise=0.5, line_px=None):
   semantic[..., 0] = 2.0
   embedding = np.zeros((height, width, embed_dim), np.float32)
   gt = []
+  lines_px = []
   for _ in range(num_lines):
     cls = int(rng.integers(1, len(classes) + 1))
     pix = (np.cumsum(rng.normal(size=(4, 2)) * [width / 5, height / 5], axis=0)
@@ -95,9 +109,27 @@ def noisy_outputs(rng, config, *, num_lines=12, noise=0.5, line_px=None):
     metres = np.stack([data.bev_x[0] + (pix[:, 0] + 0.5) * data.bev_x[2],
                        data.bev_y[0] + (pix[:, 1] + 0.5) * data.bev_y[2]], axis=1)
     gt.append({'cls': classes[cls - 1], 'pts': metres})
+    lines_px.append(pix.astype(np.int32))
   semantic += rng.normal(scale=noise, size=semantic.shape).astype(np.float32)
   embedding += rng.normal(scale=0.3 * noise, size=embedding.shape).astype(np.float32)
-  return semantic, embedding, gt
+  if not direction:
+    return semantic, embedding, gt
+  bins = int(data.direction_bins)
+  logits = np.zeros((height, width, bins + 1), np.float32)
+  logits[..., 0] = 2.0
+  for pix in lines_px:
+    for a, b in zip(pix[:-1], pix[1:]):
+      mask = np.zeros((height, width), np.uint8)
+      cv2.line(mask, tuple(map(int, a)), tuple(map(int, b)), 1, thickness=line_px)
+      drawn = mask > 0
+      angle = np.rad2deg(np.arctan2(float(b[1] - a[1]), float(b[0] - a[0])))
+      logits[drawn] = 0.0
+      logits[drawn, 0] = -2.0
+      for way in (angle, angle + 180.0):
+        # The labels' binning (data_prep/labels.py): nearest bin centre, round half up.
+        logits[drawn, 1 + int(np.floor(np.mod(way, 360.0) * bins / 360.0 + 0.5)) % bins] = 2.0
+  logits += rng.normal(scale=noise, size=logits.shape).astype(np.float32)
+  return semantic, embedding, gt, logits
 
 
 def vectorize_kwargs(config):
@@ -132,7 +164,7 @@ def _before_loop(inputs, pool, vec_kwargs, ap_kwargs, config, protocol, step):
   """The pre-eval/-package evaluation loop; `step()` runs one forward to completion."""
   fn = functools.partial(vectorize.vectorize_sample, **vec_kwargs)
   futures = []
-  for k, (semantic, embedding, _) in enumerate(inputs):
+  for k, (semantic, embedding, *_) in enumerate(inputs):
     if step is not None and k % step[1] == 0:
       step[0]()
     futures.append(pool.submit(fn, semantic, embedding) if pool else fn(semantic, embedding))
@@ -145,11 +177,11 @@ def _before_loop(inputs, pool, vec_kwargs, ap_kwargs, config, protocol, step):
 def _after_loop(inputs, scorer, config, protocol, dispatch):
   """`evaluate`'s loop: the next forward is dispatched before this batch goes to the pool."""
   pending = dispatch[0]() if dispatch is not None else None
-  for k, (semantic, embedding, gt) in enumerate(inputs):
+  for k, (semantic, embedding, gt, direction) in enumerate(inputs):
     if dispatch is not None and k % dispatch[1] == 0 and k:
       jax.block_until_ready(pending)
       pending = dispatch[0]()
-    scorer.submit(f's{k:05d}', semantic, embedding, gt)
+    scorer.submit(f's{k:05d}', semantic, embedding, gt, direction=direction)
   if pending is not None:
     jax.block_until_ready(pending)
   scored = scorer.results()
@@ -168,12 +200,15 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
     raise ValueError(f'--batch must be >= 1, got {batch}')
   workers = eval_lib.resolve_workers(workers)
   rng = np.random.default_rng(seed)
-  inputs = [noisy_outputs(rng, config, noise=noise) for _ in range(samples)]
+  inputs = [noisy_outputs(rng, config, noise=noise, direction=True) for _ in range(samples)]
   after_kwargs = vectorize.config_kwargs(config)
-  before_kwargs = {**after_kwargs, 'dbscan_algorithm': 'auto', 'disk_search': 'kdtree'}
+  # The original path: the centreline trace whatever config.eval.ordering says (the reference
+  # ordering came after it), sklearn's DBSCAN search, the k-d tree disks.
+  before_kwargs = {**after_kwargs, 'dbscan_algorithm': 'auto', 'disk_search': 'kdtree',
+                   'ordering': 'trace'}
   ap_kwargs = eval_lib.config_ap_kwargs(config, protocol)
 
-  class_pixels = [_class_embeddings(s, e, after_kwargs['min_samples']) for s, e, _ in inputs]
+  class_pixels = [_class_embeddings(s, e, after_kwargs['min_samples']) for s, e, *_ in inputs]
   cluster_kwargs = dict(eps=after_kwargs['eps'], min_samples=after_kwargs['min_samples'],
                         max_pixels=after_kwargs['max_cluster_pixels'])
   inline = {'after': [], 'before': [], 'cluster': [], 'cluster_before': [],
@@ -181,10 +216,11 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
   labels = {}
   for _ in range(repeats):   # alternated, medians kept (see the loops below)
     start = time.perf_counter()
-    vectors = [vectorize.vectorize_sample(s, e, **after_kwargs) for s, e, _ in inputs]
+    vectors = [vectorize.vectorize_sample(s, e, direction=d, **after_kwargs)
+               for s, e, _, d in inputs]
     inline['after'].append((time.perf_counter() - start) / samples)
     start = time.perf_counter()
-    before_vectors = [vectorize.vectorize_sample(s, e, **before_kwargs) for s, e, _ in inputs]
+    before_vectors = [vectorize.vectorize_sample(s, e, **before_kwargs) for s, e, *_ in inputs]
     inline['before'].append((time.perf_counter() - start) / samples)
     for name, algorithm in (('cluster', after_kwargs['dbscan_algorithm']),
                             ('cluster_before', before_kwargs['dbscan_algorithm']),
@@ -251,9 +287,11 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
   record = {
       'stage': config.stage, 'canvas': [height, width], 'samples': samples, 'workers': workers,
       'batch': batch, 'repeats': repeats, 'noise': noise, 'protocol': protocol,
+      'ordering': after_kwargs['ordering'], 'ordering_before': before_kwargs['ordering'],
       'backend': jax.default_backend(),
       'cpu_count': os.cpu_count(),
-      'foreground_px_per_sample': float(np.mean([(s.argmax(-1) > 0).sum() for s, _, _ in inputs])),
+      'foreground_px_per_sample': float(np.mean([(s.argmax(-1) > 0).sum()
+                                                 for s, *_ in inputs])),
       'vectors_per_sample': float(np.mean([len(v) for v in vectors])),
       'same_vectors_before_after': bool(_same(vectors, before_vectors)),
       'map': result['map'], 'map_before': figures['host_map_before'],

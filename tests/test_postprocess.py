@@ -166,6 +166,7 @@ def test_reference_sizes_convert_like_the_label_width():
 def test_bad_input_is_named():
   semantic, embedding = _blank(20, 30)
   kwargs = vectorize.config_kwargs(tcs.get_config('student,tiny'))
+  kwargs['direction'] = np.zeros((20, 30, 37), np.float32)   # the default ordering reads it
   with pytest.raises(ValueError, match='embedding shape'):
     vectorize.vectorize_sample(semantic, embedding[:10], **kwargs)
   bad = semantic.copy()
@@ -389,3 +390,66 @@ def test_reference_ordering_needs_direction():
                                direction=np.zeros((20, 31, 37), np.float32))
   with pytest.raises(ValueError, match='config.eval.ordering'):
     vectorize.vectorize_sample(semantic, embedding, **{**kwargs, 'ordering': 'greedy'})
+
+
+def _pixel_sets(rng):
+  """Pixel sets that exercise sort_points_by_dist's rules: thin and thick noisy lines,
+  parallel lines (discards within 5 px of the chain), scattered points (jumps above 10 px,
+  also after 90% of the steps), points on a lattice (equal distances, argmin's first index)."""
+  sets = []
+  for _ in range(4):
+    mask = np.zeros((60, 90), np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+      a, b = rng.integers([0, 0], [90, 60], (2, 2))
+      cv2.line(mask, tuple(map(int, a)), tuple(map(int, b)), 1, int(rng.integers(1, 4)))
+    mask[rng.integers(0, 60, 25), rng.integers(0, 90, 25)] = 1
+    mask &= rng.uniform(size=mask.shape) < 0.8    # holes: steps above 1 px
+    rows, cols = np.nonzero(mask)
+    sets.append(np.stack([cols, rows], 1)[rng.permutation(len(rows))])
+  lattice = np.stack(np.meshgrid(np.arange(0, 40, 4), np.arange(0, 12, 6)), -1).reshape(-1, 2)
+  sets.append(lattice)
+  line = np.stack([np.arange(40), np.zeros(40, int)], 1)
+  sets.append(np.concatenate([line, [[49, 0], [60, 0], [80, 5]]]))  # late jumps: 10 px goes on,
+  # 11 px ends the chain
+  sets.append(np.concatenate([line, line[::3] + [0, 4]]))     # a parallel row 4 px away
+  sets.append(np.array([[5, 5]]))
+  return sets
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_sort_points_by_dist_matches_the_reference_loop(seed):
+  for pixels in _pixel_sets(np.random.default_rng(seed)):
+    want = _ref_sort(pixels)
+    np.testing.assert_array_equal(ordering.sort_points_by_dist(pixels), want)
+    # Non-integer points take the plain loop.
+    np.testing.assert_array_equal(ordering.sort_points_by_dist(pixels + 0.25), want + 0.25)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_connect_by_direction_matches_the_reference_walk(seed):
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  for pixels in _pixel_sets(rng)[:-1]:
+    lane = _ref_sort(pixels).astype(np.int32)
+    height, width = lane[:, 1].max() + 1, lane[:, 0].max() + 1
+    # Bins along the line with noise, some 'none' (-1), both of a pixel's bins sometimes equal.
+    bins = rng.integers(-1, 36, (height, width, 2))
+    bins[rng.uniform(size=(height, width)) < 0.5] = [0, 18]
+    for start in {0, len(lane) - 1, int(rng.integers(0, len(lane)))}:
+      got = ordering.connect_by_direction(lane, bins, start=start)
+      points, taken = [lane[start].copy()], np.zeros((height, width, 2), bool)
+      mask = torch.from_numpy(bins)
+      _ref_walk(lane, mask, points, taken, 7, 10.0)
+      points.reverse()
+      _ref_walk(lane, mask, points, taken, 7, 10.0)
+      np.testing.assert_array_equal(got, np.stack(points, 0))
+
+
+def test_top2_directions_at_pixels_equal_the_whole_map():
+  rng = np.random.default_rng(4)
+  logits = rng.normal(0, 2, (20, 30, 37)).astype(np.float32)
+  logits[:3, :3] = 0.0                       # ties
+  logits[5, 5, [3, 9]] = 20.0                # equal peaks
+  rows, cols = rng.integers(0, 20, 50), rng.integers(0, 30, 50)
+  np.testing.assert_array_equal(ordering.top2_directions(logits[rows, cols]),
+                                ordering.top2_directions(logits)[rows, cols])

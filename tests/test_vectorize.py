@@ -240,9 +240,10 @@ def test_cover_dbscan_gives_the_sklearn_vectors_on_noisy_maps():
     config = tcs.get_config(size)
     kwargs = vectorize.config_kwargs(config)
     assert kwargs['dbscan_algorithm'] == 'cover'
-    semantic, embedding, _ = eval_bench.noisy_outputs(rng, config, num_lines=lines, noise=noise)
-    got = vectorize.vectorize_sample(semantic, embedding, **kwargs)
-    want = vectorize.vectorize_sample(semantic, embedding,
+    semantic, embedding, _, direction = eval_bench.noisy_outputs(
+        rng, config, num_lines=lines, noise=noise, direction=True)
+    got = vectorize.vectorize_sample(semantic, embedding, direction=direction, **kwargs)
+    want = vectorize.vectorize_sample(semantic, embedding, direction=direction,
                                       **{**kwargs, 'dbscan_algorithm': 'ball_tree'})
     np.testing.assert_equal(got, want)
     total += len(got)
@@ -296,7 +297,7 @@ def test_disk_lookup_gives_the_kdtree_vectors_on_noisy_maps():
   """The default disk search changes speed only: the k-d tree path's vectors, bit for bit."""
   from mapkd_jax import eval_bench  # pylint: disable=g-import-not-at-top
   config = tcs.get_config('student,tiny')
-  kwargs = vectorize.config_kwargs(config)
+  kwargs = {**vectorize.config_kwargs(config), 'ordering': 'trace'}   # the disks are the trace's
   rng = np.random.default_rng(5)
   total = 0
   for noise in (0.3, 0.6):

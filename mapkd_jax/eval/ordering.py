@@ -7,6 +7,7 @@ along its longer pixel range and chained greedily (`sort_points_by_dist`), then 
 direction bins from a seeded start (`connect_by_direction`); `order_class_instances` runs that
 for every instance of a sample in the reference's loop order.
 """
+import functools
 import random
 
 import numpy as np
@@ -21,7 +22,7 @@ def softmax_probability(semantic_logits):
 
 
 def top2_directions(direction_logits):
-  """[H, W, D + 1] direction logits -> [H, W, 2] int64: the reference's two direction bins.
+  """[..., D + 1] direction logits -> [..., 2] int64: the reference's two direction bins.
 
   HDMapNet postprocess/vectorize.py get_pred_top2_direction: softmax over the channels, the
   best channel, then the best channel after zeroing the best and its two neighbours on each
@@ -83,12 +84,23 @@ def reference_nms_mask(prob):
 def sort_points_by_dist(coords):
   """[N, 2] points -> [M, 2] float64: the reference's greedy nearest-neighbour chain.
 
-  From the first point, repeatedly the nearest unused point; a candidate farther than 3 px
-  that lies within 5 px of a point already taken is discarded, and after 90% of the steps a
-  jump above 10 px ends the chain (HDMapNet postprocess/connect.py sort_points_by_dist; its
-  direction term is multiplied by 0 there and left out here).
+  From the first point, repeatedly the nearest unused point (the lowest index among equally
+  near ones, as np.argmin); a candidate farther than 3 px that lies within 5 px of a point
+  already taken is discarded, and after 90% of the steps a jump above 10 px ends the chain
+  (HDMapNet postprocess/connect.py sort_points_by_dist; its direction term is multiplied by 0
+  there and left out here). Distinct integer points (the pixels `reference_order` passes) take
+  `_sort_pixels_by_dist`, the same chain without the N x N matrix; other input the plain loop.
   """
   coords = np.asarray(coords, np.float64)
+  pixels = coords.astype(np.int64)
+  if len(coords) and np.array_equal(pixels, coords) and \
+      len(np.unique(pixels, axis=0)) == len(pixels):
+    return coords[_sort_pixels_by_dist(pixels)]
+  return coords[_sort_points_by_dist_dense(coords)]
+
+
+def _sort_points_by_dist_dense(coords):
+  """`sort_points_by_dist`'s chain as indices, by the reference's own loop over a matrix."""
   num = len(coords)
   diff = coords[:, None, :] - coords[None, :, :]
   full = np.sqrt((diff ** 2).sum(-1))
@@ -105,66 +117,181 @@ def sort_points_by_dist(coords):
       break
     order.append(nxt)
     dist[:, nxt] = np.inf
-  return coords[order]
+  return order
+
+
+# Pixel offsets within 3 px, grouped by squared length, nearest group first: a point's nearest
+# unused pixel, when it is this close, is found by lookups instead of a scan of all points.
+_NEAR_GROUPS = tuple(
+    tuple((dc, dr) for dc in range(-3, 4) for dr in range(-3, 4) if dc * dc + dr * dr == d2)
+    for d2 in (1, 2, 4, 5, 8, 9))
+# Offsets closer than 5 px (squared length < 25): a candidate this close to a taken point is
+# discarded by the chain's rule.
+_WITHIN_5 = np.array([(dc, dr) for dc in range(-4, 5) for dr in range(-4, 5)
+                      if dc * dc + dr * dr < 25], np.int64)
+
+
+def _sort_pixels_by_dist(pixels):
+  """`sort_points_by_dist`'s chain as indices, for [N, 2] distinct int64 pixels.
+
+  The same decisions as the dense loop. Distances between integer points are square roots of
+  integer squared distances, equal exactly when those are equal, so the rules compare squared
+  distances (3 px -> 9, 5 -> 25, 10 -> 100). A step whose nearest unused pixel is within 3 px
+  (most steps: the chain runs along a thin line) finds it among the offsets of
+  `_NEAR_GROUPS`, lowest index among equally near ones as argmin, and within 3 px no rule
+  applies. Otherwise the unused points are ranked by (squared distance, index), argmin's
+  order: while the chain stands still the loop takes them in that order and discards each
+  that lies within 5 px of a taken point (a set that does not change while it discards), so
+  one ranking serves the whole run of discards up to the first point that is taken (or ends
+  the chain: a jump above 10 px after 90% of the loop's steps, each discard a step). A point
+  leaves the candidates when taken or discarded (the dense loop's column of inf); once none
+  are left every remaining step of the loop is a no-op, so the chain ends.
+  """
+  num = len(pixels)
+  index = {(c, r): k for k, (c, r) in enumerate(pixels.tolist())}
+  # Taken points on a grid with a 4-pixel margin, for the 5-px rule's lookups.
+  origin = pixels.min(axis=0) - 4
+  local = pixels - origin
+  taken_grid = np.zeros(tuple(local.max(axis=0) + 5), bool)     # [column, row]
+  pixel_list, local_list = pixels.tolist(), local.tolist()
+  alive = np.ones(num, bool)
+  alive_list = [True] * num
+  alive[0] = alive_list[0] = False
+  taken_grid[local_list[0][0], local_list[0][1]] = True
+  order = [0]
+  col, row = pixel_list[0]
+  remaining = num - 1
+  step = 0    # the dense loop's i: its iterations so far
+  while step < num - 1 and remaining:
+    nxt = None
+    for group in _NEAR_GROUPS:
+      for dc, dr in group:
+        k = index.get((col + dc, row + dr))
+        if k is not None and alive_list[k] and (nxt is None or k < nxt):
+          nxt = k
+      if nxt is not None:
+        break
+    if nxt is None:   # nearest unused point farther than 3 px: rank them, discard, take
+      ranked = np.flatnonzero(alive)
+      d2 = ((pixels[ranked] - pixels[order[-1]]) ** 2).sum(-1)
+      by_distance = np.lexsort((ranked, d2))
+      ranked, d2 = ranked[by_distance], d2[by_distance]
+      near = (taken_grid[local[ranked, 0][:, None] + _WITHIN_5[:, 0],
+                         local[ranked, 1][:, None] + _WITHIN_5[:, 1]]).any(axis=1)
+      kept = np.flatnonzero(~near)
+      discards = len(ranked) if len(kept) == 0 else int(kept[0])
+      discards = min(discards, num - 1 - step)   # the loop's step budget (never binding)
+      alive[ranked[:discards]] = False
+      for k in ranked[:discards].tolist():
+        alive_list[k] = False
+      remaining -= discards
+      step += discards
+      if discards == len(ranked) or step >= num - 1:
+        break
+      nxt = int(ranked[discards])
+      if d2[discards] > 100 and step > num * 0.9:
+        break
+    alive[nxt] = alive_list[nxt] = False
+    lc, lr = local_list[nxt]
+    taken_grid[lc, lr] = True
+    remaining -= 1
+    step += 1
+    order.append(nxt)
+    col, row = pixel_list[nxt]
+  return order
+
+
+@functools.lru_cache(maxsize=4096)
+def _step_offset(direction, step, per_deg):
+  """(dx, dy) float64 of a `step` px move along bin `direction`: float32 angle and offset, as
+  the reference's torch tensors (the same scalar numpy expression for every call)."""
+  rad = np.deg2rad(np.float32(per_deg) * np.float32(direction))
+  offset = np.float32(step) * np.array([np.cos(rad), np.sin(rad)], np.float32)
+  return float(offset[0]), float(offset[1])
+
+
+@functools.lru_cache(maxsize=65536)
+def _back_slot(dx, dy, bin0, bin1, per_deg):
+  """Which of a point's two bins (0 / 1) points back along the step (dx, dy) that reached it:
+  the one closest to the reverse angle (float32 gaps, wrapped at 360; the first on a tie)."""
+  inverse = (180.0 + np.rad2deg(np.arctan2(float(dy), float(dx)))) % 360
+  back = np.float32(per_deg) * np.array([bin0, bin1]).astype(np.float32)
+  gap = np.abs(back - np.float32(inverse))
+  gap = np.minimum(gap, np.float32(360) - gap)
+  return int(np.argmin(gap))
 
 
 def _connect_one_way(coords, directions, chain, taken, step, per_deg):
-  """Extends `chain` (list of int32 (col, row)) from its last point along the direction bins.
+  """Extends `chain` (list of (col, row) int tuples) from its last point along the bins.
 
   HDMapNet connect.py connect_by_step: each point offers its two direction bins once; the
   target is `step` px along the bin's angle; candidates within step - 1 of the current point
   are dropped for good (for this call), the candidate nearest the target is taken unless it
   is more than 50 px away, and the bin of the new point that points back (closest to the
   reverse angle) is marked used.
+
+  `coords`: [N, 2] int64 candidates; `directions`: {(col, row): (bin0, bin1)} of every
+  candidate; `taken`: set of (col, row, slot) used bins, shared by both walks. The distances
+  are the reference's norms written out (sqrt(dx * dx + dy * dy) in float64, what
+  np.linalg.norm computes on two coordinates); the drop test on integer offsets compares
+  squared distances when step is an integer (exact).
   """
+  cols, rows = coords[:, 0].copy(), coords[:, 1].copy()
+  whole_step = float(step).is_integer() and step >= 1
   while True:
     col, row = chain[-1]
-    if not taken[row, col, 0]:
-      direction = directions[row, col, 0]
-      taken[row, col, 0] = True
-    elif not taken[row, col, 1]:
-      direction = directions[row, col, 1]
-      taken[row, col, 1] = True
+    bins = directions[(col, row)]
+    if (col, row, 0) not in taken:
+      direction = bins[0]
+      taken.add((col, row, 0))
+    elif (col, row, 1) not in taken:
+      direction = bins[1]
+      taken.add((col, row, 1))
     else:
       break
     if direction == -1:
       continue
-    # float32 angle and offset as the reference's torch tensors; the target in float64.
-    rad = np.deg2rad(np.float32(per_deg) * np.float32(direction))
-    offset = np.float32(step) * np.array([np.cos(rad), np.sin(rad)], np.float32)
-    last = np.array(chain[-1])
-    coords = coords[np.linalg.norm(coords - last, axis=-1) > step - 1]
-    if len(coords) == 0:
+    dc, dr = cols - col, rows - row
+    d2 = dc * dc + dr * dr
+    far = d2 > (step - 1) ** 2 if whole_step else np.sqrt(d2.astype(np.float64)) > step - 1
+    cols, rows = cols[far], rows[far]
+    if len(cols) == 0:
       break
-    target = last.astype(np.float64) + offset.astype(np.float64)
-    dist = np.linalg.norm(coords - target, axis=-1)
+    ox, oy = _step_offset(int(direction), step, per_deg)
+    tx, ty = float(col) + ox, float(row) + oy
+    ex, ey = cols - tx, rows - ty
+    dist = np.sqrt(ex * ex + ey * ey)
     best = int(np.argmin(dist))
     if dist[best] > 50:
       continue
-    chain.append(coords[best].copy())
-    to_next = coords[best] - last
-    inverse = (180.0 + np.rad2deg(np.arctan2(float(to_next[1]), float(to_next[0])))) % 360
-    ncol, nrow = chain[-1]
-    back = np.float32(per_deg) * directions[nrow, ncol].astype(np.float32)
-    gap = np.abs(back - np.float32(inverse))
-    gap = np.minimum(gap, np.float32(360) - gap)
-    taken[nrow, ncol, int(np.argmin(gap))] = True
+    ncol, nrow = int(cols[best]), int(rows[best])
+    chain.append((ncol, nrow))
+    slot = _back_slot(ncol - col, nrow - row, *directions[(ncol, nrow)], per_deg)
+    taken.add((ncol, nrow, slot))
 
 
 def connect_by_direction(coords, directions, *, start, step=7, per_deg=10.0):
-  """[N, 2] int32 (col, row) points -> [M, 2] int32: the reference's direction walk.
+  """[N, 2] int (col, row) points -> [M, 2] int32: the reference's direction walk.
 
   From coords[start] (the reference draws it with random.randint), walks one way, reverses the
-  chain and walks the other way (HDMapNet connect.py connect_by_direction). `directions`:
-  [H, W, 2] bins from `top2_directions`.
+  chain and walks the other way (HDMapNet connect.py connect_by_direction).
+
+  Args:
+    coords: [N, 2] int (col, row) points.
+    directions: [H, W, 2] bins from `top2_directions` (read at the points only).
+    start: index of the first point.
+    step, per_deg: step length in px, degrees per direction bin.
   """
-  coords = np.asarray(coords, np.int32)
-  taken = np.zeros(directions.shape, bool)
-  chain = [coords[start].copy()]
-  _connect_one_way(coords, directions, chain, taken, step, per_deg)
+  coords = np.asarray(coords, np.int32).astype(np.int64)
+  cols, rows = coords[:, 0], coords[:, 1]
+  point_bins = dict(zip(zip(cols.tolist(), rows.tolist()),
+                        map(tuple, directions[rows, cols].tolist())))
+  taken = set()
+  chain = [tuple(coords[start].tolist())]
+  _connect_one_way(coords, point_bins, chain, taken, step, per_deg)
   chain.reverse()
-  _connect_one_way(coords, directions, chain, taken, step, per_deg)
-  return np.stack(chain, 0)
+  _connect_one_way(coords, point_bins, chain, taken, step, per_deg)
+  return np.asarray(chain, np.int32).reshape(-1, 2)
 
 
 def reference_order(coords, nms, directions, *, start_rng, step=7, per_deg=10.0):
@@ -212,8 +339,10 @@ def order_class_instances(found, softmax, direction, *, seed):
     [(k, [M, 2] int32 (col, row) points, instance score)]; an instance with no NMS pixel gives
     none (M may be 1: the reference keeps a one-point polyline).
   """
-  bins = top2_directions(direction)
   per_deg = 360.0 / (direction.shape[-1] - 1)
+  # The walk reads the bins only at the instances' NMS pixels: computed there alone (per
+  # pixel the same softmax and argmaxes as over the whole map, tests/test_postprocess.py).
+  bins = np.zeros(direction.shape[:2] + (2,), np.int64)
   start_rng = random.Random(seed)
   out = []
   for k in sorted({k for k, *_ in found}):
@@ -222,6 +351,8 @@ def order_class_instances(found, softmax, direction, *, seed):
     for coords, _ in of_class:
       member[coords[:, 1], coords[:, 0]] = True
     nms = reference_nms_mask(np.where(member, softmax[..., k], np.float32(0)))
+    rows, cols = np.nonzero(nms & member)
+    bins[rows, cols] = top2_directions(direction[rows, cols])
     for coords, score in of_class:
       points = reference_order(coords, nms, bins, start_rng=start_rng, per_deg=per_deg)
       if points is not None:
