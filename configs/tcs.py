@@ -253,6 +253,14 @@ def get_config(arg=None):
         grid_min_gap=10,              # keyframes (5 s) between two of them, where possible
         grid_scale=3,
         bench_iters=10, bench_warmup=3,
+        # The progress log's ETA (demo.run_cost_s): seconds a training step of each stage takes
+        # on the 2-core CPU, compile, in-run eval and checkpoints included (session 6's demo log:
+        # hd_pretrain 34 s / 150 steps, teacher 424 s / 400, coach 143 s / 120 with its cache,
+        # students 85-87 s / 250), seconds to evaluate a run, and the final benchmark + report.
+        # Scaled at run time by measured / estimated seconds of the runs already done.
+        step_cost_s=dict(hd_pretrain=0.23, teacher=1.06, coach=1.19, student=0.34,
+                         student_nokd=0.35),
+        eval_cost_s=10.0, final_cost_s=50.0,
         # Two-sided level of the t interval on the paired per-seed gains (report.py).
         confidence=0.95,
         # Distilling runs (coach, students) read the frozen models' outputs from the cache

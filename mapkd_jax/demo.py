@@ -20,7 +20,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from mapkd_jax import bench
@@ -89,6 +88,34 @@ def plan(config, workdir):
   return runs
 
 
+def run_cost_s(run_config, demo_config, *, train, evaluate):
+  """Estimated seconds of one run of the plan on the 2-core CPU the costs were measured on.
+
+  steps x config.demo.step_cost_s[kind] (kind: the stage, 'student_nokd' for the baseline;
+  ablations are distilled students) when it still has to train, plus config.demo.eval_cost_s
+  when it still has to be evaluated. Training steps of different stages differ by 5x (teacher
+  vs student), so counting steps alone put the ETA off by 4x (issue 14).
+  """
+  kind = 'student_nokd' if run_config.stage == 'student' and run_config.nokd else run_config.stage
+  costs = demo_config.step_cost_s
+  if kind not in costs:
+    raise KeyError(f'config.demo.step_cost_s has no {kind!r} (has {sorted(costs)})')
+  return (run_config.train.steps * costs[kind] if train else 0.0) + (
+      demo_config.eval_cost_s if evaluate else 0.0)
+
+
+def eta_s(costs, index, *, spent_s, spent_estimate_s, final_cost_s):
+  """Seconds left when run `index` of the plan starts.
+
+  costs: estimated seconds of every run (run_cost_s), in plan order.
+  spent_s, spent_estimate_s: measured and estimated seconds of the runs this invocation has
+    done; their ratio scales the rest to this machine (1 before the first run ends).
+  final_cost_s: the speed benchmark and the report after the last run.
+  """
+  scale = spent_s / spent_estimate_s if spent_estimate_s > 0 else 1.0
+  return scale * (float(sum(costs[index:])) + final_cost_s)
+
+
 def _finished(run_root, run_config):
   ckpt_dir = os.path.join(run_root, stages.stage_dir_name(run_config), 'checkpoints')
   try:
@@ -112,20 +139,23 @@ def run(config, workdir):
   stages.ensure_data(config, workdir)
   runs = plan(config, workdir)
   results, started = {}, time.time()
-  # ETA in proportion to the training steps still to run (training dominates a run's time), at
-  # the rate of the runs trained by this invocation (a resumed demo skips finished ones).
-  steps = np.array([run_config.train.steps for _, _, run_config, _ in runs], np.float64)
-  trained_steps = 0.0
+  # Work still to do per run (a resumed demo skips finished runs) at measured per-stage costs.
+  costs = [run_cost_s(run_config, config.demo, train=not _finished(run_root, run_config),
+                      evaluate=evaluate and _evaluated(run_root, run_config) is None)
+           for _, run_root, run_config, evaluate in runs]
+  spent_s = spent_estimate_s = 0.0
+  estimate_at_start = None
   for index, (label, run_root, run_config, evaluate) in enumerate(runs):
-    elapsed = time.time() - started
-    eta = elapsed / trained_steps * steps[index:].sum() if trained_steps else float('nan')
+    run_started = time.time()
+    eta = eta_s(costs, index, spent_s=spent_s, spent_estimate_s=spent_estimate_s,
+                final_cost_s=config.demo.final_cost_s)
+    estimate_at_start = eta if estimate_at_start is None else estimate_at_start
     logging.info('[demo %d/%d] %s (elapsed %.1f min, ETA %.1f min)', index + 1, len(runs), label,
-                 elapsed / 60, eta / 60)
+                 (run_started - started) / 60, eta / 60)
     if not _finished(run_root, run_config):
       if run_config.kd.cached_frozen:
         cache_frozen.ensure(run_config, run_root)   # a no-op once built and up to date
       trainer.train_and_evaluate(run_config, run_root)
-      trained_steps += steps[index]
     if evaluate:
       metrics = _evaluated(run_root, run_config)
       if metrics is None or metrics['checkpoint_step'] < run_config.train.steps:
@@ -133,9 +163,13 @@ def run(config, workdir):
                                     num_images=config.demo.eval_images)
       results[label] = {'metrics': metrics, 'root': run_root, 'stage_dir':
                         stages.stage_dir_name(run_config), 'seed': run_config.seed}
+    if costs[index] > 0:
+      spent_s += time.time() - run_started
+      spent_estimate_s += costs[index]
   speed = _speed(config)
   summary = report.write(workdir, report.build(config, results, speed), results, config)
-  logging.info('Demo done in %.1f min: %s', (time.time() - started) / 60,
+  logging.info('Demo done in %.1f min (estimated %.1f at the start): %s',
+               (time.time() - started) / 60, (estimate_at_start or 0.0) / 60,
                os.path.join(workdir, 'report.md'))
   return summary
 
