@@ -341,10 +341,12 @@ def _reference_vectors(semantic_logits, embedding, direction, *, bev_x, bev_y, c
                      f'{semantic_logits.shape[:2]}')
   if not np.all(np.isfinite(direction)):
     raise ValueError('vectorize_sample: the direction logits hold NaN or inf')
-  found = instances(semantic_logits, embedding, **instance_kwargs)
+  # One softmax for the NMS and (score 'softmax') the instance scores.
+  softmax = softmax_probability(semantic_logits)
+  found = instances(semantic_logits, embedding, softmax=softmax, **instance_kwargs)
   vectors = []
-  for k, points, score in ordering_lib.order_class_instances(
-      found, softmax_probability(semantic_logits), direction, seed=seed):
+  for k, points, score in ordering_lib.order_class_instances(found, softmax, direction,
+                                                             seed=seed):
     # The reference keeps a one-point "polyline"; no line distance is defined on it.
     if len(points) >= 2:
       vectors.append({'cls': class_names[k - 1],
@@ -353,10 +355,11 @@ def _reference_vectors(semantic_logits, embedding, direction, *, bev_x, bev_y, c
 
 
 def instances(semantic_logits, embedding, *, eps, min_samples, max_cluster_pixels,
-              dbscan_algorithm, close_kernel_px, min_area_px, standardize, score):
+              dbscan_algorithm, close_kernel_px, min_area_px, standardize, score, softmax=None):
   """Instances of every class (module docstring, steps 1, 2 and 5's instance score).
 
-  Args: as `vectorize_sample` (semantic_logits [H, W, K] float32, embedding [H, W, E]).
+  Args: as `vectorize_sample` (semantic_logits [H, W, K] float32, embedding [H, W, E]);
+    softmax: optional [H, W, K] `softmax_probability(semantic_logits)`, if the caller has it.
 
   Returns:
     [(class channel k >= 1, pixels [N, 2] int (column, row) in row-major order,
@@ -366,7 +369,7 @@ def instances(semantic_logits, embedding, *, eps, min_samples, max_cluster_pixel
   """
   classes = np.argmax(semantic_logits, axis=-1)
   if score == 'softmax':
-    prob = softmax_probability(semantic_logits)
+    prob = softmax_probability(semantic_logits) if softmax is None else softmax
   else:
     prob = 1.0 / (1.0 + np.exp(-semantic_logits))
   out = []

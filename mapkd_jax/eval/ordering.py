@@ -148,38 +148,52 @@ def _sort_pixels_by_dist(pixels):
   are left every remaining step of the loop is a no-op, so the chain ends.
   """
   num = len(pixels)
-  index = {(c, r): k for k, (c, r) in enumerate(pixels.tolist())}
-  # Taken points on a grid with a 4-pixel margin, for the 5-px rule's lookups.
+  # Pixels on a grid with a 4-pixel margin: [column, row] -> index (-1: none) as a flat list,
+  # whose lookups are the inner loop, and taken points for the 5-px rule's lookups.
   origin = pixels.min(axis=0) - 4
   local = pixels - origin
-  taken_grid = np.zeros(tuple(local.max(axis=0) + 5), bool)     # [column, row]
-  pixel_list, local_list = pixels.tolist(), local.tolist()
+  shape = tuple(local.max(axis=0) + 5)
+  flat = (local[:, 0] * shape[1] + local[:, 1]).tolist()
+  index_grid = np.full(shape[0] * shape[1], -1, np.int64)
+  index_grid[flat] = np.arange(num)
+  index_grid = index_grid.tolist()
+  groups = [[dc * shape[1] + dr for dc, dr in group] for group in _NEAR_GROUPS]
+  taken_grid = np.zeros(shape, bool)
+  local_list = local.tolist()
   alive = np.ones(num, bool)
   alive_list = [True] * num
   alive[0] = alive_list[0] = False
   taken_grid[local_list[0][0], local_list[0][1]] = True
   order = [0]
-  col, row = pixel_list[0]
+  here = flat[0]
   remaining = num - 1
   step = 0    # the dense loop's i: its iterations so far
   while step < num - 1 and remaining:
-    nxt = None
-    for group in _NEAR_GROUPS:
-      for dc, dr in group:
-        k = index.get((col + dc, row + dr))
-        if k is not None and alive_list[k] and (nxt is None or k < nxt):
+    nxt = num
+    for group in groups:
+      for delta in group:
+        k = index_grid[here + delta]
+        if k >= 0 and k < nxt and alive_list[k]:
           nxt = k
-      if nxt is not None:
+      if nxt < num:
         break
-    if nxt is None:   # nearest unused point farther than 3 px: rank them, discard, take
+    if nxt == num:   # nearest unused point farther than 3 px: rank them, discard, take
       ranked = np.flatnonzero(alive)
       d2 = ((pixels[ranked] - pixels[order[-1]]) ** 2).sum(-1)
       by_distance = np.lexsort((ranked, d2))
       ranked, d2 = ranked[by_distance], d2[by_distance]
-      near = (taken_grid[local[ranked, 0][:, None] + _WITHIN_5[:, 0],
-                         local[ranked, 1][:, None] + _WITHIN_5[:, 1]]).any(axis=1)
-      kept = np.flatnonzero(~near)
-      discards = len(ranked) if len(kept) == 0 else int(kept[0])
+      # The first candidate not within 5 px of a taken point, looked for in growing chunks
+      # (usually the first one or a few).
+      discards = len(ranked)
+      lo, size = 0, 8
+      while lo < len(ranked):
+        chunk = ranked[lo:lo + size]
+        near = (taken_grid[local[chunk, 0][:, None] + _WITHIN_5[:, 0],
+                           local[chunk, 1][:, None] + _WITHIN_5[:, 1]]).any(axis=1)
+        if not near.all():
+          discards = lo + int(np.argmin(near))
+          break
+        lo, size = lo + size, 4 * size
       discards = min(discards, num - 1 - step)   # the loop's step budget (never binding)
       alive[ranked[:discards]] = False
       for k in ranked[:discards].tolist():
@@ -197,7 +211,7 @@ def _sort_pixels_by_dist(pixels):
     remaining -= 1
     step += 1
     order.append(nxt)
-    col, row = pixel_list[nxt]
+    here = flat[nxt]
   return order
 
 
