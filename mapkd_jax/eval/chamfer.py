@@ -119,10 +119,15 @@ def maptr_chamfer_matrix(preds, gts, *, num_points, buffer_m):
   if len(gt_index) == 0:
     return out
   pred_pts, gt_pts = np.stack(preds)[pred_index], np.stack(gts)[gt_index]    # [K, P, 2]
-  # Chunks of pairs: [chunk, P, P] distances stay a few MB.
+  # Chunks of pairs: [chunk, P, P] distances stay a few MB. The nearest distances are the
+  # square roots of the smallest squared distances: sqrt is monotone, so that is the minimum
+  # of np.linalg.norm's values bit for bit (it computes dx * dx + dy * dy too), at one sqrt
+  # per point instead of one per pair of points.
   for lo in range(0, len(pred_pts), 256):
     a, b = pred_pts[lo:lo + 256], gt_pts[lo:lo + 256]
-    dist = np.linalg.norm(a[:, :, None, :] - b[:, None, :, :], axis=-1)
-    cd = 0.5 * (dist.min(axis=2).mean(axis=1) + dist.min(axis=1).mean(axis=1))
+    dx = a[:, :, None, 0] - b[:, None, :, 0]
+    dy = a[:, :, None, 1] - b[:, None, :, 1]
+    sq = dx * dx + dy * dy
+    cd = 0.5 * (np.sqrt(sq.min(axis=2)).mean(axis=1) + np.sqrt(sq.min(axis=1)).mean(axis=1))
     out[pred_index[lo:lo + 256], gt_index[lo:lo + 256]] = cd
   return out
