@@ -154,6 +154,7 @@ def train_and_evaluate(config, workdir):
       now = time.time()
       steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
       step_metrics['train/steps_per_s'] = steps_per_s
+      step_metrics['train/samples_per_s'] = steps_per_s * config.train.batch_size
       step_metrics['train/eta_min'] = (config.train.steps - step) / max(steps_per_s, 1e-9) / 60
       writer.write_scalars(step, step_metrics)
       t_last, step_last = now, step

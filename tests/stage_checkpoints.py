@@ -1,4 +1,4 @@
-"""Reading a trained stage's checkpoint in tests, independent of the model's shapes."""
+"""Reading a trained stage's checkpoint and logs in tests, independent of the model's shapes."""
 import os
 
 import jax
@@ -51,3 +51,16 @@ def random_variables(model, dummy, seed):
     return jnp.asarray(value.astype(leaf.dtype))
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def logged(stage_dir, tag):
+  """{step: value} of a scalar in a stage's TensorBoard event files."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  values = {}
+  for name in os.listdir(stage_dir):
+    if name.startswith('events.out.tfevents'):
+      for event in tf.compat.v1.train.summary_iterator(os.path.join(stage_dir, name)):
+        for value in event.summary.value:
+          if value.tag == tag:
+            values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values

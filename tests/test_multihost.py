@@ -87,8 +87,8 @@ def test_two_processes_match_one(tiny_shards, tmp_path, monkeypatch):
       os.path.join(multi, 'student_nokd', 'checkpoints'), abstract)
   params_multi = jax.tree.map(np.asarray, params_multi)
   assert step_multi == step_single == STEPS
-  loss_multi = _logged(os.path.join(multi, 'student_nokd'), 'loss/total')
-  loss_single = _logged(os.path.join(single, 'student_nokd'), 'loss/total')
+  loss_multi = stage_checkpoints.logged(os.path.join(multi, 'student_nokd'), 'loss/total')
+  loss_single = stage_checkpoints.logged(os.path.join(single, 'student_nokd'), 'loss/total')
   assert sorted(loss_multi) == sorted(loss_single) == [1]
   np.testing.assert_allclose(loss_multi[1], loss_single[1], rtol=layout_equivalence.LOSS_RTOL)
 
@@ -101,15 +101,3 @@ def test_two_processes_match_one(tiny_shards, tmp_path, monkeypatch):
   change = lambda after: jax.tree.map(lambda a, b: a - b, start, after)  # noqa: E731
   layout_equivalence.assert_same_gradients(change(params_multi), change(params_single))
 
-
-def _logged(stage_dir, tag):
-  """{step: value} of a scalar in a stage's TensorBoard event files."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  values = {}
-  for name in os.listdir(stage_dir):
-    if name.startswith('events.out.tfevents'):
-      for event in tf.compat.v1.train.summary_iterator(os.path.join(stage_dir, name)):
-        for value in event.summary.value:
-          if value.tag == tag:
-            values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values

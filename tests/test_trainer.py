@@ -38,6 +38,17 @@ def test_resume_after_kill_is_bit_identical(tiny_shards, tmp_path):
   overrides = dict(steps=6, checkpoint_every=1, eval_every=100)
   reference = str(tmp_path / 'reference')
   trainer.train_and_evaluate(_config(arg, tiny_shards, **overrides), reference)
+  # Progress a user can watch: rate, samples/s (global batch) and the stage's ETA at every log.
+  rates = stage_checkpoints.logged(os.path.join(reference, 'student_nokd'), 'train/steps_per_s')
+  samples = stage_checkpoints.logged(os.path.join(reference, 'student_nokd'),
+                                     'train/samples_per_s')
+  eta = stage_checkpoints.logged(os.path.join(reference, 'student_nokd'), 'train/eta_min')
+  assert sorted(rates) == sorted(samples) == sorted(eta) == list(range(1, 7))
+  batch = _config(arg, tiny_shards).train.batch_size
+  for step in rates:
+    assert rates[step] > 0
+    assert samples[step] == pytest.approx(rates[step] * batch, rel=1e-5)
+    assert eta[step] == pytest.approx((6 - step) / rates[step] / 60, rel=1e-5)
 
   killed = str(tmp_path / 'killed')
   cmd = [sys.executable, 'launch.py', f'--config=configs/tcs.py:{arg}', f'--workdir={killed}',
