@@ -36,6 +36,13 @@ def test_a_runtime_abort_is_retried_once(tmp_path):
   assert 'something went wrong' in warning and 'Extension modules' not in warning
 
 
+def test_a_taken_port_is_retried_once(tmp_path):
+  argv = _argv(tmp_path, fail=True, message=f'JaxRuntimeError: {two_processes.PORT_TAKEN}')
+  with pytest.warns(UserWarning, match='retrying once'):
+    outputs, _ = two_processes.run(argv, timeout_s=60, before_retry=lambda: None)
+  assert [o.strip() for o in outputs] == ['ok 0', 'ok 1']
+
+
 def test_any_other_failure_is_not_retried(tmp_path):
   argv = _argv(tmp_path, fail=True, message='Traceback: ValueError: bad shard')
   with pytest.raises(AssertionError, match='attempt 1:[\\s\\S]*bad shard'):

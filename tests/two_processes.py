@@ -5,8 +5,9 @@ JAX distributed service detected fatal errors") when one process stops sending h
 misses a barrier's deadline. On a loaded 2-core CI machine that is a fact about the machine, not
 about the code under test: it happened once in CI (stop 22) and never in local runs, and stalling
 one process for 70 s (SIGSTOP) reproduces it. So the processes get a generous heartbeat timeout,
-and such an abort, and only such an abort, is retried once on a fresh port and workdir, with the
-first attempt's diagnosis in a warning. Any other failure, or a second abort, fails the test with
+and such an abort (or a coordinator port taken between free_port() and the bind), and nothing
+else, is retried once on a fresh port and workdir, with the first attempt's diagnosis in a
+warning. Any other failure, or a second abort, fails the test with
 the error lines of the failed process (not faulthandler's list of extension modules, which is all
 the last 3000 characters of an aborted process's output showed).
 """
@@ -19,6 +20,10 @@ import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME_ABORT = 'JAX distributed service detected fatal errors'
+# The coordinator's port, free when free_port() looked, taken before process 0 bound it (process
+# 0 exits 1 with this; process 1 then aborts with RUNTIME_ABORT).
+PORT_TAKEN = 'Failed to start RPC server'
+RETRIED = (RUNTIME_ABORT, PORT_TAKEN)
 # Seconds; passed as --heartbeat_timeout_s. JAX's default (100) is short for 2 oversubscribed cores.
 HEARTBEAT_TIMEOUT_S = 600
 
@@ -72,7 +77,7 @@ def run(argv_for, *, timeout_s, before_retry, while_running=None, devices_per_pr
       return outputs, result
     report = '\n'.join(f'process {i} exited {procs[i].returncode}:\n{diagnosis(outputs[i])}'
                        for i in failed)
-    if attempt == 1 and any(RUNTIME_ABORT in outputs[i] for i in failed):
+    if attempt == 1 and all(any(m in outputs[i] for m in RETRIED) for i in failed):
       warnings.warn(f'jax.distributed aborted the processes; retrying once.\n{report}')
       before_retry()
       continue
