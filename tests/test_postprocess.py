@@ -312,7 +312,14 @@ def test_top2_directions_and_nms_mask_match_torch():
   prob = rng.uniform(0, 1, (40, 60)).astype(np.float32)
   prob[prob < 0.5] = 0
   prob[10:20, 10:40] = 0.75    # flat areas: ties of the max and of the two averages
-  np.testing.assert_array_equal(ordering.reference_nms_mask(prob), _torch_nms(prob))
+  want = _torch_nms(prob)
+  np.testing.assert_array_equal(ordering.reference_nms_mask(prob), want)
+  # At given pixels only (what the walk reads): every pixel, then a subset with the borders.
+  rows, cols = np.nonzero(np.ones_like(want))
+  np.testing.assert_array_equal(ordering.reference_nms_at(prob, rows, cols), want.ravel())
+  rows = np.r_[0, 39, 0, 39, rng.integers(0, 40, 30)]
+  cols = np.r_[0, 59, 59, 0, rng.integers(0, 60, 30)]
+  np.testing.assert_array_equal(ordering.reference_nms_at(prob, rows, cols), want[rows, cols])
 
 
 def _bins_along(direction, mask, angle_deg, *, bins=36):

@@ -81,6 +81,49 @@ def reference_nms_mask(prob):
   return (vertical & nms_rows) | (~vertical & nms_cols)
 
 
+def reference_nms_at(prob, rows, cols):
+  """`reference_nms_mask(prob)[rows, cols]`, computed at those pixels only.
+
+  The same windows, the same float32 sums in the same (row-major window) order and the same
+  comparisons, gathered per pixel instead of shifted over the whole map: the walk reads the
+  mask only at its instance's pixels.
+
+  Args:
+    prob: [H, W] float32 (0 outside the class's instances).
+    rows, cols: [M] int pixel coordinates.
+
+  Returns:
+    [M] bool.
+  """
+  prob = np.asarray(prob, np.float32)
+  rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+  pad = 4     # the largest half window (9 x 5 and 5 x 9)
+  width = prob.shape[1] + 2 * pad
+  at = (rows + pad) * width + cols + pad
+  zero_padded = np.pad(prob, pad).ravel()
+  low_padded = np.pad(prob, pad, constant_values=-np.inf).ravel()
+
+  def window_sum(win_rows, win_cols):
+    total = np.zeros(len(at), np.float32)
+    for dy in range(win_rows):
+      for dx in range(win_cols):
+        total += zero_padded[at + (dy - win_rows // 2) * width + dx - win_cols // 2]
+    return total
+
+  def window_max(win_rows, win_cols):
+    out = np.full(len(at), -np.inf, np.float32)
+    for dy in range(win_rows):
+      for dx in range(win_cols):
+        out = np.maximum(out, low_padded[at + (dy - win_rows // 2) * width + dx - win_cols // 2])
+    return out
+
+  here = prob[rows, cols]
+  nms_rows = (window_max(1, 5) - here) < np.float32(1e-4)
+  nms_cols = (window_max(5, 1) - here) < np.float32(1e-4)
+  vertical = (window_sum(9, 5) / np.float32(45)) > (window_sum(5, 9) / np.float32(45))
+  return (vertical & nms_rows) | (~vertical & nms_cols)
+
+
 def sort_points_by_dist(coords):
   """[N, 2] points -> [M, 2] float64: the reference's greedy nearest-neighbour chain.
 
@@ -364,8 +407,12 @@ def order_class_instances(found, softmax, direction, *, seed):
     member = np.zeros(softmax.shape[:2], bool)
     for coords, _ in of_class:
       member[coords[:, 1], coords[:, 0]] = True
-    nms = reference_nms_mask(np.where(member, softmax[..., k], np.float32(0)))
-    rows, cols = np.nonzero(nms & member)
+    # The mask is read at the instances' pixels only: computed there (`reference_nms_at`).
+    rows, cols = np.nonzero(member)
+    keep = reference_nms_at(np.where(member, softmax[..., k], np.float32(0)), rows, cols)
+    rows, cols = rows[keep], cols[keep]
+    nms = np.zeros(member.shape, bool)
+    nms[rows, cols] = True
     bins[rows, cols] = top2_directions(direction[rows, cols])
     for coords, score in of_class:
       points = reference_order(coords, nms, bins, start_rng=start_rng, per_deg=per_deg)
