@@ -1,5 +1,6 @@
 """eval_bench: the noisy direction logits and the record with config.eval.ordering."""
 import numpy as np
+import pytest
 
 from configs import tcs
 from mapkd_jax import eval_bench
@@ -60,3 +61,40 @@ def test_record_times_the_configured_ordering_against_the_trace():
               'host_speedup', 'samples_per_s_before', 'samples_per_s_after'):
     assert record[key] > 0, key
   assert record['vectors_per_sample'] > 0
+
+
+def test_pooled_scorer_reads_shared_memory_and_gives_the_inline_results(monkeypatch):
+  """The Scorer's pool gets each sample through a shared-memory block (or pickled, where
+  _share declines): the same vectors and AP records as inline, every block freed."""
+  from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
+  from mapkd_jax import vectorize  # pylint: disable=g-import-not-at-top
+  from mapkd_jax.eval import scoring  # pylint: disable=g-import-not-at-top
+  config = tcs.get_config('student,tiny')
+  config.eval.ordering = 'reference'
+  rng = np.random.default_rng(1)
+  samples = [eval_bench.noisy_outputs(rng, config, num_lines=8, noise=0.3, direction=True)
+             for _ in range(3)]
+  kwargs = vectorize.config_kwargs(config)
+  ap_kwargs = dict(class_names=tuple(config.data.classes), thresholds=(0.5, 1.0, 1.5))
+  names = []
+  original_share = scoring._share
+
+  def share(arrays):
+    shared = original_share(arrays) if len(names) != 1 else None   # the 2nd sample pickled
+    names.append(None if shared is None else shared[0].name)
+    return shared
+
+  monkeypatch.setattr(scoring, '_share', share)
+  results = []
+  for workers in (1, 2):
+    with scoring.Scorer(workers, kwargs, ap_kwargs, max_pending=2) as scorer:
+      for k, (semantic, embedding, gt, direction) in enumerate(samples):
+        scorer.submit(f's{k}', semantic, embedding, gt, direction=direction)
+      results.append(scorer.results())
+      assert not scorer._blocks
+  np.testing.assert_equal(results[1], results[0])
+  assert sum(len(vectors) for vectors, _ in results[0].values()) > 0
+  assert len(names) == 3 and names[1] is None and None not in (names[0], names[2])
+  for name in (names[0], names[2]):    # unlinked once collected
+    with pytest.raises(FileNotFoundError):
+      shared_memory.SharedMemory(name=name)
