@@ -404,6 +404,9 @@ def define_flags():
   flags.DEFINE_integer('iters', 20, 'Timed calls per model (median / p90 over these).')
   flags.DEFINE_integer('warmup', 3, 'Untimed calls per model after compilation.')
   flags.DEFINE_integer('seed', 0, 'Seed of the random variables and inputs.')
+  flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads for --torch_student; 0 = '
+                       "torch's default. For a single-core comparison on a shared host, 1 with "
+                       'XLA_FLAGS=--xla_cpu_multi_thread_eigen=false for the JAX side.')
   flags.DEFINE_bool('torch_student', False, 'Also time the PyTorch eager reference student '
                     '(tests/torch_ref_bev.py; needs the [torch] extra) in the same run; the '
                     'ratio line gives student_over_torch_student_fps.')
@@ -413,6 +416,9 @@ def main(argv):
   del argv
   f = flags.FLAGS
   config = ml_collections.FrozenConfigDict(f.config)
+  if f.torch_student and f.torch_threads:
+    import torch  # pylint: disable=g-import-not-at-top   (only with the flags that need it)
+    torch.set_num_threads(f.torch_threads)
   run(config, model_names(f.models, config), batch_size=f.batch, iters=f.iters,
       warmup=f.warmup, seed=f.seed, config_name=f['config'].config_filename,
       emit=lambda line: print(line, flush=True), torch_student=f.torch_student)
