@@ -405,8 +405,9 @@ def define_flags():
   flags.DEFINE_integer('warmup', 3, 'Untimed calls per model after compilation.')
   flags.DEFINE_integer('seed', 0, 'Seed of the random variables and inputs.')
   flags.DEFINE_integer('torch_threads', 0, 'torch.set_num_threads for --torch_student; 0 = '
-                       "torch's default. For a single-core comparison on a shared host, 1 with "
-                       'XLA_FLAGS=--xla_cpu_multi_thread_eigen=false for the JAX side.')
+                       "torch's default (one per core). XLA's own thread count is set by "
+                       'XLA_FLAGS (--xla_cpu_multi_thread_eigen=false limits Eigen\'s; XLA:CPU '
+                       'may still run independent operations in parallel).')
   flags.DEFINE_bool('torch_student', False, 'Also time the PyTorch eager reference student '
                     '(tests/torch_ref_bev.py; needs the [torch] extra) in the same run; the '
                     'ratio line gives student_over_torch_student_fps.')
