@@ -15,44 +15,46 @@ cluster.py; P-MapNet and MapKD use the same) where config.eval says so (the defa
   2. Instances: DBSCAN on the pixels' instance embeddings (eps, min_samples from config.eval);
      noise is dropped. With `standardize` (the reference, default) the embeddings are first
      standardized per feature over that class's pixels by sklearn's StandardScaler (the
-     reference's own call: same mean, scale and zero-variance rule), so eps is in units of
-     each feature's standard deviation; standardize=False clusters the raw embeddings. The labels are scikit-learn's DBSCAN's; config.eval.dbscan_algorithm
-     picks how they are computed: 'cover' (default, eval/cluster.py) from counts and a cover
-     of the embeddings by small balls, without listing neighbour pairs (the 16-d embeddings
-     of one line are all within eps of each other, so sklearn listed about N^2 / lines pairs
-     and that was half of vectorization), or sklearn's own neighbour searches ('ball_tree',
-     'brute', ...). All decide a pair by its squared distance against eps^2; they can differ
-     only on pairs at a distance within float rounding of eps (brute force uses
-     |a|^2 + |b|^2 - 2ab, the trees and 'cover' the direct difference). Above
-     `max_cluster_pixels` pixels (0 / None: never, the reference and the default), DBSCAN runs on an evenly strided subset (min_samples scaled
-     by the subset fraction, so the density criterion is unchanged) and every other pixel
-     takes the label of its nearest subset pixel in embedding space if that one is within
-     eps, else it is noise (with 'cover', pixels whose candidate nearest pixels all carry one
-     label take it without the search: eval/cluster.py nearest_labels, the same labels).
-  3. Order (eval/trace.py): a cluster's pixels are linked when closer than `link_radius_px` (a pixel graph);
-     the backbone of its largest connected piece is the shortest path between the two ends of
-     its geodesic diameter (double Dijkstra sweep), each backbone pixel moved to the mean of
-     the cluster pixels within a line width, across the line (the centreline of the thick
-     line), and half a line width is trimmed off each end (the labels' disk overshoot). Pixels
-     the backbone covers are removed and the rest is traced again, so branches, the second
-     half of closed rings and separate pieces become polylines of their own; pieces of fewer
-     than `dbscan_min_samples` pixels are noise. The pixels within a line width of a point
-     are found by row intervals of a lookup image (trace.DiskLookup: exact, the k-d tree search
-     it replaced was about a fifth of vectorization at the reference size).
-     The direction head is NOT used: it is trained on a two-direction (sign-free) target
-     (losses/task.py direction_loss), so it gives an axis, not an orientation, and the
-     geodesic backbone already follows the line; polylines therefore run from the end found
-     first (the geodesic end farthest from the cluster's first pixel in row-major order).
-  3'. ordering='reference' (config.eval.ordering; eval/ordering.py): HDMapNet's own ordering,
-     ordering.reference_order: the class probability (softmax, zero outside the class's
-     instances) thinned by its NMS mask (max / average pools), each instance's surviving
+     reference's own call: same mean, scale and zero-variance rule), so eps is in units of each
+     feature's standard deviation; standardize=False clusters the raw embeddings. The labels are
+     scikit-learn's DBSCAN's; config.eval.dbscan_algorithm picks how they are computed: 'cover'
+     (default, eval/cluster.py) from counts and a cover of the embeddings by small balls,
+     without listing neighbour pairs (the 16-d embeddings of one line are all within eps of each
+     other, so sklearn listed about N^2 / lines pairs and that was half of vectorization), or
+     sklearn's own neighbour searches ('ball_tree', 'brute', ...). All decide a pair by its
+     squared distance against eps^2; they can differ only on pairs at a distance within float
+     rounding of eps (brute force uses |a|^2 + |b|^2 - 2ab, the trees and 'cover' the direct
+     difference). Above `max_cluster_pixels` pixels (0 / None: never, the reference and the
+     default), DBSCAN runs on an evenly strided subset (min_samples scaled by the subset
+     fraction, so the density criterion is unchanged) and every other pixel takes the label of
+     its nearest subset pixel in embedding space if that one is within eps, else it is noise
+     (with 'cover', pixels whose candidate nearest pixels all carry one label take it without
+     the search: eval/cluster.py nearest_labels, the same labels).
+  3. Order, ordering='trace' (eval/trace.py; config.eval's default before session 8): a
+     cluster's pixels are linked when closer than `link_radius_px` (a pixel graph); the backbone
+     of its largest connected piece is the shortest path between the two ends of its geodesic
+     diameter (double Dijkstra sweep), each backbone pixel moved to the mean of the cluster
+     pixels within a line width, across the line (the centreline of the thick line), and half a
+     line width is trimmed off each end (the labels' disk overshoot). Pixels the backbone covers
+     are removed and the rest is traced again, so branches, the second half of closed rings and
+     separate pieces become polylines of their own; pieces of fewer than `dbscan_min_samples`
+     pixels are noise. The pixels within a line width of a point are found by row intervals of a
+     lookup image (trace.DiskLookup: exact, the k-d tree search it replaced was about a fifth of
+     vectorization at the reference size). The trace does NOT use the direction head: it is
+     trained on a two-direction (sign-free) target (losses/task.py direction_loss), so it gives
+     an axis, not an orientation, and the geodesic backbone already follows the line; polylines
+     therefore run from the end found first (the geodesic end farthest from the cluster's first
+     pixel in row-major order).
+  3'. ordering='reference' (config.eval.ordering's default; eval/ordering.py): HDMapNet's own
+     ordering, ordering.reference_order: the class probability (softmax, zero outside the
+     class's instances) thinned by its NMS mask (max / average pools), each instance's surviving
      pixels sorted along its longer pixel range, chained by sort_points_by_dist and walked by
-     connect_by_direction along the direction head's top-2 bins (7 px steps) from a start
-     drawn by random.Random(ordering_seed) (the reference: random.randint, unseeded). The
-     polyline is the visited integer pixels, not simplified (as the reference), one per
-     instance; an instance with no NMS pixel, or one point, gives none. It keeps the
-     reference's quirks: the second walk can step past the far end back over the first
-     walk's pixels (tests/test_postprocess.py).
+     connect_by_direction along the direction head's top-2 bins (7 px steps) from a start drawn
+     by random.Random(ordering_seed) (the reference: random.randint, unseeded). The polyline is
+     the visited integer pixels, not simplified (as the reference), one per instance; an
+     instance with no NMS pixel, or one point, gives none. It keeps the reference's quirks: the
+     second walk can step past the far end back over the first walk's pixels
+     (tests/test_postprocess.py).
   4. Pixel (column j, row i) -> metres: x = x_min + (j + 0.5) * x_step,
      y = y_min + (i + 0.5) * y_step (the raster convention of data/schema.py); then shapely
      `simplify(simplify_tolerance)` in metres.
@@ -277,9 +279,10 @@ def vectorize_sample(semantic_logits, embedding, *, bev_x, bev_y, class_names, e
       0 = off.
     standardize: StandardScaler before DBSCAN (the reference) or raw embeddings.
     score: 'softmax' (the reference) or 'sigmoid' (module docstring, step 5).
-    ordering: 'trace' (the centreline trace, default) or 'reference' (HDMapNet's NMS, sort and
-      direction walk: eval/ordering.py; needs `direction`; points are the integer pixels the
-      walk visits, not simplified, as the reference's).
+    ordering: 'trace' (the centreline trace; this function's default, not config.eval's) or
+      'reference' (HDMapNet's NMS, sort and direction walk: eval/ordering.py; needs
+      `direction`; points are the integer pixels the walk visits, not simplified, as the
+      reference's).
     direction: [H, W, D + 1] direction-head logits (channel 0 = none), for 'reference'.
     ordering_seed: seeds the walk starts the reference draws with random.randint.
 

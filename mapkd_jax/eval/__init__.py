@@ -9,6 +9,9 @@
                 (`sample_record`) and their combination (`combine_records`), so that shards
                 of a split scored apart (processes, hosts) give the one-process result
   files.py      predictions.json / gt.json payloads, reading and checking them
+  trace.py      the centreline trace of a cluster's pixels (ordering='trace')
+  ordering.py   HDMapNet's ordering: NMS mask, sort_points_by_dist, connect_by_direction along
+                the direction head (ordering='reference', the default)
   scoring.py    the host side of an evaluation: each sample's vectors and AP record, inline
                 or in a bounded 'spawn' process pool (imports no jax / TensorFlow)
   gather.py     a multi-process evaluation's shares -> process 0 through files under
