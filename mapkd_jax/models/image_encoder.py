@@ -386,10 +386,13 @@ def resize_bilinear(x, out_hw, *, align_corners):
   Why this split: the forward used to be two dense matmuls with the weight matrices, which
   cost n_in multiply-adds per output where two are non-zero (a 100x200x256 -> 200x400 resize:
   10 GFLOP, 204 ms on 2 loaded XLA:CPU cores, vs 42 ms for the gathers); the dense backward
-  is kept because gathers' scatter-add backward and its transposed copies cost training
-  memory (measured at the reference size, batch 8, on XLA:CPU: one BEV decoder's training
-  temp 12.4 GiB with gathers vs 9.4 GiB with the matmuls). The forward's last bits may differ
-  from the matmul form's (an output is the same two products, summed without the zero terms).
+  is kept because gathers' autodiff backward (a scatter-add) and its transposed copies cost
+  training memory (measured earlier at the reference size, batch 8, on XLA:CPU, gathers both
+  ways vs matmuls both ways: one BEV decoder's training temp 12.4 vs 9.4 GiB); with this split
+  the student's train step (nokd, batch 8, XLA:CPU, with the depthwise_conv below) compiles to
+  the same peak as with matmuls both ways, 19.5 GiB (memory_analysis). The forward's
+  last bits may differ from the matmul form's (an output is the same two products, summed
+  without the zero terms).
 
   Args:
     x: [B, H, W, C].
