@@ -17,7 +17,7 @@ torch = pytest.importorskip('torch')
 from configs import tcs  # noqa: E402
 from mapkd_jax.convert import common, hdmapnet_camera  # noqa: E402
 from mapkd_jax.data import schema  # noqa: E402
-from mapkd_jax.models import camera, image_encoder, lss  # noqa: E402
+from mapkd_jax.models import camera, lss, resample  # noqa: E402
 import torch_ref_camera  # noqa: E402
 
 RTOL = 1e-4   # of max|reference output|
@@ -149,7 +149,7 @@ def test_ipm_signed_patches_odd_rig_matches_reference():
   @jax.jit
   def ours(p, r, t):
     ipm = camera.hdmapnet_ipm(p, r, t, camera.hdmapnet_plane_grid(x_bound, y_bound, grid_hw))
-    return ipm, image_encoder.resize_bilinear_align_corners(ipm, canvas)
+    return ipm, resample.resize_bilinear_align_corners(ipm, canvas)
 
   got_ipm, got = ours(patches, rot, trans)
   _report('IPM 100x200 signed', np.asarray(got_ipm), want_ipm)

@@ -21,7 +21,7 @@ import torch_ref_efficientnet as ref  # noqa: E402  (after the importorskip abov
 from torch.nn import functional as F  # noqa: E402
 
 from mapkd_jax.convert import efficientnet as convert_eff  # noqa: E402
-from mapkd_jax.models import image_encoder  # noqa: E402
+from mapkd_jax.models import image_encoder, resample  # noqa: E402
 
 REL_BOUND = 1e-4
 REFERENCE_HW = (128, 352)   # HDMapNet / P-MapNet / MapKD final_dim
@@ -93,7 +93,7 @@ def test_camencode_eval_parity_reference_size(camencode):
   # The bound can fail: HDMapNet's Up with half-pixel (align_corners=False) upsampling instead
   # changes the fused features far beyond it.
   half_pixel = jax.image.resize(jends['reduction_5'], (1, 8, 22, 320), 'bilinear')
-  aligned = image_encoder.resize_bilinear_align_corners(jends['reduction_5'], (8, 22))
+  aligned = resample.resize_bilinear_align_corners(jends['reduction_5'], (8, 22))
   assert float(jnp.abs(half_pixel - aligned).max()) > 100 * REL_BOUND * float(
       jnp.abs(aligned).max())
 
@@ -154,7 +154,7 @@ def _resize_loop(x, out_h, out_w):
 def test_resize_bilinear_align_corners(in_hw, out_hw):
   """Against a numpy loop and torch F.interpolate(mode='bilinear', align_corners=True)."""
   x = np.random.RandomState(2).randn(2, *in_hw, 3).astype(np.float32)
-  got = np.asarray(image_encoder.resize_bilinear_align_corners(jnp.asarray(x), out_hw))
+  got = np.asarray(resample.resize_bilinear_align_corners(jnp.asarray(x), out_hw))
   np.testing.assert_allclose(got, _resize_loop(x, *out_hw), rtol=0, atol=1e-5)
   want = F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=out_hw, mode='bilinear',
                        align_corners=True)

@@ -2,7 +2,7 @@
 
 Written while root-causing test_multihost's 2-process vs 1-process gradient difference (see
 tests/layout_equivalence.py): the suspects were the resize's two interpolation matmuls
-(image_encoder.resize_bilinear_align_corners) lowered to other algorithms or precisions at
+(resample.resize_bilinear_align_corners) lowered to other algorithms or precisions at
 another per-device batch, or a resize gradient that cancels. Neither holds: these tests pin
 the resize's VJP to a float64 numpy loop (measured <= 1.2e-7 of its max), and a batch's
 gradient to its rows' one by one. The forward is checked against numpy and torch in
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mapkd_jax.models import image_encoder
+from mapkd_jax.models import resample
 
 # float32 with 2 x 2 taps of weights in [0, 1] per output, each input receiving a handful of
 # them: a few eps32 of the largest |gradient|.
@@ -53,7 +53,7 @@ def test_resize_gradient_matches_float64_loop(in_hw, out_hw):
   rng = np.random.RandomState(5)
   x = rng.randn(3, *in_hw, 4).astype(np.float32)
   dy = rng.randn(3, *out_hw, 4).astype(np.float32)
-  _, vjp = jax.vjp(lambda v: image_encoder.resize_bilinear_align_corners(v, out_hw),
+  _, vjp = jax.vjp(lambda v: resample.resize_bilinear_align_corners(v, out_hw),
                    jnp.asarray(x))
   got = np.asarray(vjp(jnp.asarray(dy))[0], np.float64)
   want = _resize_vjp_loop(dy, in_hw)
@@ -72,7 +72,7 @@ def test_resize_batch_does_not_change_per_row_gradient():
 
   @jax.jit
   def forward_and_vjp(x, dy):
-    y, vjp = jax.vjp(lambda v: image_encoder.resize_bilinear_align_corners(v, (50, 100)), x)
+    y, vjp = jax.vjp(lambda v: resample.resize_bilinear_align_corners(v, (50, 100)), x)
     return y, vjp(dy)[0]
 
   y_batch, dx_batch = forward_and_vjp(x, dy)

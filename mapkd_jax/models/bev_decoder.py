@@ -32,8 +32,8 @@ from mapkd_jax.models import batch_norm as torch_bn
 from mapkd_jax.models import precision
 from mapkd_jax.models.image_encoder import TORCH_BN
 from mapkd_jax.models.image_encoder import remat_block
-from mapkd_jax.models.image_encoder import resize_bilinear
-from mapkd_jax.models.image_encoder import resize_bilinear_align_corners as resize_align_corners
+from mapkd_jax.models.resample import resize_bilinear
+from mapkd_jax.models.resample import resize_bilinear_align_corners as resize_align_corners
 
 # torch.nn.BatchNorm2d defaults (the reference never changes them): eps 1e-5, torch momentum
 # 0.1 = flax momentum 0.9 (torch weighs the new batch statistic, flax the running value).
@@ -56,7 +56,7 @@ def resize_half_pixel(x, out_hw):
   """Bilinear resize with align_corners=False (torch `F.interpolate(..., 'bilinear')`).
 
   Half-pixel centres, negative source coordinates clamped to 0 (torch's rule), computed by
-  image_encoder.resize_bilinear: two static-index gathers per axis forward, dense matmuls
+  resample.resize_bilinear: two static-index gathers per axis forward, dense matmuls
   backward. This used to be `jax.image.resize`, the same function for upsampling (its
   renormalised edge weights equal torch's clamp), whose dense weight matmuls cost n_in
   multiply-adds per output: the student's 25x50x192 -> 200x400 resize took 85 ms on 2 loaded

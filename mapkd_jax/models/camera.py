@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mapkd_jax.data import schema
-from mapkd_jax.models import image_encoder, precision
+from mapkd_jax.models import image_encoder, precision, resample
 
 VIEW_TRANSFORMS = ('hdmapnet', 'metric')
 
@@ -317,7 +317,7 @@ class ViewTransform(nn.Module):
       x_bound, y_bound, grid_hw = hdmapnet_ipm_bounds(canvas, (patch_h, patch_w))
       bev = hdmapnet_ipm(patches, batch['cam_rotation'], batch['cam_translation'],
                          hdmapnet_plane_grid(x_bound, y_bound, grid_hw))
-      return image_encoder.resize_bilinear_align_corners(bev, canvas)
+      return resample.resize_bilinear_align_corners(bev, canvas)
     forward_range, lateral_range = patch_extent(data.bev_x, data.bev_y, cfg.patch_margin)
     bev = ipm_sample(patches, batch['intrinsics'], batch['cam_rotation'],
                      batch['cam_translation'],

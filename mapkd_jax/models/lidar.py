@@ -45,7 +45,7 @@ from mapkd_jax.models import batch_norm as torch_bn
 from mapkd_jax.models import precision
 from mapkd_jax.models.image_encoder import TORCH_BN
 from mapkd_jax.models.image_encoder import remat_block
-from mapkd_jax.models.image_encoder import resize_bilinear_align_corners
+from mapkd_jax.models.resample import resize_bilinear_align_corners
 
 PADDINGS = ('reference', 'masked')
 TORCH_PAD = ((1, 1), (1, 1))   # torch Conv2d(padding=1), also for stride 2

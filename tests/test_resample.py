@@ -1,4 +1,4 @@
-"""image_encoder.resize_bilinear (two-tap gathers forward, dense matmuls backward), both conventions.
+"""resample.resize_bilinear (two-tap gathers forward, dense matmuls backward), both conventions.
 
 The forward is checked against a plain float32 loop that follows torch's CPU kernel step by
 step and against torch itself; the custom VJP against a float64 scatter loop; and the whole
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mapkd_jax.models import image_encoder
+from mapkd_jax.models import resample
 
 
 def _source(i, n_in, n_out, align_corners):
@@ -63,7 +63,7 @@ CASES = [((5, 7), (40, 24)), ((4, 11), (8, 22)), ((3, 3), (3, 9)), ((25, 50), (2
 def test_forward_matches_loop_and_torch(in_hw, out_hw, align_corners):
   channels = 2 if in_hw == (25, 50) else 3   # the student's bev_small -> canvas, fewer channels
   x = np.random.default_rng(0).normal(size=(2, *in_hw, channels)).astype(np.float32)
-  got = np.asarray(jax.jit(lambda v: image_encoder.resize_bilinear(
+  got = np.asarray(jax.jit(lambda v: resample.resize_bilinear(
       v, out_hw, align_corners=align_corners))(jnp.asarray(x)))
   # Same two products per output as the loop: equal up to an FMA's rounding.
   np.testing.assert_allclose(got, _resize_loop(x, out_hw, align_corners), rtol=0, atol=2e-6)
@@ -71,8 +71,8 @@ def test_forward_matches_loop_and_torch(in_hw, out_hw, align_corners):
                        align_corners=align_corners).numpy().transpose(0, 2, 3, 1)
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
   # The dense-matrix form the forward replaced (kept as the backward's weights).
-  rows = image_encoder.bilinear_matrix(in_hw[0], out_hw[0], align_corners)
-  cols = image_encoder.bilinear_matrix(in_hw[1], out_hw[1], align_corners)
+  rows = resample.bilinear_matrix(in_hw[0], out_hw[0], align_corners)
+  cols = resample.bilinear_matrix(in_hw[1], out_hw[1], align_corners)
   if out_hw[0] == in_hw[0]:
     rows = np.eye(in_hw[0], dtype=np.float32)
   if out_hw[1] == in_hw[1]:
@@ -87,7 +87,7 @@ def test_vjp_matches_scatter_loop(in_hw, out_hw, align_corners):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, *in_hw, 3)).astype(np.float32))
   dy = rng.normal(size=(2, *out_hw, 3)).astype(np.float32)
-  _, vjp = jax.vjp(lambda v: image_encoder.resize_bilinear(v, out_hw,
+  _, vjp = jax.vjp(lambda v: resample.resize_bilinear(v, out_hw,
                                                            align_corners=align_corners), x)
   (dx,) = vjp(jnp.asarray(dy))
   want = _vjp_loop(dy.astype(np.float64), in_hw, align_corners)
@@ -96,11 +96,11 @@ def test_vjp_matches_scatter_loop(in_hw, out_hw, align_corners):
 
 def test_taps_and_errors():
   """Half-pixel sources clamp at 0 (first outputs take input 0 whole); the last tap clamps."""
-  lo, hi, w_lo, w_hi = image_encoder.bilinear_taps(2, 8, align_corners=False)
+  lo, hi, w_lo, w_hi = resample.bilinear_taps(2, 8, align_corners=False)
   # s = (i + 0.5) / 4 - 0.5: -0.375, -0.125 (clamped to 0), 0.125, ..., 1.375 (hi clamped).
   np.testing.assert_array_equal(lo, [0, 0, 0, 0, 0, 0, 1, 1])
   np.testing.assert_array_equal(hi, [1, 1, 1, 1, 1, 1, 1, 1])
   np.testing.assert_allclose(w_hi, [0, 0, .125, .375, .625, .875, .125, .375])
   np.testing.assert_allclose(w_lo + w_hi, 1.0)
   with pytest.raises(ValueError, match=r'\[B, H, W, C\]'):
-    image_encoder.resize_bilinear(jnp.zeros((3, 4, 5)), (6, 8), align_corners=True)
+    resample.resize_bilinear(jnp.zeros((3, 4, 5)), (6, 8), align_corners=True)

@@ -1,4 +1,4 @@
-"""image_encoder.depthwise_conv (shifted sums forward, the grouped convolution's VJP backward)
+"""depthwise.depthwise_conv (shifted sums forward, the grouped convolution's VJP backward)
 and DepthwiseConv (a drop-in for nn.Conv(feature_group_count=C): same tree and init)."""
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mapkd_jax.models import image_encoder
+from mapkd_jax.models import depthwise, image_encoder
 
 
 def _depthwise_loop(x, kernel, stride, pads):
@@ -34,8 +34,8 @@ def test_forward_matches_loop_and_lax(height, width, k, stride, padding):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, height, width, 5)).astype(np.float32)
   kernel = rng.normal(size=(k, k, 1, 5)).astype(np.float32)
-  pads = image_encoder.explicit_padding(padding, k, stride, (height, width))
-  got = np.asarray(jax.jit(image_encoder.depthwise_conv, static_argnums=(2, 3))(
+  pads = depthwise.explicit_padding(padding, k, stride, (height, width))
+  got = np.asarray(jax.jit(depthwise.depthwise_conv, static_argnums=(2, 3))(
       jnp.asarray(x), jnp.asarray(kernel), stride, pads))
   np.testing.assert_allclose(got, _depthwise_loop(x, kernel, stride, pads), rtol=0, atol=1e-5)
   # nn.Conv's padding rule gives the same shape and values (its 'SAME' = explicit_padding).
@@ -49,9 +49,9 @@ def test_vjp_is_the_grouped_convolutions():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 7, 9, 4)).astype(np.float32))
   kernel = jnp.asarray(rng.normal(size=(5, 5, 1, 4)).astype(np.float32))
-  pads = image_encoder.explicit_padding('SAME', 5, 2, (7, 9))
+  pads = depthwise.explicit_padding('SAME', 5, 2, (7, 9))
   g = jnp.asarray(rng.normal(size=(2, 4, 5, 4)).astype(np.float32))
-  _, vjp = jax.vjp(lambda a, b: image_encoder.depthwise_conv(a, b, 2, pads), x, kernel)
+  _, vjp = jax.vjp(lambda a, b: depthwise.depthwise_conv(a, b, 2, pads), x, kernel)
   dx, dk = vjp(g)
   # float64 reference: the adjoint of the loop, by finite structure (one-hot probes summed).
   want_dk = np.zeros((5, 5, 1, 4))
@@ -87,3 +87,16 @@ def test_conv_bn_act_depthwise_keeps_tree_and_init():
   new_kernel = new_vars['params']['Conv_0']['kernel']
   assert new_kernel.shape == old_kernel.shape == (3, 3, 1, 6)
   np.testing.assert_array_equal(np.asarray(new_kernel), np.asarray(old_kernel))
+
+
+def test_forward_is_the_shifted_sum_on_cpu_and_the_grouped_convolution_elsewhere(monkeypatch):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(1, 8, 10, 3)).astype(np.float32))
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 3)).astype(np.float32))
+  pads = depthwise.explicit_padding('SAME', 3, 2, (8, 10))
+  shifted = np.asarray(depthwise._depthwise_shifted(x, kernel, 2, pads))
+  grouped = np.asarray(depthwise._depthwise_lax(x, kernel, 2, pads))
+  np.testing.assert_array_equal(np.asarray(depthwise.depthwise_conv(x, kernel, 2, pads)), shifted)
+  # Traced as if for a GPU: the forward is the grouped convolution, bit for bit.
+  monkeypatch.setattr(depthwise.jax, 'default_backend', lambda: 'gpu')
+  np.testing.assert_array_equal(np.asarray(depthwise.depthwise_conv(x, kernel, 2, pads)), grouped)
