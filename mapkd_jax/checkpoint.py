@@ -30,7 +30,14 @@ BEST_METRIC = 'eval/miou'
 
 
 def _options(max_to_keep, best):
-  kwargs = dict(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
+  # Distinct barrier-key prefixes: both managers save step N at once, and Orbax names its
+  # multi-process barriers after the step directory ('async_write_complete.N'), so without a
+  # prefix the latest and best saves of a step waited on the same key. In CI that failed
+  # process 0's commit of best/1 and left process 1 in the barrier until jax.distributed's
+  # shutdown timeout aborted both (tests/test_multihost.py, session 8).
+  kwargs = dict(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix='best' if best else 'latest'))
   if best:
     kwargs.update(best_fn=lambda metrics: float(metrics[BEST_METRIC]), best_mode='max',
                   keep_checkpoints_without_metrics=False)

@@ -89,3 +89,14 @@ def test_another_model_is_refused_not_skipped(two_steps):
              'batch_stats': {}}
   with pytest.raises(ckpt_lib.ModelMismatchError, match=r"missing.*encoder.*unexpected.*conv"):
     ckpt_lib.restore_params(two_steps, renamed)
+
+
+def test_latest_and_best_barriers_have_their_own_keys(tmp_path):
+  """Both managers save the same step at once; in a multi-process run Orbax's barriers are named
+  after the step directory, so the two need distinct prefixes (checkpoint._options)."""
+  latest, best = ckpt_lib.managers(str(tmp_path), max_to_keep=1)
+  options = [m._options for m in (latest, best)]  # pylint: disable=protected-access
+  prefixes = [o.multiprocessing_options.barrier_sync_key_prefix for o in options]
+  latest.close()
+  best.close()
+  assert all(prefixes) and prefixes[0] != prefixes[1], prefixes
