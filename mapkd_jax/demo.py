@@ -126,10 +126,12 @@ def _finished(run_root, run_config):
 
 
 def _evaluated(run_root, run_config):
+  """metrics.json of the run's final step, or None when it is missing or of an earlier step."""
   path = os.path.join(run_root, stages.stage_dir_name(run_config), 'eval', 'metrics.json')
   if not os.path.exists(path):
     return None
-  return eval_lib.read_metrics(path)   # null (a class absent from val) back to NaN
+  metrics = eval_lib.read_metrics(path)   # null (a class absent from val) back to NaN
+  return metrics if metrics['checkpoint_step'] >= run_config.train.steps else None
 
 
 def run(config, workdir):
@@ -144,12 +146,12 @@ def run(config, workdir):
                       evaluate=evaluate and _evaluated(run_root, run_config) is None)
            for _, run_root, run_config, evaluate in runs]
   spent_s = spent_estimate_s = 0.0
-  estimate_at_start = None
+  estimate_at_start = eta_s(costs, 0, spent_s=0.0, spent_estimate_s=0.0,
+                            final_cost_s=config.demo.final_cost_s)
   for index, (label, run_root, run_config, evaluate) in enumerate(runs):
     run_started = time.time()
     eta = eta_s(costs, index, spent_s=spent_s, spent_estimate_s=spent_estimate_s,
                 final_cost_s=config.demo.final_cost_s)
-    estimate_at_start = eta if estimate_at_start is None else estimate_at_start
     logging.info('[demo %d/%d] %s (elapsed %.1f min, ETA %.1f min)', index + 1, len(runs), label,
                  (run_started - started) / 60, eta / 60)
     if not _finished(run_root, run_config):
@@ -158,7 +160,7 @@ def run(config, workdir):
       trainer.train_and_evaluate(run_config, run_root)
     if evaluate:
       metrics = _evaluated(run_root, run_config)
-      if metrics is None or metrics['checkpoint_step'] < run_config.train.steps:
+      if metrics is None:
         metrics = eval_lib.evaluate(run_config, run_root, checkpoint='latest',
                                     num_images=config.demo.eval_images)
       results[label] = {'metrics': metrics, 'root': run_root, 'stage_dir':
@@ -169,7 +171,7 @@ def run(config, workdir):
   speed = _speed(config)
   summary = report.write(workdir, report.build(config, results, speed), results, config)
   logging.info('Demo done in %.1f min (estimated %.1f at the start): %s',
-               (time.time() - started) / 60, (estimate_at_start or 0.0) / 60,
+               (time.time() - started) / 60, estimate_at_start / 60,
                os.path.join(workdir, 'report.md'))
   return summary
 

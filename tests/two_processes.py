@@ -25,7 +25,8 @@ RUNTIME_ABORT = 'JAX distributed service detected fatal errors'
 # The coordinator's port, free when free_port() looked, taken before process 0 bound it (process
 # 0 exits 1 with this; process 1 then aborts with RUNTIME_ABORT).
 PORT_TAKEN = 'Failed to start RPC server'
-# Seconds; passed as --heartbeat_timeout_s. JAX's default (100) is short for 2 oversubscribed cores.
+# Seconds; passed as --heartbeat_timeout_s. Margin for a loaded machine (CI's abort was not a
+# missed heartbeat, see above; this only keeps a slow machine from becoming a failure).
 HEARTBEAT_TIMEOUT_S = 600
 
 
