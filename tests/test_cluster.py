@@ -57,6 +57,21 @@ def _blobs(rng, *, count, per_blob, dim, spread, noise_points, scale=4.0):
   return points[rng.permutation(len(points))]
 
 
+# dbscan's three ways to the same labels (speed knobs): the cover's group bounds with a pair
+# test per group, the same with unsure counts tested as one block, and every pair tested
+# (chosen when the cover has many groups). Each test taking `paths` runs on all three.
+_PATHS = {'groups': dict(_DENSE_GROUPS=0, _CALL_COST=0),
+          'groups_block': dict(_DENSE_GROUPS=0, _CALL_COST=10 ** 12),
+          'dense': dict(_DENSE_GROUPS=10 ** 9)}
+
+
+@pytest.fixture(params=['auto'] + sorted(_PATHS))
+def paths(request, monkeypatch):
+  for name, value in _PATHS.get(request.param, {}).items():
+    monkeypatch.setattr(cluster, name, value)
+  return request.param
+
+
 def test_squared_distances_exact_matches_a_loop():
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=(7, 16)), rng.normal(size=(5, 16))
@@ -84,7 +99,7 @@ def test_within_eps_is_the_exact_test_including_pairs_at_eps():
 @pytest.mark.parametrize('dim,eps,min_samples,seed', [
     (2, 0.08, 4, 0), (2, 0.15, 6, 1), (3, 0.2, 3, 2), (16, 1.5, 5, 3), (16, 2.6, 8, 4),
     (16, 1.0, 1, 5)])
-def test_random_points_match_sklearn_and_the_loop(dim, eps, min_samples, seed):
+def test_random_points_match_sklearn_and_the_loop(dim, eps, min_samples, seed, paths):
   rng = np.random.default_rng(seed)
   x = rng.uniform(size=(160, dim)) * (1.0 if dim < 16 else 2.0)
   want = _dbscan_loop(x, eps, min_samples)
@@ -111,7 +126,7 @@ def test_clustered_embeddings_match_sklearn(seed, count, per_blob, spread, scale
   assert len(np.unique(_sklearn(x, 1.5, 10)[_sklearn(x, 1.5, 10) >= 0])) >= 3
 
 
-def test_blobs_missed_by_the_cover_sample_are_clusters():
+def test_blobs_missed_by_the_cover_sample_are_clusters(paths):
   """Small dense blobs none of whose points is in the cover's strided sample: their points are
   groups of their own, linked through their groups' hubs (a pair at min_samples 2 only so)."""
   rng = np.random.default_rng(8)
@@ -128,7 +143,7 @@ def test_blobs_missed_by_the_cover_sample_are_clusters():
     assert len(set(want[11:13]) - {-1}) == clusters_of_pair
 
 
-def test_clustered_embeddings_with_border_points_match_the_loop():
+def test_clustered_embeddings_with_border_points_match_the_loop(paths):
   # Loose blobs of a few points: many border points and blobs that touch, every group kind
   # of the cover (core balls, shells, lone points), checked against the loop transcription.
   rng = np.random.default_rng(7)
@@ -141,7 +156,7 @@ def test_clustered_embeddings_with_border_points_match_the_loop():
 
 
 @pytest.mark.parametrize('b_first', [False, True])
-def test_border_point_of_two_clusters_takes_the_earlier_cluster(b_first):
+def test_border_point_of_two_clusters_takes_the_earlier_cluster(b_first, paths):
   """sklearn's rule: a border point reachable from two clusters takes the smaller id, i.e. the
   cluster whose smallest core index comes first, not the nearer one."""
   cluster_a = [0.0, 0.05, 0.1, 0.3]        # 0.3 is 0.9 from the border point
@@ -154,7 +169,7 @@ def test_border_point_of_two_clusters_takes_the_earlier_cluster(b_first):
   np.testing.assert_array_equal(got, [0, 0, 0, 0, 0, 1, 1, 1, 1])   # border joins parts[0]
 
 
-def test_lattice_ties_at_eps_match_sklearn():
+def test_lattice_ties_at_eps_match_sklearn(paths):
   """Points exactly eps apart are neighbours (<=), also where eps^2 itself rounds."""
   rng = np.random.default_rng(3)
   grid = np.stack(np.meshgrid(np.arange(14.0), np.arange(14.0)), -1).reshape(-1, 2)
@@ -165,7 +180,7 @@ def test_lattice_ties_at_eps_match_sklearn():
     np.testing.assert_array_equal(cluster.dbscan(x, eps=eps, min_samples=min_samples), want)
 
 
-def test_edge_cases():
+def test_edge_cases(paths):
   assert cluster.dbscan(np.zeros((0, 16)), eps=1.5, min_samples=5).shape == (0,)
   np.testing.assert_array_equal(cluster.dbscan(np.ones((1, 3)), eps=1.0, min_samples=1), [0])
   np.testing.assert_array_equal(cluster.dbscan(np.ones((1, 3)), eps=1.0, min_samples=2), [-1])

@@ -43,6 +43,13 @@ from scipy.sparse import csgraph
 # so nothing near either can be decided wrongly, while real pairs almost never fall in it.
 _BAND = 1e-9
 
+# Pair tests worth one within_eps call's fixed cost (choosing one block test over a call per
+# group; a speed knob only).
+_CALL_COST = 20000
+
+# A cover with more than N / _DENSE_GROUPS groups takes the all-pairs path (speed only).
+_DENSE_GROUPS = 4
+
 _THREADPOOLS = []   # one threadpoolctl controller, made on first use (finding the libraries ~1 ms)
 
 
@@ -206,23 +213,46 @@ def _dbscan(x, *, eps, min_samples):
   margin = _BAND * (eps + float(np.abs(centred).max()) + 1.0)
   group, centres, radii, clique = cover(centred, eps, margin)
   num_groups = len(radii)
+  if num_groups * _DENSE_GROUPS > num:
+    # Points mostly far apart (a class of noise pixels: most are groups of their own): the
+    # group bounds decide little, and one test of every pair costs less than [N, groups]
+    # bounds plus a call per group.
+    return _dbscan_dense(x, centred, eps2, min_samples)
   sizes = np.bincount(group, minlength=num_groups)
   order = np.argsort(group, kind='stable')
   members = np.split(order, np.cumsum(sizes)[:-1])
 
   # The distance to a group's centre bounds the distances to all its members: all within eps
-  # ('whole'), all beyond, or undecided (tested member by member).
+  # ('whole'), all beyond, or undecided (tested member by member where the answer matters).
   d2, sq_x, sq_c = _product_squared_distances(centred, centres)
   slack = _BAND * (sq_x.max() + sq_c.max() + eps2)
   whole = np.sqrt(d2 + slack) + radii <= eps - margin                   # [N, groups]
   undecided = ~whole & (np.sqrt(np.maximum(d2 - slack, 0.0)) - radii <= eps + margin)
-  counts = whole.astype(np.int64) @ sizes
-  tested = []                                         # (group, rows, [rows, members] bool)
-  for g in np.flatnonzero(undecided.any(axis=0)):
-    rows = np.flatnonzero(undecided[:, g])
-    inside = within_eps(x[rows], x[members[g]], centred[rows], centred[members[g]], eps2)
-    counts[rows] += np.count_nonzero(inside, axis=1)
-    tested.append((g, rows, inside))
+  del d2
+  # Counts matter only against min_samples: a point whose whole groups hold min_samples points
+  # is core, one whose whole and undecided groups together hold fewer is not, and only the
+  # rest are counted pair by pair. (Float products: BLAS, and exact for counts below 2^53.)
+  size_f = sizes.astype(np.float64)
+  counts = whole.astype(np.float64) @ size_f
+  unsure = np.flatnonzero((counts < min_samples) &
+                          (counts + undecided.astype(np.float64) @ size_f >= min_samples))
+  if len(unsure):
+    unsure_groups = undecided[unsure]                        # [unsure, groups]
+    groups_in = np.flatnonzero(unsure_groups.any(axis=0))
+    pairs = int(unsure_groups[:, groups_in].sum(axis=0) @ sizes[groups_in])
+    cols = np.concatenate([members[g] for g in groups_in])
+    # One test of the whole [unsure, members] block where it is not much larger than the
+    # pairs needed (many small groups: noise points are groups of their own, and a call per
+    # group cost more than the block), else group by group.
+    if len(unsure) * len(cols) <= 2 * pairs + _CALL_COST * len(groups_in):
+      inside = within_eps(x[unsure], x[cols], centred[unsure], centred[cols], eps2)
+      inside &= unsure_groups[:, group[cols]]
+      counts[unsure] += np.count_nonzero(inside, axis=1)
+    else:
+      for g in groups_in:
+        rows = unsure[unsure_groups[:, g]]
+        inside = within_eps(x[rows], x[members[g]], centred[rows], centred[members[g]], eps2)
+        counts[rows] += np.count_nonzero(inside, axis=1)
   core = counts >= min_samples
   labels = np.full(num, -1, np.int64)
   if not core.any():
@@ -242,6 +272,7 @@ def _dbscan(x, *, eps, min_samples):
   hub[~clique] = num_cliques + len(loose) + np.arange(num_groups - num_cliques)
   num_nodes = num_cliques + len(loose) + num_groups - num_cliques
   has_core = np.bincount(group[core], minlength=num_groups) > 0
+  core_members = [m[core[m]] for m in members]
 
   core_rows = np.flatnonzero(core)
   whole_core = whole[core_rows] & has_core[None, :]           # [cores, groups]
@@ -252,29 +283,37 @@ def _dbscan(x, *, eps, min_samples):
   # shell point needs not be within eps of its whole shell.
   hubbed = ~clique & whole_core.any(axis=0)
   for g in np.flatnonzero(hubbed):
-    cores_g = members[g][core[members[g]]]
-    edges.append((np.full(len(cores_g), hub[g]), node[cores_g]))
-  for g, rows, inside in tested:
-    if not has_core[g]:
-      continue
-    linked = inside[core[rows]][:, core[members[g]]]          # [core rows, core members]
+    edges.append((np.full(len(core_members[g]), hub[g]), node[core_members[g]]))
+  # Pair tests for links: a core point and an undecided group's core points. A link between
+  # nodes already connected through the links above changes nothing, so those pairs are not
+  # tested (most of them: neighbouring groups of one blob are joined by points within eps of
+  # a whole group).
+  tested_groups = np.flatnonzero(undecided.any(axis=0) & has_core)
+  component = _components(edges, num_nodes)
+  for g in tested_groups:
+    rows = np.flatnonzero(undecided[:, g] & core)
+    targets = core_members[g]
     if clique[g]:
-      edges.append((node[rows[core[rows]][linked.any(axis=1)]], group_node[[g]]))
-    else:
+      rows = rows[component[node[rows]] != component[group_node[g]]]
+      if not len(rows):
+        continue
+      inside = within_eps(x[rows], x[targets], centred[rows], centred[targets], eps2)
+      edges.append((node[rows[inside.any(axis=1)]], group_node[[g]]))
+    elif len(rows):
+      # Rows already in the one component of all the group's core points: nothing to link.
+      reached = np.unique(component[node[targets]])
+      if len(reached) == 1:
+        rows = rows[component[node[rows]] != reached[0]]
+        if not len(rows):
+          continue
+      inside = within_eps(x[rows], x[targets], centred[rows], centred[targets], eps2)
       # Rows of one clique node reach the same nodes: one edge per (node, member) is enough.
-      row_nodes = node[rows[core[rows]]]
+      row_nodes = node[rows]
       by_node = np.argsort(row_nodes, kind='stable')
       starts = np.flatnonzero(np.diff(row_nodes[by_node], prepend=-1))
-      a, b = np.nonzero(np.logical_or.reduceat(linked[by_node], starts, axis=0)) \
-          if len(by_node) else (np.zeros(0, np.int64),) * 2
-      edges.append((row_nodes[by_node][starts][a], node[members[g][core[members[g]]][b]]))
-  src = np.concatenate([np.broadcast_to(a, np.broadcast_shapes(np.shape(a), np.shape(b)))
-                        for a, b in edges])
-  dst = np.concatenate([np.broadcast_to(b, np.broadcast_shapes(np.shape(a), np.shape(b)))
-                        for a, b in edges])
-  links = sparse.coo_matrix((np.ones(len(src), np.int8), (src, dst)),
-                            shape=(num_nodes, num_nodes)).tocsr()
-  _, component = csgraph.connected_components(links, directed=False)
+      a, b = np.nonzero(np.logical_or.reduceat(inside[by_node], starts, axis=0))
+      edges.append((row_nodes[by_node][starts][a], node[targets[b]]))
+  component = _components(edges, num_nodes)
 
   # sklearn's ids: clusters in the order of their smallest core index.
   core_component = component[node[core_rows]]
@@ -293,20 +332,79 @@ def _dbscan(x, *, eps, min_samples):
   best = np.full(num, num, np.int64)
   best[border_rows] = np.where(whole[border_rows], group_min[None, :], num).min(
       axis=1, initial=num)
-  for g, rows, inside in tested:
-    if not has_core[g]:
+  for g in tested_groups:
+    # A group whose smallest id is not below a point's best so far cannot lower it: untested.
+    rows = np.flatnonzero(undecided[:, g] & ~core & (best > group_min[g]))
+    if not len(rows):
       continue
-    reached = inside[~core[rows]][:, core[members[g]]]        # [border rows, core members]
-    targets = rows[~core[rows]]
+    targets = core_members[g]
+    inside = within_eps(x[rows], x[targets], centred[rows], centred[targets], eps2)
     if clique[g]:
-      hit = reached.any(axis=1)
-      np.minimum.at(best, targets[hit], group_min[g])
+      np.minimum.at(best, rows[inside.any(axis=1)], group_min[g])
     else:
-      a, b = np.nonzero(reached)
-      np.minimum.at(best, targets[a], labels[members[g][core[members[g]]][b]])
+      a, b = np.nonzero(inside)
+      np.minimum.at(best, rows[a], labels[targets[b]])
   found = ~core & (best < num)
   labels[found] = best[found]
   return labels
+
+
+def _dbscan_dense(x, centred, eps2, min_samples, block=1024):
+  """`_dbscan`'s labels from every pair's test (within_eps), `block` rows at a time.
+
+  Args: x [N, E] float64 points, centred [N, E] the same centred, eps2 = eps^2, min_samples.
+  Returns: [N] int64 labels.
+  """
+  num = len(x)
+  blocks = [(lo, min(lo + block, num)) for lo in range(0, num, block)]
+  counts = np.zeros(num, np.int64)
+  for lo, hi in blocks:
+    counts[lo:hi] = np.count_nonzero(within_eps(x[lo:hi], x, centred[lo:hi], centred, eps2),
+                                     axis=1)
+  core = counts >= min_samples
+  labels = np.full(num, -1, np.int64)
+  core_rows = np.flatnonzero(core)
+  if not len(core_rows):
+    return labels
+  # Clusters: connected components of the core points' links; sklearn's ids in the order of
+  # their smallest core index (components are numbered that way already: scipy labels them in
+  # order of their first node, and core_rows ascend).
+  xc, cc = x[core_rows], centred[core_rows]
+  src, dst = [], []
+  for lo in range(0, len(core_rows), block):
+    a, b = np.nonzero(within_eps(xc[lo:lo + block], xc, cc[lo:lo + block], cc, eps2))
+    src.append(a + lo)
+    dst.append(b)
+  component = _components(list(zip(src, dst)), len(core_rows))
+  labels[core_rows] = _first_index_rank(component)
+  # Border points: the smallest cluster id among the core points within eps.
+  border_rows = np.flatnonzero(~core)
+  for lo in range(0, len(border_rows), block):
+    rows = border_rows[lo:lo + block]
+    inside = within_eps(x[rows], xc, centred[rows], cc, eps2)
+    best = np.where(inside, labels[core_rows][None, :], num).min(axis=1, initial=num)
+    labels[rows[best < num]] = best[best < num]
+  return labels
+
+
+def _first_index_rank(component):
+  """[M] component ids -> [M] ids renumbered 0, 1, ... in order of first appearance."""
+  _, first, inverse = np.unique(component, return_index=True, return_inverse=True)
+  rank = np.empty(len(first), np.int64)
+  rank[np.argsort(first, kind='stable')] = np.arange(len(first))
+  return rank[inverse.reshape(-1)]
+
+
+def _components(edges, num_nodes):
+  """[num_nodes] connected-component id of each node of the undirected graph `edges`
+  ([(src, dst)] index arrays, either side broadcast against the other)."""
+  src = np.concatenate([np.broadcast_to(a, np.broadcast_shapes(np.shape(a), np.shape(b)))
+                        for a, b in edges])
+  dst = np.concatenate([np.broadcast_to(b, np.broadcast_shapes(np.shape(a), np.shape(b)))
+                        for a, b in edges])
+  links = sparse.coo_matrix((np.ones(len(src), np.int8), (src, dst)),
+                            shape=(num_nodes, num_nodes)).tocsr()
+  return csgraph.connected_components(links, directed=False)[1]
 
 
 def nearest_labels(points, labels, queries, *, eps, fallback):
