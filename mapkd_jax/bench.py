@@ -195,6 +195,32 @@ def _timing(times, output):
                 times_s=tuple(float(t) for t in times), output=output)
 
 
+def paired_ratio(numerator_s, denominator_s):
+  """Round-by-round ratios of two alternating timings: numerator_s[i] / denominator_s[i].
+
+  With calls alternating (time_alternating), round i's two calls ran within a few seconds of
+  each other, so a burst of load from other processes mostly falls on both; the median of
+  the per-round ratios is less sensitive to it than the ratio of the two medians, whose calls
+  may come from different rounds. For frames/s of A over B pass B's times over A's.
+
+  Args:
+    numerator_s, denominator_s: sequences of seconds of equal length >= 1 (Timing.times_s).
+  Returns:
+    {'median', 'min', 'max'} of the per-round ratios (floats, rounded to 3 places).
+  Raises:
+    ValueError: the lengths differ or are 0, or a denominator is not positive.
+  """
+  num, den = np.asarray(numerator_s, np.float64), np.asarray(denominator_s, np.float64)
+  if num.shape != den.shape or num.ndim != 1 or num.size == 0:
+    raise ValueError(f'paired_ratio needs two equally long non-empty timings, got '
+                     f'{num.shape} and {den.shape}')
+  if np.any(den <= 0):
+    raise ValueError(f'paired_ratio: non-positive denominator time in {den.tolist()}')
+  ratios = num / den
+  return {'median': round(float(np.median(ratios)), 3), 'min': round(float(ratios.min()), 3),
+          'max': round(float(ratios.max()), 3)}
+
+
 def time_alternating(calls, *, iters, warmup):
   """Times several callables in rounds, one call of each per round, in the given order.
 
@@ -315,6 +341,9 @@ def bench_torch_student(config, *, batch_size, iters, warmup, seed, config_name=
             'torch_threads': torch.get_num_threads(),
             **_latency_fields(timing, batch_size=batch_size, iters=iters, warmup=warmup),
             'config_name': config_name}
+  if alongside is not None:
+    # Frames/s of the other (JAX) call over torch's, round by round (paired_ratio).
+    record['other_over_torch_fps_per_round'] = paired_ratio(timing.times_s, other.times_s)
   return record if alongside is None else (record, other)
 
 
@@ -354,7 +383,9 @@ def run(config, names, *, batch_size, iters, warmup, seed, config_name='', emit=
   With `torch_student`, the PyTorch eager reference student is timed in the same process
   (bench_torch_student), in alternation with the JAX student when that is among `names`
   (time_alternating: one call of each per round, so that load from other processes falls on
-  both), and the ratio line gains student_over_torch_student_fps.
+  both), and the ratio line gains student_over_torch_student_fps (ratio of the medians) and,
+  when alternating, student_over_torch_student_fps_per_round (median, min, max of the
+  per-round ratios, paired_ratio).
   """
   records = []
   alternate = torch_student and 'student' in names
@@ -381,6 +412,10 @@ def run(config, names, *, batch_size, iters, warmup, seed, config_name='', emit=
                                        warmup=warmup, seed=seed, config_name=config_name))
     emit(json.dumps(records[-1]))
   ratios = speed_ratios(records)
+  if alternate:
+    # The median of the per-round ratios beside the ratio of medians (paired_ratio says why).
+    ratios['student_over_torch_student_fps_per_round'] = (
+        records[-1]['other_over_torch_fps_per_round'])
   targets = {f'student_over_{k}_fps': v for k, v in RATIO_TARGETS.items()
              if f'student_over_{k}_fps' in ratios}
   emit(json.dumps({'name': 'ratios', **ratios, 'targets': targets,
