@@ -384,7 +384,7 @@ def run(config, names, *, batch_size, iters, warmup, seed, config_name='', emit=
   (bench_torch_student), in alternation with the JAX student when that is among `names`
   (time_alternating: one call of each per round, so that load from other processes falls on
   both), and the ratio line gains student_over_torch_student_fps (ratio of the medians) and,
-  when alternating, student_over_torch_student_fps_per_round (median, min, max of the
+  when alternating, student_over_torch_student_fps_per_round_{median,min,max} (of the
   per-round ratios, paired_ratio).
   """
   records = []
@@ -414,8 +414,9 @@ def run(config, names, *, batch_size, iters, warmup, seed, config_name='', emit=
   ratios = speed_ratios(records)
   if alternate:
     # The median of the per-round ratios beside the ratio of medians (paired_ratio says why).
-    ratios['student_over_torch_student_fps_per_round'] = (
-        records[-1]['other_over_torch_fps_per_round'])
+    # Flat float fields, as every other ratio (report.py formats each value as a number).
+    for stat, value in records[-1]['other_over_torch_fps_per_round'].items():
+      ratios[f'student_over_torch_student_fps_per_round_{stat}'] = value
   targets = {f'student_over_{k}_fps': v for k, v in RATIO_TARGETS.items()
              if f'student_over_{k}_fps' in ratios}
   emit(json.dumps({'name': 'ratios', **ratios, 'targets': targets,
