@@ -73,7 +73,7 @@ def main(argv):
     from mapkd_jax import demo
     demo.run(config, _WORKDIR.value)
   else:
-    from mapkd_jax import trainer
+    from mapkd_jax.train import trainer
     trainer.train_and_evaluate(config, _WORKDIR.value)
 
 

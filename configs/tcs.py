@@ -10,7 +10,7 @@ Arg tokens: first bare token = stage (hd_pretrain, teacher, coach, student, demo
 """
 import ml_collections
 
-from mapkd_jax import config_lib
+from mapkd_jax.train import config_lib
 
 # name -> ((x_min, x_max, x_step), (y_min, y_max, y_step)) in metres, ego frame (x fwd, y left).
 BEV_RANGES = {
@@ -131,7 +131,7 @@ def get_config(arg=None):
       # Read the frozen teacher's/coach's outputs (semantic logits, bev_small) from the cache
       # `python -m mapkd_jax.cache_frozen` writes instead of running the frozen models each step.
       cached_frozen=False,
-      frozen_cache_dtype='bfloat16',   # or 'float32' (cache_frozen.py: size and loss error)
+      frozen_cache_dtype='bfloat16',   # or 'float32' (mapkd_jax/train/frozen_cache.py: size and loss error)
       frozen_cache_dir='',             # '' = WORKDIR/<teacher|coach>/frozen_cache beside the ckpts
   )
   config.loss = dict(semantic_pos_weight=2.13, instance_weight=0.1, direction_weight=0.1,

@@ -1,10 +1,10 @@
 """Input pipeline throughput, in samples per second, printed as JSON lines.
 
-  python -m mapkd_jax.data.bench --shards DIR [--config_arg student] [--batch_size 8]
-  python -m mapkd_jax.data.bench            # random shards at the reference size, in a temp dir
+  python -m mapkd_jax.data_bench --shards DIR [--config configs/tcs.py:student] [--batch_size 8]
+  python -m mapkd_jax.data_bench            # random shards at the reference size, in a temp dir
 
 Without --shards it writes random schema shards (tests/shard_fixtures.py; run from the repo
-root) for `configs/tcs.py:<config_arg>`: 6 x 128 x 352 JPEGs, a 200 x 400 BEV and
+root) for `--config` (default configs/tcs.py:student): 6 x 128 x 352 JPEGs, a 200 x 400 BEV and
 --points LiDAR points per sample, then times `pipeline.iterate` after a warm-up.
 """
 import argparse
@@ -15,8 +15,8 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TF is imported (by the pipeline).
 
-from configs import tcs
 from mapkd_jax.data import pipeline
+from mapkd_jax.train import config_lib
 
 
 def _write_random_shards(directory, data_config, args):
@@ -34,7 +34,7 @@ def _write_random_shards(directory, data_config, args):
 
 
 def run(args):
-  data_config = tcs.get_config(args.config_arg).data
+  data_config = config_lib.load_config_file(args.config).data
   with tempfile.TemporaryDirectory() as scratch:
     shards_dir = args.shards
     if not shards_dir:
@@ -60,7 +60,7 @@ def run(args):
                 cpu_ms_per_sample=round(1000 * cpu_seconds / samples, 2),
                 batches=args.batches, batch_size=args.batch_size, seconds=round(seconds, 2),
                 image_size=list(data_config.image_size), max_points=data_config.max_points,
-                config_arg=args.config_arg, threads=args.threads, cpus=os.cpu_count(),
+                config=args.config, threads=args.threads, cpus=os.cpu_count(),
                 shards=args.shards or 'random')
   print(json.dumps(result), flush=True)
   return result
@@ -70,7 +70,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--shards', default='', help='shard dir; default: random shards in a temp dir')
-  parser.add_argument('--config_arg', default='student', help="configs/tcs.py arg, e.g. 'student,tiny'")
+  parser.add_argument('--config', default='configs/tcs.py:student',
+                      help="config file and arg, e.g. 'configs/tcs.py:student,tiny'")
   parser.add_argument('--split', default='train', help='split to read')
   parser.add_argument('--batch_size', type=int, default=8, help='per-host batch')
   parser.add_argument('--warmup', type=int, default=5, help='batches before timing')
@@ -84,7 +85,7 @@ def main(argv=None):
   parser.add_argument('--label_style', default='lines', choices=('lines', 'noise'),
                       help='random shards: sparse line rasters (realistic) or per-pixel noise')
   parser.add_argument('--seed', type=int, default=0, help='content and shuffle seed')
-  run(parser.parse_args(argv))
+  return run(parser.parse_args(argv))
 
 
 if __name__ == '__main__':

@@ -23,12 +23,12 @@ import ml_collections
 from absl import logging
 
 from mapkd_jax import bench
-from mapkd_jax import cache_frozen
-from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax.train import frozen_cache
+from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax import evaluate as eval_lib
 from mapkd_jax import report
-from mapkd_jax import stages
-from mapkd_jax import trainer
+from mapkd_jax.train import stages
+from mapkd_jax.train import trainer
 
 # name -> kd overrides of an ablation of the distilled student.
 ABLATIONS = {
@@ -52,7 +52,7 @@ def _run_config(config, workdir, *, stage, seed, nokd=False, kd=None):
   run.init.hd_prior = os.path.join(workdir, 'hd_pretrain', 'checkpoints')
   run.kd.update(kd or {})
   # The frozen teacher's and coach's outputs depend only on the sample: computed once per
-  # sample (cache_frozen.ensure, before the run) instead of at every distilling step.
+  # sample (frozen_cache.ensure, before the run) instead of at every distilling step.
   run.kd.cached_frozen = bool(config.demo.cached_frozen)
   return run
 
@@ -156,7 +156,7 @@ def run(config, workdir):
                  (run_started - started) / 60, eta / 60)
     if not _finished(run_root, run_config):
       if run_config.kd.cached_frozen:
-        cache_frozen.ensure(run_config, run_root)   # a no-op once built and up to date
+        frozen_cache.ensure(run_config, run_root)   # a no-op once built and up to date
       trainer.train_and_evaluate(run_config, run_root)
     if evaluate:
       metrics = _evaluated(run_root, run_config)

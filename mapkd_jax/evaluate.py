@@ -42,12 +42,12 @@ from absl import logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from mapkd_jax import checkpoint as ckpt_lib
-from mapkd_jax import metrics as metrics_lib
+from mapkd_jax.train import checkpoint as ckpt_lib
+from mapkd_jax.eval import metrics as metrics_lib
 from mapkd_jax import models as models_lib
-from mapkd_jax import sharding
-from mapkd_jax import stages
-from mapkd_jax import trainer
+from mapkd_jax.train import sharding
+from mapkd_jax.train import stages
+from mapkd_jax.train import trainer
 from mapkd_jax import vectorize
 from mapkd_jax import visualize
 from mapkd_jax.data import dataset_info as info_lib

@@ -35,7 +35,7 @@ import pytest  # noqa: E402  (after the environment above)
 def tiny_shards(tmp_path_factory):
   """Shards of the tiny synthetic world (created once per test process), for configs' data.shards."""
   from configs import tcs
-  from mapkd_jax import stages
+  from mapkd_jax.train import stages
   root = str(tmp_path_factory.mktemp('tiny_world'))
   return stages.ensure_data(tcs.get_config('student,tiny'), root)
 

@@ -1,4 +1,4 @@
-"""Frozen-output cache (cache_frozen.py): every cached row is the live frozen forward of its sample
+"""Frozen-output cache (mapkd_jax/train/frozen_cache.py): every cached row is the live frozen forward of its sample
 (after an interrupted and resumed build), the student's distillation losses and gradients from the
 cache agree with the live ones, the trainer reads it, and stale or missing caches are refused.
 
@@ -16,12 +16,12 @@ import pytest
 
 import stage_checkpoints
 from configs import tcs
-from mapkd_jax import cache_frozen
-from mapkd_jax import checkpoint as ckpt_lib
-from mapkd_jax import sharding
-from mapkd_jax import stages
-from mapkd_jax import train_step as step_lib
-from mapkd_jax import trainer
+from mapkd_jax.train import frozen_cache
+from mapkd_jax.train import checkpoint as ckpt_lib
+from mapkd_jax.train import sharding
+from mapkd_jax.train import stages
+from mapkd_jax.train import step as step_lib
+from mapkd_jax.train import trainer
 from mapkd_jax.data import pipeline
 
 FROZEN = ('teacher', 'coach')
@@ -68,10 +68,10 @@ def world(tiny_shards, tmp_path_factory):
     raise _Interrupt(done)
 
   with pytest.raises(_Interrupt):   # killed after its first batch
-    cache_frozen.build(config, root, 'teacher', tiny_shards, after_batch=interrupt)
+    frozen_cache.build(config, root, 'teacher', tiny_shards, after_batch=interrupt)
   with pytest.raises(FileNotFoundError, match=r'interrupted build.*python -m mapkd_jax.cache_'):
-    cache_frozen.check(config, root, 'teacher', tiny_shards)
-  dirs = cache_frozen.ensure(config, root)   # resumes the teacher's, builds the coach's
+    frozen_cache.check(config, root, 'teacher', tiny_shards)
+  dirs = frozen_cache.ensure(config, root)   # resumes the teacher's, builds the coach's
 
   # The live forward of every train sample, as the trainer runs it (train_step.frozen_forward),
   # in shuffled batches: rows are found by token, not by position.
@@ -79,7 +79,7 @@ def world(tiny_shards, tmp_path_factory):
   live = {}
   batch_size = config.train.batch_size
   for name in FROZEN:
-    forward = jax.jit(functools.partial(cache_frozen.frozen_outputs, name=name,
+    forward = jax.jit(functools.partial(frozen_cache.frozen_outputs, name=name,
                                         model=models[name]),
                       in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
@@ -90,18 +90,18 @@ def world(tiny_shards, tmp_path_factory):
       out = jax.device_get(forward(frozen[name], sharding.host_batch_to_global(
           trainer.pad_batch(host, batch_size), mesh)))
       for row, token in enumerate(tokens):
-        live.setdefault(token, {})[name] = {k: out[k][row] for k in cache_frozen.KEYS}
+        live.setdefault(token, {})[name] = {k: out[k][row] for k in frozen_cache.KEYS}
   return dict(root=root, config=config, dirs=dirs, live=live, models=models, frozen=frozen,
               mesh=mesh, shards=tiny_shards)
 
 
 def test_every_cached_row_is_the_live_forward_of_its_sample(world):
-  cache = cache_frozen.open_for_training(world['config'], world['root'], world['shards'])
+  cache = frozen_cache.open_for_training(world['config'], world['root'], world['shards'])
   tokens = sorted(world['live'])
   rows = cache.host_rows(tokens)
   for name in FROZEN:
     assert world['dirs'][name] == os.path.join(world['root'], name, 'frozen_cache')
-    for key in cache_frozen.KEYS:
+    for key in frozen_cache.KEYS:
       cached = rows[name][key].astype(np.float32)
       want = np.stack([world['live'][t][name][key] for t in tokens]).astype(np.float32)
       # bfloat16 storage: 8 significant bits, a relative rounding error of at most 2^-9.
@@ -120,10 +120,10 @@ def test_cached_and_live_distillation_losses_and_gradients_agree(world):
                                with_tokens=True))
   tokens = list(host.pop('sample_token'))
   batch = sharding.host_batch_to_global(host, mesh)
-  cache = cache_frozen.open_for_training(config, world['root'], world['shards'])
+  cache = frozen_cache.open_for_training(config, world['root'], world['shards'])
   cached = jax.tree.map(lambda x: jnp.asarray(x.astype(np.float32)), cache.host_rows(tokens))
   live = {n: {k: jnp.asarray(np.stack([world['live'][t][n][k] for t in tokens]))
-              for k in cache_frozen.KEYS} for n in FROZEN}
+              for k in frozen_cache.KEYS} for n in FROZEN}
   loss_fn = jax.jit(jax.value_and_grad(
       lambda p, fo: step_lib.stage_loss(p, state.batch_stats, fo, batch, jax.random.key(0),
                                         model=models['student'], tgpd=step_lib.make_tgpd(config),
@@ -155,23 +155,23 @@ def test_missing_and_stale_caches_are_refused_naming_both_sides(world, tmp_path)
   with pytest.raises(FileNotFoundError,
                      match=r'holds no complete teacher output cache.*python -m mapkd_jax.cache_'
                            r'frozen --config configs/tcs.py:student,tiny'):
-    cache_frozen.open_for_training(other, root, world['shards'])
+    frozen_cache.open_for_training(other, root, world['shards'])
 
   # Another shard set (a copy with another dataset_info.json).
   shards = str(tmp_path / 'shards')
   shutil.copytree(world['shards'], shards)
   with open(os.path.join(shards, 'dataset_info.json'), 'a') as f:
     f.write('\n')
-  with pytest.raises(cache_frozen.StaleCacheError,
+  with pytest.raises(frozen_cache.StaleCacheError,
                      match=rf'shards_dir: cache has .{world["shards"]}., this run needs .{shards}.'
                            r'.*shards_fingerprint'):
-    cache_frozen.open_for_training(config, root, shards)
+    frozen_cache.open_for_training(config, root, shards)
 
   # Another checkpoint step of the teacher (same weights, written again at step 2).
   _save_frozen(config, root, 'teacher', 2, jax.device_get(world['frozen']['teacher']))
   try:
-    with pytest.raises(cache_frozen.StaleCacheError,
+    with pytest.raises(frozen_cache.StaleCacheError,
                        match=r'checkpoint_step: cache has 1, this run needs 2'):
-      cache_frozen.open_for_training(config, root, world['shards'])
+      frozen_cache.open_for_training(config, root, world['shards'])
   finally:
     shutil.rmtree(os.path.join(root, 'teacher', 'checkpoints', '2'))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax.train import checkpoint as ckpt_lib
 
 
 def _variables(scale):

@@ -16,7 +16,8 @@ torch = pytest.importorskip('torch')
 efficientnet_pytorch = pytest.importorskip('efficientnet_pytorch')
 
 from configs import tcs  # noqa: E402
-from mapkd_jax import models, stages  # noqa: E402
+from mapkd_jax import models  # noqa: E402
+from mapkd_jax.train import stages  # noqa: E402
 from mapkd_jax.convert import common  # noqa: E402
 from mapkd_jax.convert import efficientnet as convert_eff  # noqa: E402
 

@@ -15,7 +15,7 @@ import pytest
 
 import stage_checkpoints
 from configs import tcs
-from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax import demo
 
 

@@ -11,9 +11,9 @@ import pytest
 
 import stage_checkpoints
 from configs import tcs
-from mapkd_jax import checkpoint as ckpt_lib
-from mapkd_jax import train_step as step_lib
-from mapkd_jax import trainer
+from mapkd_jax.train import checkpoint as ckpt_lib
+from mapkd_jax.train import step as step_lib
+from mapkd_jax.train import trainer
 
 STEPS = 3
 DECAY = 0.6

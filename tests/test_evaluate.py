@@ -10,7 +10,7 @@ import pytest
 
 from configs import tcs
 from mapkd_jax import evaluate as eval_lib
-from mapkd_jax import trainer
+from mapkd_jax.train import trainer
 from mapkd_jax.data import pipeline
 from mapkd_jax.eval import ap as ap_lib
 from mapkd_jax.eval import cli

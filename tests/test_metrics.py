@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mapkd_jax import metrics
+from mapkd_jax.eval import metrics
 
 
 def _iou_counts_ref(pred, gt, num_classes):

@@ -19,10 +19,10 @@ import stage_checkpoints
 import two_processes
 
 from configs import tcs
-from mapkd_jax import checkpoint
-from mapkd_jax import sharding
-from mapkd_jax import train_step as step_lib
-from mapkd_jax import trainer
+from mapkd_jax.train import checkpoint
+from mapkd_jax.train import sharding
+from mapkd_jax.train import step as step_lib
+from mapkd_jax.train import trainer
 from mapkd_jax.data import pipeline
 
 STEPS = 1

@@ -18,10 +18,10 @@ import tensorflow as tf
 import two_processes
 
 from configs import tcs
-from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax import evaluate as eval_lib
 from mapkd_jax import models as models_lib
-from mapkd_jax import stages
+from mapkd_jax.train import stages
 from mapkd_jax.eval import gather as gather_lib
 
 ARG = 'student,nokd,tiny'

@@ -233,8 +233,8 @@ def test_fresh_train_extra_matches_the_trainers_state():
   shapes and dtypes of trainer.initial_state's (what restore_train reads on resume). Traced
   only: running the trainer's init costs ~10-80 s here."""
   import functools
-  from mapkd_jax import stages, trainer
-  from mapkd_jax import train_step as step_lib
+  from mapkd_jax.train import stages, trainer
+  from mapkd_jax.train import step as step_lib
   config = ml_collections.FrozenConfigDict(tcs.get_config('student,tiny'))
   dummy = {k: jnp.zeros(s, d) for k, (s, d) in stages.batch_spec(config, 1).items()}
   models = step_lib.make_models(config)

@@ -90,7 +90,8 @@ def test_hd_prior_conversion_lists_timm_unused(converted):
 def test_hd_pretrain_conversion_bare_and_from_teacher(converted):
   """hd_pretrain converts a bare MapVisionTransformer and a teacher's mae_head.* (its other
   tensors ignored by name) into the MAE model's hd_prior, equal to the HDPrior conversion."""
-  from mapkd_jax import models, stages
+  from mapkd_jax import models
+  from mapkd_jax.train import stages
   from mapkd_jax.convert import pmapnet
   config, _, _, variables, _, source = converted[:6]
   mae_config = ml_collections.ConfigDict(config.to_dict())

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import shard_fixtures
-from mapkd_jax import sharding
+from mapkd_jax.train import sharding
 from mapkd_jax.data import dataset_info
 from mapkd_jax.data import pipeline
 from mapkd_jax.data import schema

@@ -12,7 +12,7 @@ import pytest
 from configs import tcs
 from mapkd_jax import bench
 from mapkd_jax import models as models_lib
-from mapkd_jax import train_step as step_lib
+from mapkd_jax.train import step as step_lib
 from mapkd_jax.models import bev_decoder
 from mapkd_jax.models import image_encoder
 from mapkd_jax.models import lss as lss_lib

@@ -280,7 +280,7 @@ def test_train_step_phases_are_named_scopes_in_the_hlo():
   from mapkd_jax import losses
   from mapkd_jax import models as models_lib
   from mapkd_jax import train_bench
-  from mapkd_jax import train_step as step_lib
+  from mapkd_jax.train import step as step_lib
   config = tcs.get_config('student,tiny')
   config.kd.update(msrd_coach_weight=0.0, tgpd_coach_weight=0.0)   # one frozen model
   config.train.ema_decay = 0.9

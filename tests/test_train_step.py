@@ -13,9 +13,9 @@ import layout_equivalence
 from configs import tcs
 from mapkd_jax import losses
 from mapkd_jax import models as models_lib
-from mapkd_jax import sharding
-from mapkd_jax import stages
-from mapkd_jax import train_step as step_lib
+from mapkd_jax.train import sharding
+from mapkd_jax.train import stages
+from mapkd_jax.train import step as step_lib
 
 
 def _random_batch(config, batch_size, seed):

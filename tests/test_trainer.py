@@ -16,7 +16,7 @@ import pytest
 import test_checkpoint
 import stage_checkpoints
 from configs import tcs
-from mapkd_jax import trainer
+from mapkd_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

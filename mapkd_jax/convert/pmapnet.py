@@ -350,7 +350,7 @@ def _fresh_train_extra(config, variables, bev_small):
   """
   import jax
   import jax.numpy as jnp
-  from mapkd_jax import train_step as step_lib
+  from mapkd_jax.train import step as step_lib
   aux = {}
   if step_lib.frozen_names(config):   # only distilling stages have TGPD projectors
     tgpd = step_lib.make_tgpd(config)
@@ -375,9 +375,9 @@ def convert_file(path, config, workdir, *, config_name='', allow_pickle=False):
   """
   import jax
   import jax.numpy as jnp
-  from mapkd_jax import checkpoint as ckpt_lib
-  from mapkd_jax import stages
-  from mapkd_jax import train_step as step_lib
+  from mapkd_jax.train import checkpoint as ckpt_lib
+  from mapkd_jax.train import stages
+  from mapkd_jax.train import step as step_lib
 
   start = time.time()
   state_dict = common.load_torch_state_dict(path, allow_pickle=allow_pickle)
@@ -425,26 +425,10 @@ def add_arguments(parser: argparse.ArgumentParser):
                       help='unpickle arbitrary objects in the file (trusted files only)')
 
 
-def load_config(spec):
-  """'configs/tcs.py:<arg>' -> the validated, frozen config (as launch.py's --config builds it)."""
-  import importlib.util
-
-  import ml_collections
-  from mapkd_jax import config_lib
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise ValueError(f'--config {spec!r}: no config file {path!r}')
-  module_spec = importlib.util.spec_from_file_location('_convert_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  config_lib.validate(config)
-  return ml_collections.FrozenConfigDict(config)
-
-
 def run(args):
   """Entry point for `python -m mapkd_jax.convert pmapnet` (args from add_arguments)."""
-  config = load_config(args.config)
+  from mapkd_jax.train import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config_file(args.config)
   summary = convert_file(args.input, config, args.workdir, config_name=args.config,
                          allow_pickle=args.allow_pickle)
   reasons = {}

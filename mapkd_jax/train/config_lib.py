@@ -1,4 +1,7 @@
-"""Parsing of the `:arg` string of config files (`configs/tcs.py:student,tiny,bev=120x60`)."""
+"""Config files: parsing their `:arg` string (`configs/tcs.py:student,tiny,bev=120x60`),
+loading one from a `path:arg` spec, and validating the result."""
+import importlib.util
+import os
 import types
 
 # Learning-rate schedules train_step.learning_rate_schedule builds.
@@ -113,3 +116,27 @@ def _check_tgpd_patches(config):
   patch = tuple(config.kd.tgpd_patch_size)
   _require(small[0] % patch[0] == 0 and small[1] % patch[1] == 0, 'kd.tgpd_patch_size', patch,
            f'must tile bev_small {small} (BEV canvas / 2**model.neck.num_layers)')
+
+
+def load_config_file(spec, *, flag='--config'):
+  """'configs/tcs.py:<arg>' -> the validated, frozen config (what launch.py's --config builds).
+
+  For command-line tools outside absl's config_flags: the file is executed from its path, so
+  no module of this package imports configs/.
+
+  Raises:
+    ValueError: naming `flag` and the path when the file does not exist or has no get_config,
+      or naming the key when validation fails.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'{flag} {spec!r}: no config file {path!r}')
+  module_spec = importlib.util.spec_from_file_location('_loaded_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ValueError(f'{flag} {spec!r}: {path} defines no get_config(arg)')
+  config = module.get_config(arg or None)
+  validate(config)
+  return ml_collections.FrozenConfigDict(config)

@@ -1,5 +1,6 @@
 """Frozen-output cache: the frozen teacher's and coach's outputs, computed once per sample.
 
+Built by the CLI mapkd_jax/cache_frozen.py (or the demo, or `ensure`):
   python -m mapkd_jax.cache_frozen --config configs/tcs.py:student --workdir ROOT
   python launch.py --config configs/tcs.py:student --workdir ROOT --config.kd.cached_frozen=True
 
@@ -44,8 +45,8 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
-from mapkd_jax import checkpoint as ckpt_lib
-from mapkd_jax import stages
+from mapkd_jax.train import checkpoint as ckpt_lib
+from mapkd_jax.train import stages
 from mapkd_jax.data import dataset_info as info_lib
 
 FORMAT_VERSION = 1
@@ -199,7 +200,7 @@ class FrozenCache:
 
   def global_batch(self, tokens, mesh):
     """host_rows as global jax.Arrays sharded over 'data' like the batch."""
-    from mapkd_jax import sharding  # pylint: disable=g-import-not-at-top
+    from mapkd_jax.train import sharding  # pylint: disable=g-import-not-at-top
     # Not sharding.host_batch_to_global: it keeps numeric dtypes by kind, and bfloat16's is 'V'.
     batch_sharding = sharding.batch_sharding(mesh)
     return {name: {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -212,7 +213,7 @@ class FrozenCache:
 
 def open_for_training(config, workdir, shards_dir):
   """Checks and opens the caches of `config`'s frozen models (see `check` for the errors)."""
-  from mapkd_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+  from mapkd_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   caches = {}
   for name in step_lib.frozen_names(config):
     directory = check(config, workdir, name, shards_dir)
@@ -244,7 +245,7 @@ def output_shapes(config, name):
 
 def frozen_outputs(variables, batch, *, name, model):
   """The cached outputs of one frozen model: train_step.frozen_forward's, keys KEYS, float32."""
-  from mapkd_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+  from mapkd_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   outputs = step_lib.frozen_forward({name: variables}, batch, models={name: model})[name]
   return {k: outputs[k].astype(jnp.float32) for k in KEYS}
 
@@ -266,8 +267,8 @@ def build(config, workdir, name, shards_dir, *, after_batch=None):
     The cache directory.
   """
   from mapkd_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  from mapkd_jax import sharding  # pylint: disable=g-import-not-at-top
-  from mapkd_jax import trainer  # pylint: disable=g-import-not-at-top
+  from mapkd_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from mapkd_jax.train import trainer  # pylint: disable=g-import-not-at-top
   from mapkd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -354,7 +355,7 @@ def ensure(config, workdir):
   (the frozen checkpoints are found as training finds them: config.frozen.* or
   WORKDIR/<model>/checkpoints). A no-op for stages without frozen models.
   """
-  from mapkd_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+  from mapkd_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   shards_dir = stages.ensure_data(config, workdir)
   stages.check_dependencies(config, workdir)
   out = {}
@@ -368,26 +369,3 @@ def ensure(config, workdir):
       out[name] = build(config, workdir, name, shards_dir)
       logging.info('Built %s in %.1f s', out[name], time.time() - start)
   return out
-
-
-def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
-  dirs = ensure(_CONFIG.value, _WORKDIR.value)
-  for name, directory in dirs.items():
-    print(f'{name}: {directory}')
-
-
-if __name__ == '__main__':
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
-  from absl import flags as _flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags as _config_flags  # pylint: disable=g-import-not-at-top
-  _CONFIG = _config_flags.DEFINE_config_file(
-      'config', None, 'The distilling stage, e.g. configs/tcs.py:student (its frozen models '
-      'are cached); --config.<key>=<value> overrides as in launch.py.', lock_config=True)
-  _WORKDIR = _flags.DEFINE_string('workdir', None, 'The stage\'s --workdir (launch.py).')
-  _flags.mark_flags_as_required(['config', 'workdir'])
-  _app.run(main)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mapkd_jax import checkpoint as ckpt_lib
+from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax.data import schema
 
 # What each stage restores: (config key, stage it comes from).
@@ -42,7 +42,7 @@ def dependency_dir(config, workdir, key, stage):
 def check_dependencies(config, workdir):
   """Fails at start, naming the directory and the command that creates it, if an earlier
   stage this one restores (frozen teacher/coach, pretrained HD prior) has no checkpoint."""
-  from mapkd_jax import train_step as step_lib  # avoid a cycle at import time
+  from mapkd_jax.train import step as step_lib  # avoid a cycle at import time
   deps = [(f'frozen.{name}', name) for name in step_lib.frozen_names(config)]
   if config.stage == 'teacher' or (config.stage == 'coach' and config.model.hd.coach_refine):
     deps.append(INIT_DEPS[config.stage])
@@ -71,7 +71,7 @@ def ensure_data(config, workdir):
                             'build it with python -m data_prep.build_shards or unset the key')
   if jax.process_index() == 0:
     _create_data(config, workdir, out)
-  multihost_utils.sync_global_devices('mapkd_jax.stages.ensure_data')
+  multihost_utils.sync_global_devices('mapkd_jax.train.stages.ensure_data')
   return out
 
 
@@ -106,7 +106,7 @@ def batch_spec(config, batch_size):
 
 def abstract_variables(model, dummy_batch, mesh):
   """Replicated ShapeDtypeStructs of a model's variables: the target of a params restore."""
-  from mapkd_jax import sharding  # local: only this function needs shardings
+  from mapkd_jax.train import sharding  # local: only this function needs shardings
   rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(0), 'mask': jax.random.key(0)}
   shapes = jax.eval_shape(lambda: model.init(rngs, dummy_batch, train=False))
   repl = sharding.replicated(mesh)
@@ -115,7 +115,7 @@ def abstract_variables(model, dummy_batch, mesh):
 
 def restore_frozen(config, workdir, models, dummy_batch, mesh):
   """{'teacher': variables, 'coach': variables} restored params-only for this stage."""
-  from mapkd_jax import train_step as step_lib  # avoid a cycle at import time
+  from mapkd_jax.train import step as step_lib  # avoid a cycle at import time
   frozen = {}
   for name in step_lib.frozen_names(config):
     ckpt_dir = dependency_dir(config, workdir, f'frozen.{name}', name)

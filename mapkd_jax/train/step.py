@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mapkd_jax import config_lib
+from mapkd_jax.train import config_lib
 from mapkd_jax import losses
-from mapkd_jax import metrics as metrics_lib
+from mapkd_jax.eval import metrics as metrics_lib
 
 # Named scopes of train_step's phases (module docstring); train_bench counts HLO per phase.
 SCOPES = ('frozen_forward', 'gradient', 'loss', 'optimizer_update', 'ema_update', 'metrics')
@@ -45,7 +45,7 @@ def ema_decay(config):
 
 
 def cached_frozen(config):
-  """Whether the frozen models' outputs come from the cache (cache_frozen.py) as step inputs."""
+  """Whether the frozen models' outputs come from the cache (train/frozen_cache.py) as step inputs."""
   return bool(config.kd.get('cached_frozen', False)) and bool(frozen_names(config))
 
 
@@ -261,7 +261,7 @@ def train_step(state, frozen, batch, rng, *, models, tgpd, tx, config):
     state: TrainState of the trained model (donated).
     frozen: {'teacher': variables, 'coach': variables} (subset by stage); read-only. With
       config.kd.cached_frozen, their cached outputs instead: {name: {'semantic':
-      [B, H, W, K], 'bev_small': [B, h, w, C]}} (cache_frozen.py), sharded like the batch.
+      [B, H, W, K], 'bev_small': [B, h, w, C]}} (train/frozen_cache.py), sharded like the batch.
     batch: global batch dict (schema.batch_spec), sharded over 'data'.
     rng: base PRNG key; folded with the step so there is no rng state to save.
     models: {name: nn.Module} for the trained model and the frozen ones (static).

@@ -25,12 +25,12 @@ from clu import metric_writers
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
-from mapkd_jax import checkpoint as ckpt_lib
-from mapkd_jax import config_lib
-from mapkd_jax import metrics as metrics_lib
-from mapkd_jax import sharding
-from mapkd_jax import stages
-from mapkd_jax import train_step as step_lib
+from mapkd_jax.train import checkpoint as ckpt_lib
+from mapkd_jax.train import config_lib
+from mapkd_jax.eval import metrics as metrics_lib
+from mapkd_jax.train import sharding
+from mapkd_jax.train import stages
+from mapkd_jax.train import step as step_lib
 from mapkd_jax.data import dataset_info as info_lib
 from mapkd_jax.data import pipeline
 
@@ -111,8 +111,8 @@ def train_and_evaluate(config, workdir):
     state = stages.apply_init(state, config, workdir, mesh)
   cache = None
   if step_lib.cached_frozen(config):
-    from mapkd_jax import cache_frozen  # pylint: disable=g-import-not-at-top
-    cache = cache_frozen.open_for_training(config, workdir, shards_dir)
+    from mapkd_jax.train import frozen_cache  # pylint: disable=g-import-not-at-top
+    cache = frozen_cache.open_for_training(config, workdir, shards_dir)
     frozen_sh = cache.shardings(batch_sh)
   else:
     frozen = stages.restore_frozen(config, workdir, models, dummy, mesh)
