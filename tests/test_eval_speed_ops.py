@@ -70,3 +70,20 @@ def test_standardize_features_passes_other_input_to_sklearn():
   x = np.arange(12, dtype=np.int64).reshape(6, 2)
   np.testing.assert_array_equal(vectorize.standardize_features(x),
                                 sk_preprocessing.StandardScaler().fit_transform(x))
+
+
+def test_sort_points_by_dist_on_repeated_and_scattered_pixels_is_the_loop():
+  """The pixel chain (lists of neighbours, rankings) against the reference's dense loop, on
+  noisy line pixels with scattered outliers (rankings, discards, the 10-px end) and with a
+  repeated pixel (then the loop itself)."""
+  rng = np.random.default_rng(11)
+  for trial in range(6):
+    t = np.sort(rng.uniform(0, 60, size=120))
+    line = np.stack([t, 0.3 * t + rng.normal(scale=1.2, size=len(t))], axis=1)
+    outliers = rng.uniform(-10, 70, size=(12, 2))
+    pixels = np.unique(np.round(np.concatenate([line, outliers])).astype(np.int64), axis=0)
+    pixels = pixels[rng.permutation(len(pixels))].astype(np.float64)
+    if trial % 3 == 2:
+      pixels = np.concatenate([pixels, pixels[5:6]])
+    want = pixels[ordering._sort_points_by_dist_dense(pixels)]
+    np.testing.assert_array_equal(ordering.sort_points_by_dist(pixels), want)

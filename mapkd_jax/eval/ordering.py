@@ -163,9 +163,10 @@ def sort_points_by_dist(coords):
   """
   coords = np.asarray(coords, np.float64)
   pixels = coords.astype(np.int64)
-  if len(coords) and np.array_equal(pixels, coords) and \
-      len(np.unique(pixels, axis=0)) == len(pixels):
-    return coords[_sort_pixels_by_dist(pixels)]
+  if len(coords) and np.array_equal(pixels, coords):
+    order = _sort_pixels_by_dist(pixels)
+    if order is not None:
+      return coords[order]
   return coords[_sort_points_by_dist_dense(coords)]
 
 
@@ -195,6 +196,9 @@ def _sort_points_by_dist_dense(coords):
 _NEAR_GROUPS = tuple(
     tuple((dc, dr) for dc in range(-3, 4) for dr in range(-3, 4) if dc * dc + dr * dr == d2)
     for d2 in (1, 2, 4, 5, 8, 9))
+# The same offsets in that order as ([dc...], [dr...]) [1, 28] and their squared lengths.
+_NEAR_DELTAS = np.array([offset for group in _NEAR_GROUPS for offset in group], np.int64).T[:, None]
+_NEAR_D2 = (_NEAR_DELTAS[0] ** 2 + _NEAR_DELTAS[1] ** 2)
 # Offsets closer than 5 px (squared length < 25): a candidate this close to a taken point is
 # discarded by the chain's rule.
 _WITHIN_5 = np.array([(dc, dr) for dc in range(-4, 5) for dr in range(-4, 5)
@@ -202,71 +206,86 @@ _WITHIN_5 = np.array([(dc, dr) for dc in range(-4, 5) for dr in range(-4, 5)
 
 
 def _sort_pixels_by_dist(pixels):
-  """`sort_points_by_dist`'s chain as indices, for [N, 2] distinct int64 pixels.
+  """`sort_points_by_dist`'s chain as indices for [N, 2] int64 pixels; None if one repeats.
 
   The same decisions as the dense loop. Distances between integer points are square roots of
   integer squared distances, equal exactly when those are equal, so the rules compare squared
   distances (3 px -> 9, 5 -> 25, 10 -> 100). A step whose nearest unused pixel is within 3 px
-  (most steps: the chain runs along a thin line) finds it among the offsets of
-  `_NEAR_GROUPS`, lowest index among equally near ones as argmin, and within 3 px no rule
+  (most steps: the chain runs along a thin line) finds it as the first unused entry of the
+  point's list of neighbours within 3 px (the offsets of `_NEAR_GROUPS`), sorted nearest first
+  and lowest index first among equally near ones (argmin's order); within 3 px no rule
   applies. Otherwise the unused points are ranked by (squared distance, index), argmin's
   order: while the chain stands still the loop takes them in that order and discards each
-  that lies within 5 px of a taken point (a set that does not change while it discards), so
-  one ranking serves the whole run of discards up to the first point that is taken (or ends
+  that lies within 5 px of a taken point (a set that does not change while it discards;
+  every point closer than 5 px to the current one is, without a lookup), so one ranking serves the whole run of discards up to the first point that is taken (or ends
   the chain: a jump above 10 px after 90% of the loop's steps, each discard a step). A point
   leaves the candidates when taken or discarded (the dense loop's column of inf); once none
   are left every remaining step of the loop is a no-op, so the chain ends.
   """
   num = len(pixels)
-  # Pixels on a grid with a 4-pixel margin: [column, row] -> index (-1: none) as a flat list,
-  # whose lookups are the inner loop, and taken points for the 5-px rule's lookups.
+  # Pixels on a grid with a 4-pixel margin: [column, row] -> index (-1: none), and taken points
+  # for the 5-px rule's lookups.
   origin = pixels.min(axis=0) - 4
   local = pixels - origin
   shape = tuple(local.max(axis=0) + 5)
-  flat = (local[:, 0] * shape[1] + local[:, 1]).tolist()
+  flat = local[:, 0] * shape[1] + local[:, 1]
   index_grid = np.full(shape[0] * shape[1], -1, np.int64)
   index_grid[flat] = np.arange(num)
-  index_grid = index_grid.tolist()
-  groups = [[dc * shape[1] + dr for dc, dr in group] for group in _NEAR_GROUPS]
+  if np.count_nonzero(index_grid >= 0) != num:
+    return None     # repeated pixels: the caller's plain loop
+  # Each point's neighbours within 3 px, nearest first and the lowest index first among equally
+  # near ones (argmin's order), as lists: the inner loop takes the first unused one.
+  near = index_grid[flat[:, None] + _NEAR_DELTAS[0] * shape[1] + _NEAR_DELTAS[1]]   # [N, 28]
+  point, slot = np.nonzero(near >= 0)
+  near = near[point, slot]
+  near = near[np.lexsort((near, _NEAR_D2[0, slot], point))].tolist()
+  bounds = np.cumsum(np.bincount(point, minlength=num)).tolist()
+  candidates = [near[lo:hi] for lo, hi in zip([0] + bounds, bounds)]
   taken_grid = np.zeros(shape, bool)
-  local_list = local.tolist()
+  alive_list = [True] * num   # unused points, for the inner loop; `alive` the same in numpy
+  alive_list[0] = False
   alive = np.ones(num, bool)
-  alive_list = [True] * num
-  alive[0] = alive_list[0] = False
-  taken_grid[local_list[0][0], local_list[0][1]] = True
+  alive[0] = False
   order = [0]
-  here = flat[0]
+  synced = 0          # order[:synced] are marked in taken_grid
+  here = 0
   remaining = num - 1
   step = 0    # the dense loop's i: its iterations so far
   while step < num - 1 and remaining:
-    nxt = num
-    for group in groups:
-      for delta in group:
-        k = index_grid[here + delta]
-        if k >= 0 and k < nxt and alive_list[k]:
-          nxt = k
-      if nxt < num:
+    nxt = -1
+    for k in candidates[here]:
+      if alive_list[k]:
+        nxt = k
         break
-    if nxt == num:   # nearest unused point farther than 3 px: rank them, discard, take
+    if nxt < 0:   # nearest unused point farther than 3 px: rank them, discard, take
       ranked = np.flatnonzero(alive)
-      d2 = ((pixels[ranked] - pixels[order[-1]]) ** 2).sum(-1)
-      by_distance = np.lexsort((ranked, d2))
+      offset = pixels[ranked] - pixels[here]
+      d2 = offset[:, 0] * offset[:, 0] + offset[:, 1] * offset[:, 1]
+      # argmin's order: by squared distance, then index (ranked ascends: a stable sort).
+      by_distance = np.argsort(d2, kind='stable')
       ranked, d2 = ranked[by_distance], d2[by_distance]
       # The first candidate not within 5 px of a taken point, looked for in growing chunks
-      # (usually the first one or a few).
+      # (usually the first one or a few). Those closer than 5 px to `here` (d2 < 25) are
+      # within 5 px of a taken point without a lookup.
       discards = len(ranked)
-      lo, size = 0, 8
+      lo = int(np.searchsorted(d2, 25))
+      size = 8
       while lo < len(ranked):
+        if synced < len(order):
+          new = order[synced:]
+          taken_grid[local[new, 0], local[new, 1]] = True
+          synced = len(order)
         chunk = ranked[lo:lo + size]
-        near = (taken_grid[local[chunk, 0][:, None] + _WITHIN_5[:, 0],
-                           local[chunk, 1][:, None] + _WITHIN_5[:, 1]]).any(axis=1)
-        if not near.all():
-          discards = lo + int(np.argmin(near))
+        close = (taken_grid[local[chunk, 0][:, None] + _WITHIN_5[:, 0],
+                            local[chunk, 1][:, None] + _WITHIN_5[:, 1]]).any(axis=1)
+        if not close.all():
+          discards = lo + int(np.argmin(close))
           break
         lo, size = lo + size, 4 * size
       discards = min(discards, num - 1 - step)   # the loop's step budget (never binding)
-      alive[ranked[:discards]] = False
-      for k in ranked[:discards].tolist():
+      dropped = ranked[:discards]
+      alive[dropped] = False
+      for k in dropped.tolist():
         alive_list[k] = False
       remaining -= discards
       step += discards
@@ -275,13 +294,12 @@ def _sort_pixels_by_dist(pixels):
       nxt = int(ranked[discards])
       if d2[discards] > 100 and step > num * 0.9:
         break
-    alive[nxt] = alive_list[nxt] = False
-    lc, lr = local_list[nxt]
-    taken_grid[lc, lr] = True
+    alive[nxt] = False
+    alive_list[nxt] = False
     remaining -= 1
     step += 1
     order.append(nxt)
-    here = flat[nxt]
+    here = nxt
   return order
 
 
