@@ -340,6 +340,7 @@ def _connect_one_way(coords, directions, chain, taken, step, per_deg):
   """
   cols, rows = coords[:, 0].copy(), coords[:, 1].copy()
   whole_step = float(step).is_integer() and step >= 1
+  near2 = (step - 1) ** 2
   while True:
     col, row = chain[-1]
     bins = directions[(col, row)]
@@ -353,17 +354,24 @@ def _connect_one_way(coords, directions, chain, taken, step, per_deg):
       break
     if direction == -1:
       continue
+    # The same values as the expressions in the docstring, computed in place (this loop runs
+    # ~400 times a sample on arrays of ~100 points: numpy's per-call cost is most of it).
     dc, dr = cols - col, rows - row
-    d2 = dc * dc + dr * dr
-    far = d2 > (step - 1) ** 2 if whole_step else np.sqrt(d2.astype(np.float64)) > step - 1
-    cols, rows = cols[far], rows[far]
-    if len(cols) == 0:
-      break
+    dc *= dc
+    dr *= dr
+    dc += dr
+    far = dc > near2 if whole_step else np.sqrt(dc.astype(np.float64)) > step - 1
+    if not far.all():
+      cols, rows = cols[far], rows[far]
+      if len(cols) == 0:
+        break
     ox, oy = _step_offset(int(direction), step, per_deg)
-    tx, ty = float(col) + ox, float(row) + oy
-    ex, ey = cols - tx, rows - ty
-    dist = np.sqrt(ex * ex + ey * ey)
-    best = int(np.argmin(dist))
+    ex, ey = cols - (float(col) + ox), rows - (float(row) + oy)
+    ex *= ex
+    ey *= ey
+    ex += ey
+    dist = np.sqrt(ex, out=ex)
+    best = int(dist.argmin())
     if dist[best] > 50:
       continue
     ncol, nrow = int(cols[best]), int(rows[best])
