@@ -62,7 +62,7 @@ def _blobs(rng, *, count, per_blob, dim, spread, noise_points, scale=4.0):
 # (chosen when the cover has many groups). Each test taking `paths` runs on all three.
 _PATHS = {'groups': dict(_DENSE_GROUPS=0, _CALL_COST=0),
           'groups_block': dict(_DENSE_GROUPS=0, _CALL_COST=10 ** 12),
-          'dense': dict(_DENSE_GROUPS=10 ** 9)}
+          'dense': dict(_DENSE_GROUPS=10 ** 9, _DENSE_BLOCK=1000)}   # blocks of a few rows
 
 
 @pytest.fixture(params=['auto'] + sorted(_PATHS))

@@ -47,8 +47,10 @@ _BAND = 1e-9
 # group; a speed knob only).
 _CALL_COST = 20000
 
-# A cover with more than N / _DENSE_GROUPS groups takes the all-pairs path (speed only).
+# A cover with more than N / _DENSE_GROUPS groups takes the all-pairs path (speed only), in
+# blocks of rows of at most _DENSE_BLOCK pairs (~32 MB of float64 distances).
 _DENSE_GROUPS = 4
+_DENSE_BLOCK = 1 << 22
 
 _THREADPOOLS = []   # one threadpoolctl controller, made on first use (finding the libraries ~1 ms)
 
@@ -349,13 +351,17 @@ def _dbscan(x, *, eps, min_samples):
   return labels
 
 
-def _dbscan_dense(x, centred, eps2, min_samples, block=1024):
-  """`_dbscan`'s labels from every pair's test (within_eps), `block` rows at a time.
+def _dbscan_dense(x, centred, eps2, min_samples):
+  """`_dbscan`'s labels from every pair's test (within_eps), a block of rows at a time.
+
+  Quadratic like the group path on such input (it had [N, groups ~ N] bounds at once), but in
+  blocks of at most _DENSE_BLOCK pairs, so memory stays bounded for a large noisy class.
 
   Args: x [N, E] float64 points, centred [N, E] the same centred, eps2 = eps^2, min_samples.
   Returns: [N] int64 labels.
   """
   num = len(x)
+  block = int(max(1, min(1024, _DENSE_BLOCK // num)))
   blocks = [(lo, min(lo + block, num)) for lo in range(0, num, block)]
   counts = np.zeros(num, np.int64)
   for lo, hi in blocks:
