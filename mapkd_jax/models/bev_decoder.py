@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from mapkd_jax.models import batch_norm as torch_bn
 from mapkd_jax.models import precision
+from mapkd_jax.models.depthwise import pointwise_conv
 from mapkd_jax.models.image_encoder import TORCH_BN
 from mapkd_jax.models.image_encoder import remat_block
 from mapkd_jax.models.resample import resize_bilinear
@@ -242,7 +243,10 @@ class Head(nn.Module):
     """x: [B, h, w, C] -> [B, out_hw[0], out_hw[1], features] (logits)."""
     x = resize_align_corners(x, out_hw)
     x = ConvBN(self.hidden, 3, 1, 1, dtype=self.dtype, name='conv1')(x, train=train)
-    return nn.Conv(self.features, (1, 1), dtype=self.dtype, name='out')(x)
+    # Inference computes the 1x1 conv as a matmul (pointwise_conv: faster on XLA:CPU, same
+    # parameters); training keeps nn.Conv's own convolution, so the train step is unchanged.
+    return nn.Conv(self.features, (1, 1), dtype=self.dtype,
+                   conv_general_dilated=None if train else pointwise_conv, name='out')(x)
 
 
 class BEVDecoder(nn.Module):

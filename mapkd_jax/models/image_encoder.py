@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from mapkd_jax.models import batch_norm as torch_bn
-from mapkd_jax.models.depthwise import PADDINGS, DepthwiseConv
+from mapkd_jax.models.depthwise import PADDINGS, DepthwiseConv, pointwise_conv
 from mapkd_jax.models.resample import resize_bilinear_align_corners
 
 # EfficientNet-B0 stage table (Tan & Le 2019): the definition of the architecture, not a knob.
@@ -119,9 +119,13 @@ class ConvBNAct(nn.Module):
       x = DepthwiseConv(self.kernel, self.stride, self.padding, dtype=self.dtype,
                         name='Conv_0')(x)
     else:
+      # Inference runs a 1x1 conv as a matmul (depthwise.pointwise_conv, same parameters,
+      # faster on XLA:CPU); training keeps nn.Conv's convolution (train step unchanged).
+      pointwise = not train and self.kernel == 1 and self.stride == 1 and self.groups == 1
       x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
                   padding=conv_padding(self.padding, self.kernel),
-                  feature_group_count=self.groups, use_bias=False, dtype=self.dtype)(x)
+                  feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
+                  conv_general_dilated=pointwise_conv if pointwise else None)(x)
     x = _batch_norm(train, self.dtype, self.bn_eps, self.bn_momentum)(x)
     if self.act == 'relu':
       x = nn.relu(x)
