@@ -164,7 +164,7 @@ def get_config(arg=None):
                                    # of sklearn's searches ('ball_tree', 'brute'): same labels
       max_cluster_pixels=0,        # 0 = DBSCAN on all pixels (the reference); N > 0: on a strided
                                    # subset above N pixels, the rest join the nearest (before issue 15: 4000)
-      # HDMapNet's postprocess/ (mapkd_jax/vectorize.py docstring); the old behaviour is
+      # HDMapNet's postprocess/ (mapkd_jax/eval/vectorize.py docstring); the old behaviour is
       # close_kernel_ref=0, min_area_ref=0, standardize=False, score='sigmoid', max_cluster_pixels=4000.
       close_kernel_ref=5,          # MORPH_CLOSE ellipse kernel, px at data.thickness_ref_step; 0 = off
       min_area_ref=100,            # remove 8-connected parts of area <= this (px at thickness_ref_step); 0 = off

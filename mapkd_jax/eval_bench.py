@@ -61,7 +61,7 @@ from ml_collections import config_flags
 from mapkd_jax import bench
 from mapkd_jax import evaluate as eval_lib
 from mapkd_jax import models as models_lib
-from mapkd_jax import vectorize
+from mapkd_jax.eval import vectorize
 from mapkd_jax.data import schema
 from mapkd_jax.eval import ap as ap_lib
 from mapkd_jax.eval import protocols

@@ -48,7 +48,7 @@ from mapkd_jax import models as models_lib
 from mapkd_jax.train import sharding
 from mapkd_jax.train import stages
 from mapkd_jax.train import trainer
-from mapkd_jax import vectorize
+from mapkd_jax.eval import vectorize
 from mapkd_jax import visualize
 from mapkd_jax.data import dataset_info as info_lib
 from mapkd_jax.data import pipeline

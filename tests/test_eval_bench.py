@@ -69,7 +69,7 @@ def test_pooled_scorer_reads_shared_memory_and_gives_the_inline_results(monkeypa
   is reused by a later one, and every block is freed when the Scorer closes. The pool is
   started as eval_bench does (Scorer.start(steady=True): the blocks made, no results left)."""
   from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
-  from mapkd_jax import vectorize  # pylint: disable=g-import-not-at-top
+  from mapkd_jax.eval import vectorize  # pylint: disable=g-import-not-at-top
   from mapkd_jax.eval import scoring  # pylint: disable=g-import-not-at-top
   config = tcs.get_config('student,tiny')
   config.eval.ordering = 'reference'

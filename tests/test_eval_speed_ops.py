@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn import preprocessing as sk_preprocessing
 
-from mapkd_jax import vectorize
+from mapkd_jax.eval import vectorize
 from mapkd_jax.eval import ordering
 
 

@@ -15,7 +15,7 @@ from sklearn.cluster import DBSCAN
 from sklearn.preprocessing import StandardScaler
 
 from configs import tcs
-from mapkd_jax import vectorize
+from mapkd_jax.eval import vectorize
 from mapkd_jax.eval import ordering
 
 REF = dict(eps=1.5, min_samples=50, max_cluster_pixels=0, dbscan_algorithm='cover',

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import tcs
-from mapkd_jax import vectorize
+from mapkd_jax.eval import vectorize
 from mapkd_jax.eval import trace
 
 BEV_X, BEV_Y = (-30.0, 30.0, 0.6), (-15.0, 15.0, 0.6)   # 100 x 50 canvas, 0.6 m pixels

@@ -1,4 +1,8 @@
-"""Vector evaluation of predicted map polylines (was mapkd_jax/vector_ap.py), one concern a module.
+"""Evaluation of predicted maps: IoU counts, post-processing into polylines and vector AP, one
+concern a module.
+
+  metrics.py    IoU counts of predicted classes (training's in-run eval and evaluate.py)
+  vectorize.py  one sample's head outputs -> scored polylines (HDMapNet's post-processing)
 
   protocols.py  the three named AP protocols ('maptr' default, 'legacy', 'pmapnet'), what
                 metrics.json states for each, and P-MapNet's defects

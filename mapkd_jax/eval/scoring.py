@@ -22,7 +22,7 @@ import shutil
 
 import numpy as np
 
-from mapkd_jax import vectorize
+from mapkd_jax.eval import vectorize
 from mapkd_jax.eval import ap as ap_lib
 
 
