@@ -23,10 +23,10 @@ import ml_collections
 from absl import logging
 
 from mapkd_jax import bench
-from mapkd_jax.train import frozen_cache
-from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax import evaluate as eval_lib
 from mapkd_jax import report
+from mapkd_jax.train import checkpoint as ckpt_lib
+from mapkd_jax.train import frozen_cache
 from mapkd_jax.train import stages
 from mapkd_jax.train import trainer
 

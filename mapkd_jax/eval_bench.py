@@ -9,7 +9,8 @@ weights give noise everywhere). Vectorization and AP run on label-like head outp
 (`noisy_outputs`: lines drawn at the label thickness, logits +-2 plus Gaussian noise of
 --noise, one embedding per line plus noise, direction logits along each segment), the same
 work per sample as a trained model's maps with that much clutter. For a trained model's own
-predictions, time `evaluate` (its log gives samples/s; README shows figures).
+predictions, run `evaluate`: its log and eval/timing.json give samples/s over the loop and
+after the first batch, and the host work left after the last forward (README shows figures).
 
 Both evaluation paths are measured in the same run, on the same samples:
   before: what `evaluate` did before the eval/ package: polylines by the centreline trace
@@ -61,11 +62,11 @@ from ml_collections import config_flags
 from mapkd_jax import bench
 from mapkd_jax import evaluate as eval_lib
 from mapkd_jax import models as models_lib
-from mapkd_jax.eval import vectorize
 from mapkd_jax.data import schema
 from mapkd_jax.eval import ap as ap_lib
 from mapkd_jax.eval import protocols
 from mapkd_jax.eval import scoring
+from mapkd_jax.eval import vectorize
 
 
 def noisy_outputs(rng, config, *, num_lines=12, noise=0.5, line_px=None, direction=False):

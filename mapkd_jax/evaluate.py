@@ -31,6 +31,7 @@ import functools
 import json
 import math
 import os
+import time
 import warnings
 
 import jax
@@ -42,13 +43,7 @@ from absl import logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from mapkd_jax.train import checkpoint as ckpt_lib
-from mapkd_jax.eval import metrics as metrics_lib
 from mapkd_jax import models as models_lib
-from mapkd_jax.train import sharding
-from mapkd_jax.train import stages
-from mapkd_jax.train import trainer
-from mapkd_jax.eval import vectorize
 from mapkd_jax import visualize
 from mapkd_jax.data import dataset_info as info_lib
 from mapkd_jax.data import pipeline
@@ -56,8 +51,14 @@ from mapkd_jax.data import schema
 from mapkd_jax.eval import ap as ap_lib
 from mapkd_jax.eval import files as vector_files
 from mapkd_jax.eval import gather as gather_lib
+from mapkd_jax.eval import metrics as metrics_lib
 from mapkd_jax.eval import protocols
 from mapkd_jax.eval import scoring
+from mapkd_jax.eval import vectorize
+from mapkd_jax.train import checkpoint as ckpt_lib
+from mapkd_jax.train import sharding
+from mapkd_jax.train import stages
+from mapkd_jax.train import trainer
 
 
 def _train_command(config, workdir):
@@ -245,6 +246,29 @@ def _to_local(variables, mesh):
                       variables)
 
 
+def throughput(clock, *, num_samples, first_rows, workers):
+  """Samples/s of an evaluation loop from its perf_counter marks (timing.json, the log).
+
+  Args:
+    clock: {'start', 'first_batch' (first batch's outputs on the host: compile + forward),
+      'last_batch' (the loop over batches done), 'end' (every sample vectorized and scored)}.
+    num_samples: samples this process evaluated; first_rows: rows of its first batch.
+  Returns:
+    {'samples', 'workers', 'loop_s', 'samples_per_s', 'first_batch_s',
+     'steady_samples_per_s' (after the first batch; None with a single batch), 'host_tail_s'
+     (vectorization and AP still running after the last forward: the part that did not
+     overlap the device)}.
+  """
+  loop_s = clock['end'] - clock['start']
+  first_s = clock.get('first_batch', clock['end']) - clock['start']
+  rest = num_samples - first_rows
+  steady_s = clock['end'] - clock.get('first_batch', clock['end'])
+  return {'samples': num_samples, 'workers': workers, 'loop_s': round(loop_s, 3),
+          'samples_per_s': round(num_samples / loop_s, 3) if loop_s > 0 else None,
+          'first_batch_s': round(first_s, 3),
+          'steady_samples_per_s': round(rest / steady_s, 3) if rest > 0 and steady_s > 0 else None,
+          'host_tail_s': round(clock['end'] - clock['last_batch'], 3)}
+
 def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, protocol=None,
              workers=None, process_index=None, process_count=None):
   """Evaluates ROOT/<stage> on `split` and writes ROOT/<stage>/eval/.
@@ -345,6 +369,7 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
   counts = {name: np.zeros((2, len(classes) + 1), np.int64) for name in column_masks}
   indices, tokens, preds, gts, figures, gt_json = [], [], [], [], [], {}
   share = share_size(num_samples, process_index, process_count)
+  clock = {'start': time.perf_counter()}
   with scorer:   # the pool is shut down however the loop ends
     for rows_at, host, out in tqdm(
         _forward_ahead(forward, variables,
@@ -353,6 +378,7 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
         total=math.ceil(share / batch_size), desc=f'eval {split}'):
       rows = len(rows_at)
       out = jax.device_get(out)
+      clock.setdefault('first_batch', time.perf_counter())   # compile + first forward
       pred = np.argmax(out['semantic'][:rows], axis=-1).astype(np.uint8)
       gt = host['semantic'].astype(np.uint8)
       for name, mask in column_masks.items():
@@ -369,7 +395,11 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
       indices.append(rows_at)
       preds.append(pred)
       gts.append(gt)
+    clock['last_batch'] = time.perf_counter()
     scored = scorer.results()
+    clock['end'] = time.perf_counter()
+  timing = throughput(clock, num_samples=len(tokens), first_rows=len(indices[0]) if indices else 0,
+                      workers=workers)
   vectors = {t: v for t, (v, _) in scored.items()}
   part = {'indices': [int(i) for k in indices for i in k], 'tokens': tokens,
           'records': {t: r for t, (_, r) in scored.items()},
@@ -429,6 +459,10 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
     json.dump(vector_files.vector_file(pred_json, **file_meta), f)
   with open(os.path.join(out_dir, 'gt.json'), 'w') as f:
     json.dump(vector_files.vector_file(gt_json, **file_meta), f)
+  with open(os.path.join(out_dir, 'timing.json'), 'w') as f:
+    json.dump({**timing, 'process_count': process_count,
+               'note': "process 0's own loop; one process per host evaluates its share"}, f,
+              indent=2)
   for token, images, pred, gt in figures:
     figure = visualize.render_sample(
         images, pred, gt, vectors[token],
@@ -438,6 +472,11 @@ def evaluate(config, workdir, *, checkpoint='best', split='val', num_images=4, p
   logging.info('Evaluation of %s step %d on %s (%d samples, %d processes): mIoU %.4f, '
                'mAP (%s) %.4f -> %s', stages.stage_dir_name(config), step, split, len(tokens),
                process_count, metrics['miou'], protocol, ap['map'], out_dir)
+  logging.info('Evaluation throughput (process 0, %d workers): %.2f samples/s over the loop '
+               '(%.1f s), %.2f samples/s after the first batch (compile + first forward %.1f '
+               's); host work left after the last forward %.2f s', timing['workers'],
+               timing['samples_per_s'], timing['loop_s'], timing['steady_samples_per_s'] or 0.0,
+               timing['first_batch_s'], timing['host_tail_s'])
   if process_count > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('mapkd_jax.evaluate: metrics written')

@@ -26,10 +26,10 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax import models as models_lib
-from mapkd_jax.train import stages
 from mapkd_jax.data import schema
+from mapkd_jax.train import checkpoint as ckpt_lib
+from mapkd_jax.train import stages
 
 ARTIFACT = 'student.jax_exported'
 METADATA = 'student.json'

@@ -55,10 +55,10 @@ from ml_collections import config_flags
 
 from mapkd_jax import bench
 from mapkd_jax import peak_flops as peak_lib
-from mapkd_jax.train import sharding
-from mapkd_jax.train import step as step_lib
 from mapkd_jax.data import schema
 from mapkd_jax.models import summary as summary_lib
+from mapkd_jax.train import sharding
+from mapkd_jax.train import step as step_lib
 
 STAGES = ('hd_pretrain', 'teacher', 'coach', 'student', 'student_nokd')
 _CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'

@@ -16,13 +16,13 @@ import pytest
 
 import stage_checkpoints
 from configs import tcs
-from mapkd_jax.train import frozen_cache
+from mapkd_jax.data import pipeline
 from mapkd_jax.train import checkpoint as ckpt_lib
+from mapkd_jax.train import frozen_cache
 from mapkd_jax.train import sharding
 from mapkd_jax.train import stages
 from mapkd_jax.train import step as step_lib
 from mapkd_jax.train import trainer
-from mapkd_jax.data import pipeline
 
 FROZEN = ('teacher', 'coach')
 

@@ -17,9 +17,9 @@ efficientnet_pytorch = pytest.importorskip('efficientnet_pytorch')
 
 from configs import tcs  # noqa: E402
 from mapkd_jax import models  # noqa: E402
-from mapkd_jax.train import stages  # noqa: E402
 from mapkd_jax.convert import common  # noqa: E402
 from mapkd_jax.convert import efficientnet as convert_eff  # noqa: E402
+from mapkd_jax.train import stages  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

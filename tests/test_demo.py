@@ -15,8 +15,8 @@ import pytest
 
 import stage_checkpoints
 from configs import tcs
-from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax import demo
+from mapkd_jax.train import checkpoint as ckpt_lib
 
 
 @pytest.fixture(scope='module')

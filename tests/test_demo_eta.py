@@ -23,8 +23,8 @@ def test_each_run_costs_its_steps_at_its_stages_rate_plus_evaluation():
       steps['student'] * step_cost['student_nokd'] + eval_s)
   # An ablation is a distilled student.
   assert by_label['ablation/no_coach/seed4'] == by_label['student/seed4']
-  # The teacher's run costs several students' (the old ETA counted steps: 400 vs 250).
-  assert by_label['teacher'] > 4 * by_label['student/seed0']
+  # The teacher's run costs several students' (the old ETA counted steps: 300 vs 250).
+  assert by_label['teacher'] > 3 * by_label['student/seed0']
 
 
 def test_eta_sums_what_is_left_and_scales_by_measured_over_estimated():

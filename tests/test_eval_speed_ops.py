@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from sklearn import preprocessing as sk_preprocessing
 
-from mapkd_jax.eval import vectorize
 from mapkd_jax.eval import ordering
+from mapkd_jax.eval import vectorize
 
 
 def _softmax_formula(logits):

@@ -10,12 +10,12 @@ import pytest
 
 from configs import tcs
 from mapkd_jax import evaluate as eval_lib
-from mapkd_jax.train import trainer
 from mapkd_jax.data import pipeline
 from mapkd_jax.eval import ap as ap_lib
 from mapkd_jax.eval import cli
 from mapkd_jax.eval import protocols
 from mapkd_jax.eval import scoring
+from mapkd_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,6 +66,13 @@ def test_end_to_end_files_and_metrics(trained_root):
               'threshold_test', 'num_points', 'buffer_m'):
     assert key in written['protocol'], key
   assert written['protocol']['ap_protocol'] == 'maptr'
+
+  with open(os.path.join(out, 'timing.json')) as f:
+    timing = json.load(f)
+  assert timing['samples'] == written['num_samples'] and timing['process_count'] == 1
+  assert timing['loop_s'] > 0 and timing['samples_per_s'] == pytest.approx(
+      timing['samples'] / timing['loop_s'], rel=2e-3)
+  assert 0 < timing['first_batch_s'] <= timing['loop_s'] and timing['host_tail_s'] >= 0
 
   npz = np.load(os.path.join(out, 'semantic.npz'))
   pred, gt, tokens = npz['pred'], npz['gt'], npz['tokens']
@@ -327,3 +334,13 @@ def test_eval_bench_record_on_noisy_label_like_maps():
   assert record['canvas'] == [50, 100] and record['forward_s'] == 0.0
   with pytest.raises(ValueError, match='--samples'):
     eval_bench.run(config, samples=0, workers=1, noise=0.5)
+
+
+def test_throughput_from_clock_marks():
+  clock = {'start': 10.0, 'first_batch': 12.0, 'last_batch': 15.0, 'end': 16.0}
+  got = eval_lib.throughput(clock, num_samples=24, first_rows=8, workers=2)
+  assert got == {'samples': 24, 'workers': 2, 'loop_s': 6.0, 'samples_per_s': 4.0,
+                 'first_batch_s': 2.0, 'steady_samples_per_s': 4.0, 'host_tail_s': 1.0}
+  one_batch = eval_lib.throughput({'start': 0.0, 'first_batch': 1.0, 'last_batch': 1.0,
+                                   'end': 1.5}, num_samples=8, first_rows=8, workers=1)
+  assert one_batch['steady_samples_per_s'] is None and one_batch['host_tail_s'] == 0.5

@@ -13,11 +13,11 @@ import pytest
 import stage_checkpoints
 from configs import tcs
 from mapkd_jax import bench
-from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax import export
 from mapkd_jax import models as models_lib
-from mapkd_jax.train import stages
 from mapkd_jax.data import schema
+from mapkd_jax.train import checkpoint as ckpt_lib
+from mapkd_jax.train import stages
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 7

@@ -9,9 +9,9 @@ import pytest
 from configs import tcs
 from mapkd_jax import losses
 from mapkd_jax import models as models_lib
+from mapkd_jax.models import precision
 from mapkd_jax.train import stages
 from mapkd_jax.train import step as step_lib
-from mapkd_jax.models import precision
 
 # model name -> (config arg, output key holding the semantic logits)
 CASES = {

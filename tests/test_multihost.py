@@ -19,11 +19,11 @@ import stage_checkpoints
 import two_processes
 
 from configs import tcs
+from mapkd_jax.data import pipeline
 from mapkd_jax.train import checkpoint
 from mapkd_jax.train import sharding
 from mapkd_jax.train import step as step_lib
 from mapkd_jax.train import trainer
-from mapkd_jax.data import pipeline
 
 STEPS = 1
 SGD_FLAGS = ('--config.optim.name=sgd', '--config.optim.learning_rate=1.0',

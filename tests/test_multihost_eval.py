@@ -18,11 +18,11 @@ import tensorflow as tf
 import two_processes
 
 from configs import tcs
-from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax import evaluate as eval_lib
 from mapkd_jax import models as models_lib
-from mapkd_jax.train import stages
 from mapkd_jax.eval import gather as gather_lib
+from mapkd_jax.train import checkpoint as ckpt_lib
+from mapkd_jax.train import stages
 
 ARG = 'student,nokd,tiny'
 STEP = 1

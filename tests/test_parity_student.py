@@ -20,10 +20,10 @@ torch = pytest.importorskip('torch')
 
 import torch_ref_bev as ref  # noqa: E402
 from configs import tcs  # noqa: E402
-from mapkd_jax.train import checkpoint as ckpt_lib  # noqa: E402
-from mapkd_jax.train import sharding, stages  # noqa: E402
 from mapkd_jax.convert import pmapnet  # noqa: E402
 from mapkd_jax.models.student import Student  # noqa: E402
+from mapkd_jax.train import checkpoint as ckpt_lib  # noqa: E402
+from mapkd_jax.train import sharding, stages  # noqa: E402
 from test_parity_camera import nuscenes_rig  # noqa: E402
 
 REL_TOL = 1e-4

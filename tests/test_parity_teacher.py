@@ -27,11 +27,11 @@ import torch_ref_bev  # noqa: E402
 import torch_ref_teacher as ref  # noqa: E402
 import torch_ref_vit  # noqa: E402
 from configs import tcs  # noqa: E402
+from mapkd_jax.convert import pmapnet  # noqa: E402
+from mapkd_jax.models.teacher import Teacher  # noqa: E402
 from mapkd_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from mapkd_jax.train import sharding, stages  # noqa: E402
 from mapkd_jax.train import step as step_lib  # noqa: E402
-from mapkd_jax.convert import pmapnet  # noqa: E402
-from mapkd_jax.models.teacher import Teacher  # noqa: E402
 from test_parity_camera import nuscenes_rig  # noqa: E402
 from test_parity_lidar import _points  # noqa: E402
 from test_parity_student import REL_TOL, _report  # noqa: E402  (one bound, one report)

@@ -11,10 +11,10 @@ import pytest
 import tensorflow as tf
 
 import shard_fixtures
-from mapkd_jax.train import sharding
 from mapkd_jax.data import dataset_info
 from mapkd_jax.data import pipeline
 from mapkd_jax.data import schema
+from mapkd_jax.train import sharding
 
 # Mean / max absolute JPEG error (grey levels) on the fixtures' smooth images at quality 95
 # (measured: <= 2.5 / 25 with 4:2:0 chroma subsampling on these 16 x 24 images).

@@ -15,8 +15,8 @@ from sklearn.cluster import DBSCAN
 from sklearn.preprocessing import StandardScaler
 
 from configs import tcs
-from mapkd_jax.eval import vectorize
 from mapkd_jax.eval import ordering
+from mapkd_jax.eval import vectorize
 
 REF = dict(eps=1.5, min_samples=50, max_cluster_pixels=0, dbscan_algorithm='cover',
            close_kernel_px=5, min_area_px=100, standardize=True, score='softmax')

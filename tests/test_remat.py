@@ -12,11 +12,11 @@ import pytest
 from configs import tcs
 from mapkd_jax import bench
 from mapkd_jax import models as models_lib
-from mapkd_jax.train import step as step_lib
 from mapkd_jax.models import bev_decoder
 from mapkd_jax.models import image_encoder
 from mapkd_jax.models import lss as lss_lib
 from mapkd_jax.models import prior as prior_lib
+from mapkd_jax.train import step as step_lib
 
 REMAT_SECTIONS = ('camera', 'lss', 'neck', 'decoder', 'lidar', 'hd', 'sd')
 

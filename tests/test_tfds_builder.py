@@ -21,8 +21,8 @@ from data_prep import tfds_builder
 from mapkd_jax.data import dataset_info
 from mapkd_jax.data import pipeline
 from mapkd_jax.data import schema
-from mapkd_jax.train import trainer
 from mapkd_jax.data import tfds_source
+from mapkd_jax.train import trainer
 from realdata_paths import FIRST_SCENE0523_SAMPLE
 from realdata_paths import REAL_OSM
 from realdata_paths import REAL_ROOT

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from configs import tcs
-from mapkd_jax.eval import vectorize
 from mapkd_jax.eval import trace
+from mapkd_jax.eval import vectorize
 
 BEV_X, BEV_Y = (-30.0, 30.0, 0.6), (-15.0, 15.0, 0.6)   # 100 x 50 canvas, 0.6 m pixels
 CLASSES = ('divider', 'ped_crossing', 'boundary')

@@ -22,8 +22,8 @@ import shutil
 
 import numpy as np
 
-from mapkd_jax.eval import vectorize
 from mapkd_jax.eval import ap as ap_lib
+from mapkd_jax.eval import vectorize
 
 
 def _score_sample(semantic, embedding, gt_vectors, direction=None, *, vec_kwargs, ap_kwargs):

@@ -45,9 +45,9 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
+from mapkd_jax.data import dataset_info as info_lib
 from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax.train import stages
-from mapkd_jax.data import dataset_info as info_lib
 
 FORMAT_VERSION = 1
 KEYS = ('semantic', 'bev_small')   # what losses/distill.py reads of a frozen model

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax.data import schema
+from mapkd_jax.train import checkpoint as ckpt_lib
 
 # What each stage restores: (config key, stage it comes from).
 INIT_DEPS = {'teacher': ('init.hd_prior', 'hd_pretrain'), 'coach': ('init.hd_prior', 'hd_pretrain')}

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mapkd_jax.train import config_lib
 from mapkd_jax import losses
 from mapkd_jax.eval import metrics as metrics_lib
+from mapkd_jax.train import config_lib
 
 # Named scopes of train_step's phases (module docstring); train_bench counts HLO per phase.
 SCOPES = ('frozen_forward', 'gradient', 'loss', 'optimizer_update', 'ema_update', 'metrics')

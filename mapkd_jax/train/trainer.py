@@ -25,14 +25,14 @@ from clu import metric_writers
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
+from mapkd_jax.data import dataset_info as info_lib
+from mapkd_jax.data import pipeline
+from mapkd_jax.eval import metrics as metrics_lib
 from mapkd_jax.train import checkpoint as ckpt_lib
 from mapkd_jax.train import config_lib
-from mapkd_jax.eval import metrics as metrics_lib
 from mapkd_jax.train import sharding
 from mapkd_jax.train import stages
 from mapkd_jax.train import step as step_lib
-from mapkd_jax.data import dataset_info as info_lib
-from mapkd_jax.data import pipeline
 
 
 def _log_start(config, mesh, stage_dir):
