@@ -318,13 +318,8 @@ def _dbscan(x, *, eps, min_samples):
   component = _components(edges, num_nodes)
 
   # sklearn's ids: clusters in the order of their smallest core index.
-  core_component = component[node[core_rows]]
-  first_core = np.full(num_nodes, num, np.int64)
-  np.minimum.at(first_core, core_component, core_rows)
-  present = np.flatnonzero(first_core < num)
-  rank = np.full(num_nodes, -1, np.int64)
-  rank[present[np.argsort(first_core[present])]] = np.arange(len(present))
-  labels[core_rows] = rank[core_component]
+  # core_rows ascend, so a component's first appearance among them is its smallest core index.
+  labels[core_rows] = _first_index_rank(component[node[core_rows]])
 
   # Border points: the smallest cluster id among the core points within eps. A point within
   # eps of a whole group reaches all its core points: the group's smallest id.
@@ -373,8 +368,7 @@ def _dbscan_dense(x, centred, eps2, min_samples):
   if not len(core_rows):
     return labels
   # Clusters: connected components of the core points' links; sklearn's ids in the order of
-  # their smallest core index (components are numbered that way already: scipy labels them in
-  # order of their first node, and core_rows ascend).
+  # their smallest core index (core_rows ascend: the order of first appearance).
   xc, cc = x[core_rows], centred[core_rows]
   src, dst = [], []
   for lo in range(0, len(core_rows), block):
